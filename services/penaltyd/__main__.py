@@ -1,0 +1,5 @@
+import sys
+
+from penaltyd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""Typed settings: one object, every knob with a default and a one-line comment.
+
+Sources, strongest first: command-line flags, `PENALTYD_*` environment variables
+(nested with `__`, e.g. `PENALTYD_WEIGHTS__BAD_HELO=0.25`), a TOML file (`--config` or
+`PENALTYD_CONFIG`), then the defaults below. `penaltyd --print-config` shows the result.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Weights(BaseModel):
+    """How much one event of each error kind counts; ACCEPTED is the denominator (0)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unknown_recipient: float = Field(1.0, ge=0, le=10)  # dictionary attacks, stale lists
+    relay_denied: float = Field(1.0, ge=0, le=10)  # open-relay probing
+    bad_helo: float = Field(0.5, ge=0, le=10)  # broken ratware HELO; some legit misconfig
+    protocol_violation: float = Field(1.0, ge=0, le=10)  # pipelining, early talk, non-SMTP
+    auth_failed: float = Field(0.5, ge=0, le=10)  # password guessing; users mistype too
+    sender_rejected: float = Field(0.5, ge=0, le=10)  # forged or unresolvable senders
+    content_rejected: float = Field(0.5, ge=0, le=10)  # content filter said no
+    dnsbl_listed: float = Field(1.0, ge=0, le=10)  # listed in a DNSBL the MX consults
+    lost_connection: float = Field(0.25, ge=0, le=10)  # hang-ups; also flaky networks
+
+
+class Settings(BaseSettings):
+    """Everything penaltyd can be told. Defaults suit one node on the embedded store."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PENALTYD_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    # --- serving
+    listen: str = "127.0.0.1:50051"  # gRPC HOST:PORT ([::1]:50051 for IPv6)
+    metrics_listen: str = ""  # Prometheus /metrics HOST:PORT; empty disables it
+    grace_seconds: float = Field(5.0, ge=0, le=120)  # SIGTERM drain time for in-flight calls
+    max_message_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)  # larger requests: INVALID_ARGUMENT
+    max_batch: int = Field(1000, ge=1, le=100_000)  # checks+reports in one Session message
+    max_counts_per_report: int = Field(32, ge=1, le=1024)  # OutcomeCount entries per report
+    max_count: int = Field(100_000, ge=1, le=10_000_000)  # largest n in one OutcomeCount
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- store
+    redis_url: str = ""  # redis://HOST:PORT/DB; empty selects the embedded memory store
+    key_prefix: str = Field("pd", pattern=r"^[A-Za-z0-9_.-]{1,16}$")  # namespace of every key
+    index_shards: int = Field(16, ge=1, le=1024)  # active-penalty index split over this many keys
+    redis_max_connections: int = Field(32, ge=1, le=1024)  # pool size per replica
+    check_timeout_ms: int = Field(20, ge=1, le=10_000)  # store deadline for a check, then fail open
+    report_timeout_ms: int = Field(50, ge=1, le=10_000)  # store deadline for a report
+    admin_timeout_ms: int = Field(2000, ge=1, le=60_000)  # store deadline for admin calls
+    report_buffer: int = Field(10_000, ge=0, le=1_000_000)  # reports kept while the store is down
+    use_penalty_view: bool = True  # answer checks from the in-process view fed by pub/sub
+
+    # --- identities
+    ipv4_prefix: int = Field(32, ge=8, le=32)  # identity prefix length for IPv4
+    ipv6_prefix: int = Field(64, ge=16, le=128)  # identity prefix length for IPv6
+
+    # --- detection (DESIGN.md section 4)
+    window_seconds: int = Field(600, ge=10, le=86_400)  # sliding window length
+    bucket_seconds: int = Field(60, ge=1, le=3600)  # window resolution (window/bucket buckets)
+    n_min: int = Field(20, ge=1, le=1_000_000)  # events needed before the ratio test may fire
+    z: float = Field(3.0, gt=0, le=10)  # Wilson score z (3.0 ~ 99.87% one-sided)
+    threshold_floor: float = Field(0.5, gt=0, lt=1)  # lower bound of the error ratio must exceed this
+    burst_errors: float = Field(100.0, gt=0)  # weighted errors in the window that fire on their own
+    burst_min_ratio: float = Field(0.25, ge=0, le=1)  # ...if the raw error ratio is at least this
+    weights: Weights = Field(default_factory=Weights)  # per error kind
+
+    # --- penalties (DESIGN.md section 7)
+    penalty_seconds: int = Field(300, ge=1, le=86_400)  # how long a penalty lasts
+    smtp_reply: str = (  # {ip}, {identity} and {seconds} are filled in; must be a 4xx
+        "450 4.7.1 too many SMTP errors from {ip}; try again in {seconds} seconds"
+    )
+
+    @field_validator("smtp_reply")
+    @classmethod
+    def _tempfail_only(cls, value: str) -> str:
+        code = value[:3]
+        if not (code.isdigit() and code[0] == "4" and value[3:4] == " "):
+            raise ValueError("must start with a 4xx code and a space: a penalty is a tempfail")
+        if code == "421":
+            raise ValueError("421 closes the connection; use 450 or 451")
+        if "{seconds}" not in value:
+            raise ValueError("must contain {seconds}: the reply states the exact time left")
+        try:
+            value.format(ip="192.0.2.1", identity="192.0.2.1", seconds=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{ip}}, {{identity}} and {{seconds}} may be used: {exc}") from exc
+        return value
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _host_port(cls, value: str, info: Any) -> str:
+        if value == "" and info.field_name == "metrics_listen":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL (or empty)")
+        return value
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> Settings:
+        if self.window_seconds % self.bucket_seconds:
+            raise ValueError("window_seconds must be a multiple of bucket_seconds")
+        if self.window_seconds // self.bucket_seconds > 120:
+            raise ValueError("at most 120 buckets per window (memory per identity)")
+        return self
+
+    @property
+    def store_kind(self) -> str:
+        return "redis" if self.redis_url else "memory"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration with secrets masked, for --print-config and logs."""
+        data = self.model_dump(mode="json")
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            if parts.password:
+                netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+                data["redis_url"] = urlunsplit(parts._replace(netloc=netloc))
+        return data
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from flags (`overrides`), environment, TOML file and defaults.
+
+    Raises `pydantic.ValidationError` naming the offending knob, or `OSError` /
+    `tomllib.TOMLDecodeError` for an unreadable file.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, "rb") as fh:
+            file_values = tomllib.load(fh)
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(title="penaltyd settings")
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            from pydantic_settings import InitSettingsSource
+
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    return _FromFile(**{k: v for k, v in overrides.items() if v is not None})
