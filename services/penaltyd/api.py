@@ -13,8 +13,8 @@ from functools import lru_cache
 from typing import Any, NoReturn
 
 import grpc
-from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 
+from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import reasons
 from penaltyd.engine import Answer, Engine
 from penaltyd.store.base import PageCursor, StoreError
@@ -46,13 +46,15 @@ class Replies:
         )
 
 
-async def _invalid(context: grpc.aio.ServicerContext, err: BadField | BadMessage, engine: Engine) -> NoReturn:
+async def _invalid(
+    context: grpc.aio.ServicerContext, err: BadField | BadMessage, engine: Engine
+) -> NoReturn:
     engine.metrics.invalid_requests.inc()
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err.message}")
     raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
 
-class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):  # type: ignore[misc]  # generated base is untyped
+class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):
     def __init__(self, engine: Engine, validator: Validator, replies: Replies) -> None:
         self.engine = engine
         self.validator = validator
@@ -94,7 +96,8 @@ class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):  # type: ignore[m
             except BadField as err:
                 self.engine.metrics.invalid_requests.inc()
                 yield penalty_pb2.SessionResponse(
-                    id=request.id, error=penalty_pb2.FieldError(field=err.field, message=err.message)
+                    id=request.id,
+                    error=penalty_pb2.FieldError(field=err.field, message=err.message),
                 )
                 continue
             report_answers = await self.engine.report_many(reports) if reports else []
@@ -102,19 +105,29 @@ class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):  # type: ignore[m
             verdict = self.replies.verdict
             yield penalty_pb2.SessionResponse(
                 id=request.id,
-                reports=[verdict(a, r.client.ip) for a, r in zip(report_answers, request.reports, strict=True)],
-                checks=[verdict(a, c.client.ip) for a, c in zip(check_answers, request.checks, strict=True)],
+                reports=[
+                    verdict(a, r.client.ip)
+                    for a, r in zip(report_answers, request.reports, strict=True)
+                ],
+                checks=[
+                    verdict(a, c.client.ip)
+                    for a, c in zip(check_answers, request.checks, strict=True)
+                ],
             )
 
 
-class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):  # type: ignore[misc]  # generated base is untyped
+class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
     def __init__(self, engine: Engine, validator: Validator, replies: Replies) -> None:
         self.engine = engine
         self.validator = validator
         self.replies = replies
 
     async def _store_failed(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(exc, TimeoutError) else grpc.StatusCode.UNAVAILABLE
+        code = (
+            grpc.StatusCode.DEADLINE_EXCEEDED
+            if isinstance(exc, TimeoutError)
+            else grpc.StatusCode.UNAVAILABLE
+        )
         await context.abort(code, f"store: {exc or type(exc).__name__}")
         raise AssertionError("abort returned")  # pragma: no cover
 
@@ -183,7 +196,9 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):  # type: ignore[misc]
         )
 
     async def ListPenalties(
-        self, request: penalty_pb2.ListPenaltiesRequest | BadMessage, context: grpc.aio.ServicerContext
+        self,
+        request: penalty_pb2.ListPenaltiesRequest | BadMessage,
+        context: grpc.aio.ServicerContext,
     ) -> penalty_pb2.ListPenaltiesResponse:
         if isinstance(request, BadMessage):
             await _invalid(context, request, self.engine)

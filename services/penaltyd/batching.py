@@ -29,7 +29,9 @@ class Coalescer(Generic[T, R]):
         self._max_batch = max_batch
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._wakeup = asyncio.Event()
-        self._workers = [asyncio.create_task(self._work(), name="coalescer") for _ in range(workers)]
+        self._workers = [
+            asyncio.create_task(self._work(), name="coalescer") for _ in range(workers)
+        ]
 
     async def submit(self, item: T) -> R:
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()

@@ -33,19 +33,38 @@ def parser() -> argparse.ArgumentParser:
             "`penaltyd --print-config` shows the effective configuration."
         ),
     )
-    p.add_argument("--config", metavar="FILE", default=os.environ.get("PENALTYD_CONFIG"),
-                   help="TOML settings file (env PENALTYD_CONFIG)")
-    p.add_argument("--listen", metavar="HOST:PORT",
-                   help="gRPC address (env PENALTYD_LISTEN; default 127.0.0.1:50051)")
-    p.add_argument("--redis-url", metavar="URL",
-                   help="redis://HOST:PORT/DB of the shared store (env PENALTYD_REDIS_URL; "
-                        "default: none, embedded store)")
-    p.add_argument("--metrics-listen", metavar="HOST:PORT",
-                   help="serve Prometheus /metrics here (env PENALTYD_METRICS_LISTEN; default off)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="log threshold (env PENALTYD_LOG_LEVEL; default info)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the effective configuration as JSON and exit")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=os.environ.get("PENALTYD_CONFIG"),
+        help="TOML settings file (env PENALTYD_CONFIG)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="gRPC address (env PENALTYD_LISTEN; default 127.0.0.1:50051)",
+    )
+    p.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="redis://HOST:PORT/DB of the shared store (env PENALTYD_REDIS_URL; "
+        "default: none, embedded store)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (env PENALTYD_METRICS_LISTEN; default off)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log threshold (env PENALTYD_LOG_LEVEL; default info)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as JSON and exit",
+    )
     p.add_argument("--version", action="version", version=f"penaltyd {__version__}")
     return p
 

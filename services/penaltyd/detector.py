@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from penalty.v1 import penalty_pb2
-
 from penaltyd.settings import Settings
 
 #: Outcome enum numbers index every per-outcome vector (0 is UNSPECIFIED, never stored).

@@ -3,9 +3,13 @@
 `api` validates requests and maps answers to protobuf; this module does the work:
 record outcomes, evaluate the window, start a penalty, answer checks, and fail open
 (DESIGN.md section 8): every store call has a deadline, and a store that is late or down
-yields "no penalty, degraded" instead of an error. Reports that could not be stored wait
-in a bounded buffer and are replayed when the store is back (at least once: a report
-whose deadline expired after Redis applied it may be counted twice); drops are counted.
+yields "no penalty, degraded" instead of an error.
+
+Reports that failed to reach the store (connection refused or lost: the store is down,
+and whatever was in flight died with it) wait in a bounded buffer and are replayed when
+the store is back; drops are counted. A report whose *deadline* expired is not buffered:
+a slow or paused Redis still holds the command and applies it when it catches up, so
+replaying it would count it twice. It is counted as "in doubt" instead.
 """
 
 from __future__ import annotations
@@ -141,8 +145,14 @@ class Engine:
         try:
             async with asyncio.timeout(self._report_timeout):
                 windows = await self.store.record(items)
-                answers = [await self._decide(i, w) for (i, _), w in zip(items, windows, strict=True)]
-        except (StoreError, TimeoutError) as exc:
+                answers = [
+                    await self._decide(i, w) for (i, _), w in zip(items, windows, strict=True)
+                ]
+        except TimeoutError as exc:
+            self._failed("report", exc)
+            self.metrics.reports_in_doubt.inc(len(items))
+            return [Answer(identity, None, degraded=True) for identity, _ in items]
+        except StoreError as exc:
             self._failed("report", exc)
             self._buffer_reports(items)
             return [Answer(identity, None, degraded=True) for identity, _ in items]

@@ -49,6 +49,11 @@ class Metrics:
         self.reports_dropped = Counter(
             "penaltyd_reports_dropped", "Reports dropped because the buffer was full", registry=r
         )
+        self.reports_in_doubt = Counter(
+            "penaltyd_reports_in_doubt",
+            "Reports whose store deadline expired (a slow store may still apply them)",
+            registry=r,
+        )
         self.invalid_requests = Counter(
             "penaltyd_invalid_requests", "Requests refused with INVALID_ARGUMENT", registry=r
         )

@@ -20,8 +20,8 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 
+from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import __version__
 from penaltyd.api import PenaltyAdmin, PenaltyService, Replies
 from penaltyd.engine import Engine
@@ -52,7 +52,9 @@ def make_store(settings: Settings) -> Store:
             max_connections=settings.redis_max_connections,
             use_view=settings.use_penalty_view,
         )
-    return MemoryStore(window_seconds=settings.window_seconds, bucket_seconds=settings.bucket_seconds)
+    return MemoryStore(
+        window_seconds=settings.window_seconds, bucket_seconds=settings.bucket_seconds
+    )
 
 
 class _Capture:
@@ -69,7 +71,9 @@ class _Capture:
         self.service, self.handlers = service, handlers
 
 
-def _register(add: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, max_bytes: int) -> None:
+def _register(
+    add: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, max_bytes: int
+) -> None:
     """Register generated handlers with deserializers that never raise on garbage.
 
     grpc answers a request its deserializer cannot parse with INTERNAL; bad input must
@@ -143,15 +147,26 @@ async def start_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    _register(penalty_pb2_grpc.add_PenaltyServiceServicer_to_server,
-              PenaltyService(engine, validator, replies), server, settings.max_message_bytes)
-    _register(penalty_pb2_grpc.add_PenaltyAdminServicer_to_server,
-              PenaltyAdmin(engine, validator, replies), server, settings.max_message_bytes)
+    _register(
+        penalty_pb2_grpc.add_PenaltyServiceServicer_to_server,
+        PenaltyService(engine, validator, replies),
+        server,
+        settings.max_message_bytes,
+    )
+    _register(
+        penalty_pb2_grpc.add_PenaltyAdminServicer_to_server,
+        PenaltyAdmin(engine, validator, replies),
+        server,
+        settings.max_message_bytes,
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (*_SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            *_SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(settings.listen)

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:50051"  # gRPC HOST:PORT ([::1]:50051 for IPv6)
     metrics_listen: str = ""  # Prometheus /metrics HOST:PORT; empty disables it
     grace_seconds: float = Field(5.0, ge=0, le=120)  # SIGTERM drain time for in-flight calls
-    max_message_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)  # larger requests: INVALID_ARGUMENT
+    max_message_bytes: int = Field(
+        1 << 20, ge=1024, le=4 << 20
+    )  # larger requests: INVALID_ARGUMENT
     max_batch: int = Field(1000, ge=1, le=100_000)  # checks+reports in one Session message
     max_counts_per_report: int = Field(32, ge=1, le=1024)  # OutcomeCount entries per report
     max_count: int = Field(100_000, ge=1, le=10_000_000)  # largest n in one OutcomeCount
@@ -69,7 +71,9 @@ class Settings(BaseSettings):
     bucket_seconds: int = Field(60, ge=1, le=3600)  # window resolution (window/bucket buckets)
     n_min: int = Field(20, ge=1, le=1_000_000)  # events needed before the ratio test may fire
     z: float = Field(3.0, gt=0, le=10)  # Wilson score z (3.0 ~ 99.87% one-sided)
-    threshold_floor: float = Field(0.5, gt=0, lt=1)  # lower bound of the error ratio must exceed this
+    threshold_floor: float = Field(
+        0.5, gt=0, lt=1
+    )  # lower bound of the error ratio must exceed this
     burst_errors: float = Field(100.0, gt=0)  # weighted errors in the window that fire on their own
     burst_min_ratio: float = Field(0.25, ge=0, le=1)  # ...if the raw error ratio is at least this
     weights: Weights = Field(default_factory=Weights)  # per error kind
@@ -93,7 +97,9 @@ class Settings(BaseSettings):
         try:
             value.format(ip="192.0.2.1", identity="192.0.2.1", seconds=1)
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"only {{ip}}, {{identity}} and {{seconds}} may be used: {exc}") from exc
+            raise ValueError(
+                f"only {{ip}}, {{identity}} and {{seconds}} may be used: {exc}"
+            ) from exc
         return value
 
     @field_validator("listen", "metrics_listen")

@@ -31,7 +31,9 @@ def free_port(host: str = "127.0.0.1", below: int = 55536) -> int:
     raise RuntimeError("no free port found")
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until something accepts connections on host:port (or the process died)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,9 +64,24 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", "",
-             "--loglevel", "warning", *self.extra],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--logfile",
+                "",
+                "--loglevel",
+                "warning",
+                *self.extra,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -107,26 +124,30 @@ class RedisServer:
 class PenaltydProcess:
     """`penaltyd` as a child process (the real CLI), for multi-replica tests and benches."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.args = ["--listen", self.address, *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="penaltyd-", suffix=".log", delete=False)
+        fd, self.log_path = tempfile.mkstemp(prefix="penaltyd-", suffix=".log")
+        os.close(fd)
 
     def start(self) -> PenaltydProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "penaltyd", *self.args],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "penaltyd", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
         wait_port("127.0.0.1", self.port, proc=self.proc)
         return self
 
     def output(self) -> str:
-        return Path(self.log.name).read_text()
+        return Path(self.log_path).read_text()
 
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc is None:
@@ -146,7 +167,7 @@ class PenaltydProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         with contextlib.suppress(OSError):
-            os.unlink(self.log.name)
+            os.unlink(self.log_path)
 
 
 @contextlib.contextmanager

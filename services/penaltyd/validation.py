@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
+
 from penalty.identity import IdentityRules, InvalidAddress, identity_for
 from penalty.v1 import penalty_pb2
-
 from penaltyd.settings import Settings
 
 _VALID_OUTCOMES = frozenset(penalty_pb2.Outcome.values()) - {penalty_pb2.OUTCOME_UNSPECIFIED}
@@ -99,7 +99,9 @@ class Validator:
     ) -> tuple[list[str], list[tuple[str, list[tuple[int, int]]]]]:
         """Validate a whole Session message: all of it is good, or none of it is used."""
         if len(request.checks) + len(request.reports) > self.max_batch:
-            raise BadField("checks", f"more than {self.max_batch} checks and reports in one message")
+            raise BadField(
+                "checks", f"more than {self.max_batch} checks and reports in one message"
+            )
         reports = [self.report(r, f"reports[{i}].") for i, r in enumerate(request.reports)]
         checks = [self.check(c, f"checks[{i}].") for i, c in enumerate(request.checks)]
         return checks, reports

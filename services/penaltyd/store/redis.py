@@ -30,7 +30,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -176,7 +176,9 @@ class RedisStore:
             except NoScriptError:
                 return await self._client.eval(src, len(keys), *keys, *args)
 
-    async def _pipeline(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
+    async def _pipeline(
+        self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
         """Many EVALSHAs in one round trip; reloads the scripts once after a FLUSH/restart."""
         async with _mapped_errors():
             for attempt in (0, 1):
@@ -204,7 +206,10 @@ class RedisStore:
         if self.view.synced:
             return [self.view.get(i) for i in identities]
         replies = await self._pipeline([("peek", (self._pkey(i),), ()) for i in identities])
-        return [_penalty(i, int(r[0]), r[1], int(r[2])) for i, r in zip(identities, replies, strict=True)]
+        return [
+            _penalty(i, int(r[0]), r[1], int(r[2]))
+            for i, r in zip(identities, replies, strict=True)
+        ]
 
     async def start_penalty(self, identity: str, ttl_ms: int, reason: str) -> tuple[Penalty, bool]:
         created, pttl, stored_reason, now_ms = await self._evalsha(
@@ -218,13 +223,17 @@ class RedisStore:
             async with _mapped_errors():
                 pipe = self._client.pipeline(transaction=False)
                 shard = self._ikey(self._shard_of(identity))
-                pipe.evalsha(self._scripts["index_add"][0], 1, shard, penalty.expires_at_ms, identity)
+                pipe.evalsha(
+                    self._scripts["index_add"][0], 1, shard, penalty.expires_at_ms, identity
+                )
                 event = FeedEvent(STARTED, identity, penalty.expires_at_ms, penalty.reason)
                 pipe.publish(self._channel, event.encode())
                 try:
                     await pipe.execute()
                 except NoScriptError:
-                    await self._client.eval(self._scripts["index_add"][1], 1, shard, penalty.expires_at_ms, identity)
+                    await self._client.eval(
+                        self._scripts["index_add"][1], 1, shard, penalty.expires_at_ms, identity
+                    )
                     await self._client.publish(self._channel, event.encode())
             if self.view.synced:
                 self.view.apply(event)  # our own view need not wait for the echo
@@ -259,7 +268,9 @@ class RedisStore:
 
     async def window(self, identity: str) -> Window:
         reply = await self._evalsha(
-            "record", (self._wkey(identity), self._pkey(identity)), (self._bucket_ms, self._nbuckets)
+            "record",
+            (self._wkey(identity), self._pkey(identity)),
+            (self._bucket_ms, self._nbuckets),
         )
         return _window(identity, reply)
 
@@ -278,6 +289,19 @@ class RedisStore:
                 pipe.zcount(self._ikey(shard), f"({now}", "+inf")
             return sum(int(n) for n in await pipe.execute())
 
+    async def _index_page(
+        self, shard: int, lo: int, offset: int, num: int
+    ) -> list[tuple[str, int]]:
+        """(identity, expires_at_ms) of one shard from score `lo` on, in index order."""
+        batch = await self._client.zrangebyscore(
+            self._ikey(shard), lo, "+inf", start=offset, num=num, withscores=True
+        )
+        return [(m.decode(), int(score)) for m, score in cast(list[tuple[bytes, float]], batch)]
+
+    async def _reasons(self, identities: Sequence[str]) -> list[str | None]:
+        raw = await self._client.mget([self._pkey(i) for i in identities]) if identities else []
+        return [r.decode() if r is not None else None for r in cast(list[bytes | None], raw)]
+
     async def list_penalties(
         self, after: PageCursor | None, limit: int
     ) -> tuple[list[Penalty], PageCursor | None]:
@@ -287,17 +311,16 @@ class RedisStore:
         shard = after.shard if after else 0
         async with _mapped_errors():
             while shard < self._shards and len(rows) <= limit:
-                lo = max(now + 1, after.expires_at_ms) if after and after.shard == shard else now + 1
+                resume = after is not None and after.shard == shard
+                lo = max(now + 1, after.expires_at_ms) if after and resume else now + 1
                 offset = 0
                 while len(rows) <= limit:
-                    batch = await self._client.zrangebyscore(
-                        self._ikey(shard), lo, "+inf", start=offset, num=limit + 1, withscores=True
-                    )
-                    for member, score in batch:
-                        identity, expires = member.decode(), int(score)
-                        if after and after.shard == shard and (expires, identity) <= (
-                            after.expires_at_ms,
-                            after.identity,
+                    batch = await self._index_page(shard, lo, offset, limit + 1)
+                    for identity, expires in batch:
+                        if (
+                            after
+                            and resume
+                            and (expires, identity) <= (after.expires_at_ms, after.identity)
                         ):
                             continue
                         rows.append((shard, identity, expires))
@@ -306,11 +329,11 @@ class RedisStore:
                     offset += len(batch)
                 shard += 1
             page = rows[:limit]
-            reasons = await self._client.mget([self._pkey(i) for _, i, _ in page]) if page else []
+            reasons = await self._reasons([i for _, i, _ in page])
         penalties = [
-            Penalty(i, e - now, e, (r or b"").decode())
+            Penalty(i, e - now, e, r)
             for (_, i, e), r in zip(page, reasons, strict=True)
-            if r is not None
+            if r is not None  # lifted or expired since the index was read
         ]
         more = len(rows) > limit
         cursor = PageCursor(page[-1][0], page[-1][2], page[-1][1]) if more and page else None
@@ -322,16 +345,11 @@ class RedisStore:
         async with _mapped_errors():
             for shard in range(self._shards):
                 offset = 0
-                while True:
-                    batch = await self._client.zrangebyscore(
-                        self._ikey(shard), now + 1, "+inf", start=offset, num=5000, withscores=True
-                    )
-                    if not batch:
-                        break
-                    reasons = await self._client.mget([self._pkey(m.decode()) for m, _ in batch])
-                    for (member, score), reason in zip(batch, reasons, strict=True):
+                while batch := await self._index_page(shard, now + 1, offset, 5000):
+                    reasons = await self._reasons([i for i, _ in batch])
+                    for (identity, expires), reason in zip(batch, reasons, strict=True):
                         if reason is not None:
-                            entries[member.decode()] = (int(score), reason.decode())
+                            entries[identity] = (expires, reason)
                     offset += len(batch)
         return entries
 
@@ -368,7 +386,7 @@ class RedisStore:
                 backoff = min(backoff * 2, 1.0)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
 
     async def _consume(self, pubsub: Any) -> None:
         last_seen = last_ping = time.monotonic()
