@@ -110,6 +110,10 @@ class Engine:
     # --- checks
 
     async def check(self, identity: str) -> Answer:
+        known, penalty = self.store.local_penalty(identity)
+        if known:
+            (self.metrics.check_tempfail if penalty else self.metrics.check_pass).inc()
+            return Answer(identity, penalty)
         try:
             async with asyncio.timeout(self._check_timeout):
                 penalty = await self.store.penalty(identity)

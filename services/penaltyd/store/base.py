@@ -90,6 +90,14 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless the store answers now."""
 
+    def local_penalty(self, identity: str) -> tuple[bool, Penalty | None]:
+        """Answer from process memory if that answer is exact: (True, penalty or None).
+
+        (False, None) means "ask the store" (`penalty`). The memory store always knows;
+        the Redis store knows while its feed-fed view is synced. This is the check fast
+        path: no coroutine, no deadline timer, no I/O.
+        """
+
     async def penalty(self, identity: str) -> Penalty | None:
         """The active penalty for `identity` with its exact remaining time (check path)."""
 

@@ -78,6 +78,9 @@ class MemoryStore:
             return None
         return Penalty(identity, p.expires_at_ms - now, p.expires_at_ms, p.reason)
 
+    def local_penalty(self, identity: str) -> tuple[bool, Penalty | None]:
+        return True, self._active(identity, self._clock())
+
     async def penalty(self, identity: str) -> Penalty | None:
         return self._active(identity, self._clock())
 

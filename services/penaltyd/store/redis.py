@@ -196,6 +196,11 @@ class RedisStore:
 
     # --- penalties
 
+    def local_penalty(self, identity: str) -> tuple[bool, Penalty | None]:
+        if self.view.synced:
+            return True, self.view.get(identity)
+        return False, None
+
     async def penalty(self, identity: str) -> Penalty | None:
         if self.view.synced:
             return self.view.get(identity)
