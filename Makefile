@@ -4,8 +4,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
-             command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+PYTHON ?= $(shell for p in python3 python3.11 python3.12 python3.13; do \
+             $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 \
              && { echo $$p; break; }; done)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
@@ -47,13 +47,14 @@ run: venv
 
 proto: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto \
-	  --python_out=proto --grpc_python_out=proto --mypy_out=proto --mypy_grpc_out=proto $(PROTOS)
+	  --python_out=proto --grpc_python_out=proto --mypy_out=proto --mypy_grpc_out=proto $(PROTOS) 2>&1 \
+	  | { grep -v '^Writing mypy' || true; }
 
 # Regenerate into a scratch tree and fail if the committed code differs.
 proto-check: venv
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto \
-	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null && \
+	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) 2>/dev/null && \
 	for f in $$(cd $$tmp && find . -name '*_pb2*'); do \
 	  diff -q $$tmp/$$f proto/$$f >/dev/null || { echo "generated code is stale: $$f (run make proto)" >&2; exit 1; }; \
 	done && echo "generated code up to date"

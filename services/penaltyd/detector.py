@@ -10,8 +10,13 @@ The store only counts; this module decides, once, for every backend. Two rules:
   is at least `burst_min_ratio`: many errors at a clearly elevated ratio, the shape of a
   guessing attack that mixes in enough valid recipients to stay under the threshold.
 
-The threshold is the larger of `threshold_floor` and (from issue 3) a multiple of the
-fleet-wide baseline, so a noisy internet raises the bar instead of penalizing everyone.
+The threshold is the larger of `threshold_floor` and `baseline_multiplier` times the
+fleet-wide baseline error ratio (once the fleet has seen `baseline_min_events` in the
+window), so a noisy internet raises the bar instead of penalizing everyone.
+
+A *shared* address (NAT, CGNAT) is judged twice: each client behind it by the rules
+above, on its own window; the whole address by the `shared_*` rules, which ask for much
+stronger evidence, so one spammer among hundreds of users never defers its neighbours.
 """
 
 from __future__ import annotations
@@ -42,6 +47,18 @@ def wilson_lower_bound(errors: float, n: float, z: float) -> float:
     centre = p + z2 / (2 * n)
     spread = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return max(0.0, (centre - spread) / (1 + z2 / n))
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """The fleet-wide error ratio over the window (from all replicas' aggregates)."""
+
+    events: int
+    weighted_errors: float
+
+    @property
+    def ratio(self) -> float:
+        return min(1.0, self.weighted_errors / self.events) if self.events else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +94,29 @@ class Detector:
             if number not in (penalty_pb2.OUTCOME_UNSPECIFIED, ACCEPTED):
                 weights[number] = getattr(w, outcome_name(number))
         self.weights: tuple[float, ...] = tuple(weights)
-        self.n_min = settings.n_min
         self.z = settings.z
-        self.floor = settings.threshold_floor
-        self.burst_errors = settings.burst_errors
         self.burst_min_ratio = settings.burst_min_ratio
+        self.rules = {
+            False: (settings.n_min, settings.threshold_floor, settings.burst_errors),
+            True: (
+                settings.shared_n_min,
+                settings.shared_threshold_floor,
+                settings.shared_burst_errors,
+            ),
+        }
+        self.multiplier = settings.baseline_multiplier
+        self.min_events = settings.baseline_min_events
 
-    def threshold(self, baseline: float | None = None) -> float:
-        """The bar the lower bound must clear (baseline adaptation comes with issue 3)."""
-        del baseline
-        return self.floor
+    def threshold(self, baseline: Baseline | None = None, shared: bool = False) -> float:
+        """The bar the lower bound must clear: the floor, raised by a noisy fleet."""
+        floor = self.rules[shared][1]
+        if baseline is None or baseline.events < self.min_events:
+            return floor
+        return min(0.99, max(floor, self.multiplier * baseline.ratio))
+
+    def weighted(self, counts: Sequence[tuple[int, int]]) -> float:
+        """Weighted errors of (outcome, n) pairs: what a report adds to the baseline."""
+        return sum(n * self.weights[o] for o, n in counts)
 
     def evidence(self, counts: Sequence[int]) -> Evidence:
         events = sum(counts)
@@ -100,11 +130,14 @@ class Detector:
             lower_bound=wilson_lower_bound(weighted, events, self.z),
         )
 
-    def evaluate(self, counts: Sequence[int], baseline: float | None = None) -> Decision:
+    def evaluate(
+        self, counts: Sequence[int], baseline: Baseline | None = None, shared: bool = False
+    ) -> Decision:
         ev = self.evidence(counts)
-        threshold = self.threshold(baseline)
-        if ev.events >= self.n_min and ev.lower_bound > threshold:
+        n_min, _, burst = self.rules[shared]
+        threshold = self.threshold(baseline, shared)
+        if ev.events >= n_min and ev.lower_bound > threshold:
             return Decision(True, "significance", threshold, ev)
-        if ev.weighted_errors >= self.burst_errors and ev.ratio >= self.burst_min_ratio:
+        if ev.weighted_errors >= burst and ev.ratio >= max(self.burst_min_ratio, threshold / 2):
             return Decision(True, "burst", threshold, ev)
         return Decision(False, "", threshold, ev)

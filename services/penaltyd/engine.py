@@ -1,15 +1,21 @@
 """The penalty loop: store + detector + fail-open, independent of gRPC.
 
-`api` validates requests and maps answers to protobuf; this module does the work:
-record outcomes, evaluate the window, start a penalty, answer checks, and fail open
-(DESIGN.md section 8): every store call has a deadline, and a store that is late or down
-yields "no penalty, degraded" instead of an error.
+`api` validates requests and maps answers to protobuf; this module does the work: record
+outcomes, evaluate windows, start penalties, answer checks, keep the fleet aggregates,
+and fail open (DESIGN.md section 8): every store call has a deadline, and a store that is
+late or down yields "no penalty, degraded" instead of an error.
 
 Reports that failed to reach the store (connection refused or lost: the store is down,
 and whatever was in flight died with it) wait in a bounded buffer and are replayed when
 the store is back; drops are counted. A report whose *deadline* expired is not buffered:
 a slow or paused Redis still holds the command and applies it when it catches up, so
 replaying it would count it twice. It is counted as "in doubt" instead.
+
+Shared addresses (DESIGN.md section 3): as soon as a second client fingerprint shows up
+on an address, the store keeps a window per client as well as the address's; each
+client is judged on its own window, and the whole address only by the much stricter
+shared rules. So a penalty never lands on a whole address merely because detection had
+not yet seen enough of its clients: the decision always asks first.
 """
 
 from __future__ import annotations
@@ -18,44 +24,71 @@ import asyncio
 import collections
 import contextlib
 import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
+from penalty.identity import NetworkSet, parse_network
 from penaltyd import reasons
 from penaltyd.batching import Coalescer
-from penaltyd.detector import Decision, Detector
+from penaltyd.detector import Baseline, Decision, Detector
+from penaltyd.feed import RESYNC, FeedEvent
 from penaltyd.logs import RateLimitedLog
 from penaltyd.metrics import Metrics
 from penaltyd.settings import Settings
 from penaltyd.store.base import (
+    AllowEntry,
+    Escalation,
+    FleetStats,
+    LiftRecord,
     PageCursor,
     Penalty,
     ReportItem,
+    StatsDelta,
     Store,
     StoreError,
     Window,
 )
+from penaltyd.validation import ClientRef
 
 log = structlog.get_logger("penaltyd.engine")
+
+#: Put on watcher queues to end the stream: the watcher must take a new snapshot.
+END_WATCH = FeedEvent(RESYNC, "end")
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What the service knows about one identity after a check or a report."""
+    """What the service knows about one client after a check or a report."""
 
-    identity: str
+    identity: str  # the identity the answer is about (a sub-identity for a shared address)
     penalty: Penalty | None
     degraded: bool = False
+    allow: AllowEntry | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Explained:
-    identity: str
+    ref: ClientRef
     window: Window
     decision: Decision
+    sub_decision: Decision | None
+    shared_reason: str
+    allow: AllowEntry | None
+    last_lift: LiftRecord | None
+    baseline: Baseline
     window_seconds: int
+
+
+@dataclass(slots=True)
+class _Aggregates:
+    """What this replica saw since its last flush (flushed every stats_flush_seconds)."""
+
+    events: int = 0
+    weighted: float = 0.0
+    identities: set[str] = field(default_factory=set)
 
 
 class Engine:
@@ -64,21 +97,36 @@ class Engine:
         self.store = store
         self.detector = Detector(settings)
         self.metrics = metrics or Metrics()
+        self.replica = uuid.uuid4().hex[:12]
         self._check_timeout = settings.check_timeout_ms / 1000
         self._report_timeout = settings.report_timeout_ms / 1000
         self._admin_timeout = settings.admin_timeout_ms / 1000
         self._penalty_ms = settings.penalty_seconds * 1000
+        self._escalation = Escalation(
+            settings.escalation_multiplier,
+            settings.escalation_cap_seconds * 1000,
+            settings.escalation_window_seconds * 1000,
+        )
+        self._shared_cidrs: NetworkSet[bool] = NetworkSet()
+        for cidr in settings.shared_cidrs:
+            self._shared_cidrs.add(parse_network(cidr), True)
         self._buffer: collections.deque[ReportItem] = collections.deque()
         self._buffer_max = settings.report_buffer
         self._degraded_log = RateLimitedLog(log)
         self._tasks: list[asyncio.Task[None]] = []
-        self._reports: Coalescer[ReportItem, Answer] | None = None
+        self._reports: Coalescer[tuple[ClientRef, Sequence[tuple[int, int]]], Answer] | None = None
+        self._agg = _Aggregates()
+        self._watchers: set[asyncio.Queue[FeedEvent]] = set()
         self.degraded_until = 0.0
+        self.fleet = FleetStats(0, 0, 0, 0, 0, 0.0)
+        self.baseline = Baseline(0, 0.0)
 
     async def start(self) -> None:
+        self.store.listen(self._on_event)
         await self.store.start()
-        self._reports = Coalescer(self.report_many)
+        self._reports = Coalescer(self._report_refs)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="engine-housekeeping"))
+        self._tasks.append(asyncio.create_task(self._stats_loop(), name="engine-stats"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -87,21 +135,19 @@ class Engine:
                 await task
         if self._reports:
             await self._reports.close()
+        for q in list(self._watchers):
+            self._end_watch(q)
+        self.store.listen(None)
         await self.store.close()
 
     # --- fail-open bookkeeping
 
-    def _failed(self, op: str, exc: BaseException) -> None:
+    def failed(self, op: str, exc: BaseException) -> None:
         self.degraded_until = time.monotonic() + 10.0
         self.metrics.degraded.set(1)
         self._degraded_log.warning(
             "store_unavailable_fail_open", op=op, error=str(exc) or type(exc).__name__
         )
-
-    def _ok(self) -> None:
-        if self.degraded_until and time.monotonic() > self.degraded_until:
-            self.degraded_until = 0.0
-            self.metrics.degraded.set(0)
 
     @property
     def degraded(self) -> bool:
@@ -109,70 +155,154 @@ class Engine:
 
     # --- checks
 
-    async def check(self, identity: str) -> Answer:
-        known, penalty = self.store.local_penalty(identity)
-        if known:
-            (self.metrics.check_tempfail if penalty else self.metrics.check_pass).inc()
-            return Answer(identity, penalty)
-        try:
-            async with asyncio.timeout(self._check_timeout):
-                penalty = await self.store.penalty(identity)
-        except (StoreError, TimeoutError) as exc:
-            self._failed("check", exc)
-            self.metrics.check_degraded.inc()
-            return Answer(identity, None, degraded=True)
-        (self.metrics.check_tempfail if penalty else self.metrics.check_pass).inc()
-        return Answer(identity, penalty)
+    def shared_configured(self, ref: ClientRef) -> str | None:
+        """The configured shared CIDR containing the client, if any."""
+        if not len(self._shared_cidrs):
+            return None
+        hit = self._shared_cidrs.match(ref.addr)
+        return hit[0] if hit else None
 
-    async def check_many(self, identities: Sequence[str]) -> list[Answer]:
+    def _local(self, ref: ClientRef) -> tuple[bool, Answer | None]:
+        """The check fast path: allowlist and in-process penalties, no I/O."""
+        allow = self.store.allowed(ref.addr)
+        if allow is not None:
+            return True, Answer(ref.identity, None, allow=allow)
+        known, penalty = self.store.local_penalty(ref.identity)
+        if not known:
+            return False, None
+        if penalty is None and ref.fingerprint:
+            _, sub = self.store.local_penalty(ref.sub_identity)
+            if sub is not None:
+                return True, Answer(ref.sub_identity, sub)
+        return True, Answer(ref.identity, penalty)
+
+    def _count_check(self, answer: Answer) -> Answer:
+        (self.metrics.check_tempfail if answer.penalty else self.metrics.check_pass).inc()
+        return answer
+
+    async def check(self, ref: ClientRef) -> Answer:
+        known, answer = self._local(ref)
+        if known:
+            assert answer is not None
+            return self._count_check(answer)
+        return (await self._check_store([ref]))[0]
+
+    async def check_many(self, refs: Sequence[ClientRef]) -> list[Answer]:
+        answers: list[Answer | None] = []
+        missing: list[ClientRef] = []
+        for ref in refs:
+            known, answer = self._local(ref)
+            answers.append(self._count_check(answer) if known and answer else None)
+            if not known:
+                missing.append(ref)
+        if missing:
+            fetched = iter(await self._check_store(missing))
+            answers = [a if a is not None else next(fetched) for a in answers]
+        return [a for a in answers if a is not None]
+
+    async def _check_store(self, refs: Sequence[ClientRef]) -> list[Answer]:
+        ids = [i for r in refs for i in (r.identity, r.sub_identity)]
         try:
             async with asyncio.timeout(self._check_timeout):
-                found = await self.store.penalties(identities)
+                found = await self.store.penalties(ids)
         except (StoreError, TimeoutError) as exc:
-            self._failed("check", exc)
-            self.metrics.check_degraded.inc(len(identities))
-            return [Answer(i, None, degraded=True) for i in identities]
-        for p in found:
-            (self.metrics.check_tempfail if p else self.metrics.check_pass).inc()
-        return [Answer(i, p) for i, p in zip(identities, found, strict=True)]
+            self.failed("check", exc)
+            self.metrics.check_degraded.inc(len(refs))
+            return [Answer(r.identity, None, degraded=True) for r in refs]
+        out = []
+        for k, ref in enumerate(refs):
+            whole, sub = found[2 * k], found[2 * k + 1]
+            if whole is None and sub is not None and ref.fingerprint:
+                out.append(self._count_check(Answer(ref.sub_identity, sub)))
+            else:
+                out.append(self._count_check(Answer(ref.identity, whole)))
+        return out
 
     # --- reports
 
-    async def report(self, identity: str, counts: Sequence[tuple[int, int]]) -> Answer:
+    async def report(self, ref: ClientRef, counts: Sequence[tuple[int, int]]) -> Answer:
         """One report; concurrent callers share a store round trip."""
         assert self._reports is not None, "Engine.start() was not awaited"
-        return await self._reports.submit((identity, counts))
+        return await self._reports.submit((ref, counts))
 
-    async def report_many(self, items: Sequence[ReportItem]) -> list[Answer]:
-        """Record a batch in one round trip; start the penalties it triggers."""
+    async def _report_refs(
+        self, batch: Sequence[tuple[ClientRef, Sequence[tuple[int, int]]]]
+    ) -> list[Answer]:
+        return await self.report_many(batch)
+
+    async def report_many(
+        self, batch: Sequence[tuple[ClientRef, Sequence[tuple[int, int]]]]
+    ) -> list[Answer]:
+        """Record a batch in one round trip; start the penalties it triggers.
+
+        Allowlisted clients are answered at once and nothing of theirs is stored.
+        """
+        answers: list[Answer | None] = []
+        items: list[ReportItem] = []
+        for ref, counts in batch:
+            allow = self.store.allowed(ref.addr)
+            if allow is not None:
+                answers.append(Answer(ref.identity, None, allow=allow))
+                continue
+            answers.append(None)
+            items.append(
+                ReportItem(
+                    ref.identity, counts, ref.fingerprint, self.shared_configured(ref) is not None
+                )
+            )
+        if items:
+            fresh = iter(await self._record(items))
+            answers = [a if a is not None else next(fresh) for a in answers]
+        return [a for a in answers if a is not None]
+
+    async def _record(self, items: Sequence[ReportItem]) -> list[Answer]:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(self._report_timeout):
                 windows = await self.store.record(items)
-                answers = [
-                    await self._decide(i, w) for (i, _), w in zip(items, windows, strict=True)
-                ]
+                answers = [await self._decide(i, w) for i, w in zip(items, windows, strict=True)]
         except TimeoutError as exc:
-            self._failed("report", exc)
+            self.failed("report", exc)
             self.metrics.reports_in_doubt.inc(len(items))
-            return [Answer(identity, None, degraded=True) for identity, _ in items]
+            return [Answer(i.identity, None, degraded=True) for i in items]
         except StoreError as exc:
-            self._failed("report", exc)
+            self.failed("report", exc)
             self._buffer_reports(items)
-            return [Answer(identity, None, degraded=True) for identity, _ in items]
+            return [Answer(i.identity, None, degraded=True) for i in items]
         self.metrics.store_latency.labels("report").observe(time.perf_counter() - t0)
         self.metrics.reports.inc(len(items))
-        self._ok()
+        agg = self._agg
+        for item in items:
+            agg.events += sum(n for _, n in item.counts)
+            agg.weighted += self.detector.weighted(item.counts)
+            agg.identities.add(item.identity)
         return answers
 
-    async def _decide(self, identity: str, window: Window) -> Answer:
+    async def _decide(self, item: ReportItem, window: Window) -> Answer:
         if window.penalty is not None:
-            return Answer(identity, window.penalty)
-        decision = self.detector.evaluate(window.counts)
+            return Answer(item.identity, window.penalty)
+        if window.sub_penalty is not None:
+            return Answer(item.sub_identity, window.sub_penalty)
+        if window.sub_counts is None:
+            return await self._maybe_start(
+                item.identity, self.detector.evaluate(window.counts, self.baseline)
+            )
+        # Told apart: the client on its own window, the whole address by the shared rules.
+        sub = await self._maybe_start(
+            item.sub_identity, self.detector.evaluate(window.sub_counts, self.baseline)
+        )
+        if sub.penalty is not None:
+            return sub
+        whole = self.detector.evaluate(window.counts, self.baseline, shared=True)
+        if whole.fire:
+            return await self._maybe_start(item.identity, whole)
+        return Answer(item.identity, None)
+
+    async def _maybe_start(self, identity: str, decision: Decision) -> Answer:
         if not decision.fire:
             return Answer(identity, None)
         penalty, created = await self.store.start_penalty(
-            identity, self._penalty_ms, reasons.encode(decision)
+            identity, self._penalty_ms, reasons.encode(decision), self._escalation
         )
         if created:
             self.metrics.penalties_started.labels(decision.rule).inc()
@@ -201,8 +331,8 @@ class Engine:
             try:
                 async with asyncio.timeout(self._admin_timeout):
                     windows = await self.store.record(chunk)
-                    for (identity, _), window in zip(chunk, windows, strict=True):
-                        await self._decide(identity, window)
+                    for item, window in zip(chunk, windows, strict=True):
+                        await self._decide(item, window)
             except (StoreError, TimeoutError):
                 self._buffer.extendleft(reversed(chunk))
                 break
@@ -218,22 +348,77 @@ class Engine:
 
     # --- admin
 
-    async def explain(self, identity: str) -> Explained:
+    async def explain(self, ref: ClientRef) -> Explained:
+        configured = self.shared_configured(ref)
+        item = ReportItem(ref.identity, (), ref.fingerprint, configured is not None)
         async with asyncio.timeout(self._admin_timeout):
-            window = await self.store.window(identity)
+            (window,) = await self.store.record([item])
+            last_lift = await self.store.last_lift(ref.identity)
+            if last_lift is None and ref.fingerprint:
+                last_lift = await self.store.last_lift(ref.sub_identity)
+        told_apart = window.sub_counts is not None
+        if configured:
+            why = f"configured: {configured} is in shared_cidrs"
+        elif window.shared:
+            why = (
+                f"detected: more than {self.settings.shared_min_sub_identities} distinct "
+                f"clients within the window ({window.distinct} seen)"
+            )
+        elif told_apart:
+            why = (
+                f"not shared yet; {window.distinct} distinct clients seen, "
+                "each judged on its own window"
+            )
+        else:
+            why = ""
         return Explained(
-            identity, window, self.detector.evaluate(window.counts), self.settings.window_seconds
+            ref=ref,
+            window=window,
+            decision=self.detector.evaluate(window.counts, self.baseline, shared=told_apart),
+            sub_decision=(
+                self.detector.evaluate(window.sub_counts, self.baseline)
+                if window.sub_counts is not None
+                else None
+            ),
+            shared_reason=why,
+            allow=self.store.allowed(ref.addr),
+            last_lift=last_lift,
+            baseline=self.baseline,
+            window_seconds=self.settings.window_seconds,
         )
 
-    async def lift(self, identity: str, actor: str, note: str) -> bool:
+    async def lift(self, ref: ClientRef, actor: str, note: str) -> list[str]:
+        """Lift the address's penalty and, with a fingerprint, the client's; returns what ended."""
+        record = LiftRecord(actor, note, int(time.time() * 1000))
+        targets = [ref.identity] + ([ref.sub_identity] if ref.fingerprint else [])
+        lifted = []
         async with asyncio.timeout(self._admin_timeout):
-            lifted = await self.store.lift(identity)
-        log.info("penalty_lifted", identity=identity, lifted=lifted, actor=actor, note=note)
+            for identity in targets:
+                if await self.store.lift(identity, record):
+                    lifted.append(identity)
+        log.info("penalty_lifted", identity=ref.identity, lifted=lifted, actor=actor, note=note)
         return lifted
 
-    async def count_penalties(self) -> int:
+    async def allow(self, cidr: str, ttl_s: int, note: str, actor: str) -> AllowEntry:
         async with asyncio.timeout(self._admin_timeout):
-            return await self.store.count_penalties()
+            entry = await self.store.allow(AllowEntry(cidr, 0, note, actor), ttl_s * 1000)
+        log.info("allowlist_added", cidr=cidr, ttl_seconds=ttl_s, actor=actor, note=note)
+        return entry
+
+    async def remove_allow(self, cidr: str, actor: str) -> bool:
+        async with asyncio.timeout(self._admin_timeout):
+            removed = await self.store.remove_allow(cidr)
+        log.info("allowlist_removed", cidr=cidr, removed=removed, actor=actor)
+        return removed
+
+    async def allowlist(self) -> list[AllowEntry]:
+        async with asyncio.timeout(self._admin_timeout):
+            return await self.store.allowlist()
+
+    async def fleet_stats(self) -> FleetStats:
+        async with asyncio.timeout(self._admin_timeout):
+            self.fleet = await self.store.fleet_stats()
+        return self.fleet
 
     async def list_penalties(
         self, after: PageCursor | None, limit: int
@@ -241,14 +426,68 @@ class Engine:
         async with asyncio.timeout(self._admin_timeout):
             return await self.store.list_penalties(after, limit)
 
+    # --- the watch hub (WatchPenalties)
+
+    def watch(self, maxsize: int = 10_000) -> asyncio.Queue[FeedEvent]:
+        """Register a watcher *before* taking the snapshot, so no change falls between."""
+        q: asyncio.Queue[FeedEvent] = asyncio.Queue(maxsize)
+        self._watchers.add(q)
+        return q
+
+    def unwatch(self, q: asyncio.Queue[FeedEvent]) -> None:
+        self._watchers.discard(q)
+
+    def _on_event(self, event: FeedEvent) -> None:
+        for q in list(self._watchers):
+            if event.kind == RESYNC:
+                self._end_watch(q)  # the feed was lost: changes may be missed
+                continue
+            try:
+                q.put_nowait(event)
+            except asyncio.QueueFull:
+                self._end_watch(q)  # fell behind: must resnapshot rather than miss changes
+
+    def _end_watch(self, q: asyncio.Queue[FeedEvent]) -> None:
+        self._watchers.discard(q)
+        while True:
+            try:
+                q.put_nowait(END_WATCH)
+                return
+            except asyncio.QueueFull:
+                q.get_nowait()
+
     # --- background
 
     async def _housekeeping(self) -> None:
-        """Replay buffered reports, refresh gauges, notice recovery."""
+        """Replay buffered reports, refresh gauges."""
         while True:
-            await asyncio.sleep(0.5)
-            view = getattr(self.store, "view", None)
-            self.metrics.feed_synced.set(1 if view is None or view.synced else 0)
+            await asyncio.sleep(0.25)
+            self.metrics.feed_synced.set(1 if self.store.feed_exact else 0)
             if self._buffer:
                 await self.flush_buffer()
-            self._ok()
+            if self.degraded_until and not self.degraded:
+                self.degraded_until = 0.0
+                self.metrics.degraded.set(0)
+
+    async def _stats_loop(self) -> None:
+        """Flush this replica's aggregates, then read the fleet's: baseline and gauges.
+
+        Aggregating locally and flushing every few seconds keeps the fleet-wide baseline
+        free of a hot key per request.
+        """
+        while True:
+            await asyncio.sleep(self.settings.stats_flush_seconds)
+            agg, self._agg = self._agg, _Aggregates()
+            delta = StatsDelta(
+                self.replica, agg.events, agg.weighted, frozenset(agg.identities), self.degraded
+            )
+            try:
+                async with asyncio.timeout(self._admin_timeout):
+                    await self.store.flush_stats(delta)
+                    self.fleet = await self.store.fleet_stats()
+            except (StoreError, TimeoutError) as exc:
+                self.failed("stats", exc)
+                continue
+            self.baseline = Baseline(self.fleet.baseline_events, self.fleet.baseline_errors)
+            self.metrics.active_penalties.set(self.fleet.active_penalties)
+            self.metrics.shared_addresses.set(self.fleet.shared_addresses)

@@ -1,10 +1,12 @@
-"""The penalty feed and the in-process view it keeps exact.
+"""The feed of changes and the in-process view it keeps exact.
 
-Every replica keeps a dict of active penalties, filled from a snapshot of the sharded
-index and then kept current by the feed (Redis pub/sub). While the view is *synced*, a
-check is a dict lookup: no Redis round trip, which is what lets a Python replica answer
-checks near the gRPC ceiling. When the feed is down the view says so (`synced` is False)
-and checks go to Redis again; a dead Redis then means a fail-open answer.
+Every replica keeps in memory the active penalties, the addresses marked shared and the
+allowlist: filled from a snapshot of the sharded indexes, then kept current by the feed
+(Redis pub/sub). While the view is *synced*, a check is a dict lookup with no Redis
+round trip, which is what lets a Python replica answer checks near the gRPC ceiling.
+When the feed is down the view says so (`synced` is False) and checks go to Redis again;
+a dead Redis then means a fail-open answer. The allowlist is the exception: it keeps
+answering from the last known state, because allowing is the fail-open direction.
 
 Remaining time is never carried as "N ms from when I sent this" (that drifts with
 delivery delay): events carry the expiry instant on Redis's clock, and the view converts
@@ -16,15 +18,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from penaltyd.store.base import Penalty
+from penalty.identity import IPAddress, NetworkSet, parse_network
+from penaltyd.store.base import AllowEntry, Penalty
 
-STARTED = "S"
-LIFTED = "L"
+STARTED = "S"  # identity, expires_at_ms, reason
+LIFTED = "L"  # identity
+SHARED = "M"  # identity = address, expires_at_ms
+ALLOW_ADDED = "A"  # identity = cidr, expires_at_ms, reason = AllowEntry.encode()
+ALLOW_REMOVED = "D"  # identity = cidr
+RESYNC = "R"  # in-process only: the feed was lost; watchers must take a new snapshot
+_KINDS = frozenset((STARTED, LIFTED, SHARED, ALLOW_ADDED, ALLOW_REMOVED))
 
 
 @dataclass(frozen=True, slots=True)
 class FeedEvent:
-    kind: str  # STARTED or LIFTED
+    kind: str
     identity: str
     expires_at_ms: int = 0
     reason: str = ""
@@ -36,7 +44,7 @@ class FeedEvent:
     def decode(cls, raw: bytes) -> FeedEvent:
         """Raises ValueError on anything we did not publish."""
         kind, identity, expires, reason = raw.decode().split("\t", 3)
-        if kind not in (STARTED, LIFTED) or not identity:
+        if kind not in _KINDS or not identity:
             raise ValueError(f"unknown feed event {raw[:80]!r}")
         return cls(kind, identity, int(expires), reason)
 
@@ -56,12 +64,14 @@ class StoreClock:
 
 
 class PenaltyView:
-    """Active penalties in memory, exact while `synced`."""
+    """Active penalties, shared marks and the allowlist in memory; exact while `synced`."""
 
     def __init__(self, clock: StoreClock) -> None:
         self.clock = clock
         self.synced = False
         self._entries: dict[str, tuple[int, str]] = {}  # identity -> (expires_at_ms, reason)
+        self._shared: dict[str, int] = {}  # address -> expires_at_ms
+        self._allow: NetworkSet[AllowEntry] = NetworkSet()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -76,18 +86,59 @@ class PenaltyView:
             return None
         return Penalty(identity, int(remaining), entry[0], entry[1])
 
-    def apply(self, event: FeedEvent) -> None:
-        if event.kind == STARTED:
-            self._entries[event.identity] = (event.expires_at_ms, event.reason)
-        else:
-            self._entries.pop(event.identity, None)
+    def allowed(self, addr: IPAddress) -> AllowEntry | None:
+        if not len(self._allow):
+            return None
+        hit = self._allow.match(addr)
+        if hit is None or hit[1].expires_at_ms <= self.clock.now_ms():
+            return None
+        return hit[1]
 
-    def replace(self, entries: dict[str, tuple[int, str]]) -> None:
+    def apply(self, event: FeedEvent) -> None:
+        kind = event.kind
+        if kind == STARTED:
+            self._entries[event.identity] = (event.expires_at_ms, event.reason)
+        elif kind == LIFTED:
+            self._entries.pop(event.identity, None)
+        elif kind == SHARED:
+            self._shared[event.identity] = event.expires_at_ms
+        elif kind == ALLOW_ADDED:
+            self._allow.add(parse_network(event.identity), AllowEntry.decode(event.reason))
+        elif kind == ALLOW_REMOVED:
+            self._allow.remove(parse_network(event.identity))
+
+    def replace(
+        self,
+        entries: dict[str, tuple[int, str]],
+        shared: dict[str, int],
+        allow: list[AllowEntry],
+    ) -> None:
         self._entries = entries
+        self._shared = shared
+        fresh: NetworkSet[AllowEntry] = NetworkSet()
+        for entry in allow:
+            fresh.add(parse_network(entry.cidr), entry)
+        self._allow = fresh
+
+    def snapshot(self) -> tuple[list[Penalty], list[tuple[str, int]], list[AllowEntry]]:
+        now = self.clock.now_ms()
+        penalties = [
+            Penalty(i, int(exp - now), exp, reason)
+            for i, (exp, reason) in self._entries.items()
+            if exp > now
+        ]
+        shared = [(a, exp) for a, exp in self._shared.items() if exp > now]
+        allow = [e for _, e in self._allow.items() if e.expires_at_ms > now]
+        return penalties, shared, allow
 
     def sweep(self) -> int:
-        """Drop expired entries; returns how many remain."""
+        """Drop expired entries; returns how many penalties remain."""
         now = self.clock.now_ms()
         for identity in [i for i, (exp, _) in self._entries.items() if exp <= now]:
             del self._entries[identity]
+        for address in [a for a, exp in self._shared.items() if exp <= now]:
+            del self._shared[address]
+        for cidr, entry in self._allow.items():
+            if entry.expires_at_ms <= now:
+                self._allow.remove(parse_network(cidr))
         return len(self._entries)

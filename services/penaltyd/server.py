@@ -49,11 +49,31 @@ def make_store(settings: Settings) -> Store:
             index_shards=settings.index_shards,
             window_seconds=settings.window_seconds,
             bucket_seconds=settings.bucket_seconds,
+            shared_min_sub_identities=settings.shared_min_sub_identities,
+            shared_ttl_seconds=settings.shared_ttl_seconds,
             max_connections=settings.redis_max_connections,
             use_view=settings.use_penalty_view,
         )
     return MemoryStore(
-        window_seconds=settings.window_seconds, bucket_seconds=settings.bucket_seconds
+        window_seconds=settings.window_seconds,
+        bucket_seconds=settings.bucket_seconds,
+        shared_min_sub_identities=settings.shared_min_sub_identities,
+        shared_ttl_seconds=settings.shared_ttl_seconds,
+    )
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS with a client CA) when configured; None for plaintext."""
+    if not settings.tls_cert_file:
+        return None
+    with open(settings.tls_key_file, "rb") as key, open(settings.tls_cert_file, "rb") as cert:
+        pair = (key.read(), cert.read())
+    ca = None
+    if settings.tls_client_ca_file:
+        with open(settings.tls_client_ca_file, "rb") as fh:
+            ca = fh.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=ca, require_client_auth=ca is not None
     )
 
 
@@ -112,21 +132,17 @@ class Running:
 
 
 async def _watch_store(engine: Engine, health: HealthServicer) -> None:
-    """Keep the store's health component and the active-penalty gauge current."""
+    """Keep the store's health component current (a ping a second)."""
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    tick = 0
     while True:
         try:
             async with asyncio.timeout(1.0):
                 await engine.store.ping()
-                if tick % 5 == 0:
-                    engine.metrics.active_penalties.set(await engine.store.count_penalties())
             await health.set(STORE_HEALTH, serving)
         except (StoreError, TimeoutError) as exc:
             await health.set(STORE_HEALTH, not_serving)
-            engine._failed("ping", exc)
-        tick += 1
+            engine.failed("ping", exc)
         await asyncio.sleep(1.0)
 
 
@@ -169,7 +185,11 @@ async def start_server(
         ),
         server,
     )
-    port = server.add_insecure_port(settings.listen)
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
     await engine.start()
     await health.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in _SERVICE_NAMES:
@@ -186,6 +206,8 @@ async def start_server(
         port=port,
         store=engine.store.kind,
         metrics=settings.metrics_listen or None,
+        tls=credentials is not None,
+        admin="token" if settings.admin_token.get_secret_value() else "loopback-only",
     )
     return running
 

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from penalty.identity import InvalidAddress, parse_network
 
 
 class Weights(BaseModel):
@@ -50,6 +52,12 @@ class Settings(BaseSettings):
     max_counts_per_report: int = Field(32, ge=1, le=1024)  # OutcomeCount entries per report
     max_count: int = Field(100_000, ge=1, le=10_000_000)  # largest n in one OutcomeCount
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    admin_token: SecretStr = SecretStr(
+        ""
+    )  # bearer token for PenaltyAdmin; empty: loopback-only admin
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the listener speaks TLS
+    tls_key_file: str = ""  # PEM private key
+    tls_client_ca_file: str = ""  # PEM CA bundle; when set, clients must present a certificate
 
     # --- store
     redis_url: str = ""  # redis://HOST:PORT/DB; empty selects the embedded memory store
@@ -65,6 +73,32 @@ class Settings(BaseSettings):
     # --- identities
     ipv4_prefix: int = Field(32, ge=8, le=32)  # identity prefix length for IPv4
     ipv6_prefix: int = Field(64, ge=16, le=128)  # identity prefix length for IPv6
+
+    # --- shared addresses (NAT, CGNAT; DESIGN.md section 3)
+    shared_cidrs: list[str] = Field(default_factory=list)  # always handled per sub-identity
+    shared_min_sub_identities: int = Field(20, ge=2, le=100_000)  # more distinct clients: shared
+    shared_ttl_seconds: int = Field(3600, ge=60, le=7 * 86_400)  # how long a detected mark lasts
+    shared_threshold_floor: float = Field(0.75, gt=0, lt=1)  # whole-address bar when shared
+    shared_n_min: int = Field(30, ge=1, le=1_000_000)  # whole-address n_min when shared
+    shared_burst_errors: float = Field(300.0, gt=0)  # whole-address burst when shared
+
+    # --- adaptive threshold and escalation
+    baseline_multiplier: float = Field(
+        3.0, ge=0, le=100
+    )  # threshold >= this x fleet baseline ratio
+    baseline_min_events: int = Field(1000, ge=1)  # fleet events in the window before it applies
+    stats_flush_seconds: float = Field(5.0, ge=0.1, le=300)  # replica -> store aggregate interval
+    escalation_multiplier: float = Field(
+        1.0, ge=1, le=10
+    )  # repeat offence: length x this^n (1 = off)
+    escalation_cap_seconds: int = Field(3600, ge=1, le=86_400)  # longest escalated penalty
+    escalation_window_seconds: int = Field(86_400, ge=60, le=30 * 86_400)  # offences remembered
+
+    # --- allowlist
+    allow_min_prefix_v4: int = Field(16, ge=0, le=32)  # broader IPv4 CIDRs are refused
+    allow_min_prefix_v6: int = Field(32, ge=0, le=128)  # broader IPv6 CIDRs are refused
+    allow_default_ttl_seconds: int = Field(30 * 86_400, ge=1)  # expiry when ttl_seconds is 0
+    allow_max_ttl_seconds: int = Field(365 * 86_400, ge=1)  # longest expiry (every key expires)
 
     # --- detection (DESIGN.md section 4)
     window_seconds: int = Field(600, ge=10, le=86_400)  # sliding window length
@@ -102,6 +136,16 @@ class Settings(BaseSettings):
             ) from exc
         return value
 
+    @field_validator("shared_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                parse_network(cidr)
+            except InvalidAddress as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
     @field_validator("listen", "metrics_listen")
     @classmethod
     def _host_port(cls, value: str, info: Any) -> str:
@@ -125,6 +169,10 @@ class Settings(BaseSettings):
             raise ValueError("window_seconds must be a multiple of bucket_seconds")
         if self.window_seconds // self.bucket_seconds > 120:
             raise ValueError("at most 120 buckets per window (memory per identity)")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
 
     @property
@@ -134,6 +182,7 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective configuration with secrets masked, for --print-config and logs."""
         data = self.model_dump(mode="json")
+        data["admin_token"] = "***" if self.admin_token.get_secret_value() else ""
         if self.redis_url:
             parts = urlsplit(self.redis_url)
             if parts.password:

@@ -14,12 +14,34 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from penalty.identity import IdentityRules, InvalidAddress, identity_for
+from penalty.identity import (
+    IdentityRules,
+    InvalidAddress,
+    IPAddress,
+    address_and_identity,
+    client_fingerprint,
+    parse_network,
+    sub_identity,
+)
 from penalty.v1 import penalty_pb2
 from penaltyd.settings import Settings
 
 _VALID_OUTCOMES = frozenset(penalty_pb2.Outcome.values()) - {penalty_pb2.OUTCOME_UNSPECIFIED}
 _LIMITS = {"helo": 255, "mail_from": 512, "fingerprint": 128}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRef:
+    """A validated client: its address, identity and fingerprint behind the address."""
+
+    ip: str  # as given (used in the SMTP reply)
+    addr: IPAddress
+    identity: str
+    fingerprint: str  # "" when the MX sent no HELO, sender or fingerprint
+
+    @property
+    def sub_identity(self) -> str:
+        return sub_identity(self.identity, self.fingerprint)
 
 
 class BadField(ValueError):
@@ -57,27 +79,32 @@ class Validator:
         self.max_batch = settings.max_batch
         self.max_counts = settings.max_counts_per_report
         self.max_count = settings.max_count
+        self.allow_min_prefix = {4: settings.allow_min_prefix_v4, 6: settings.allow_min_prefix_v6}
+        self.allow_default_ttl = settings.allow_default_ttl_seconds
+        self.allow_max_ttl = settings.allow_max_ttl_seconds
 
-    def client(self, client: penalty_pb2.Client, field: str) -> str:
-        """Return the identity of a valid client."""
+    def client(self, client: penalty_pb2.Client, field: str) -> ClientRef:
         for name, limit in _LIMITS.items():
             if len(getattr(client, name)) > limit:
                 raise BadField(f"{field}.{name}", f"longer than {limit} characters")
         if not client.ip:
             raise BadField(f"{field}.ip", "required")
         try:
-            return identity_for(client.ip, self.rules)
+            addr, identity = address_and_identity(client.ip, self.rules)
         except InvalidAddress as exc:
             raise BadField(f"{field}.ip", str(exc)) from exc
+        fp = client_fingerprint(client.helo, client.mail_from, client.fingerprint)
+        return ClientRef(client.ip, addr, identity, fp)
 
-    def check(self, request: penalty_pb2.CheckRequest, field: str = "") -> str:
+    def check(self, request: Any, field: str = "") -> ClientRef:
+        """Any request with a `client` field (Check, Explain, Lift)."""
         if not request.HasField("client"):
             raise BadField(f"{field}client", "required")
         return self.client(request.client, f"{field}client")
 
     def report(
         self, request: penalty_pb2.ReportRequest, field: str = ""
-    ) -> tuple[str, list[tuple[int, int]]]:
+    ) -> tuple[ClientRef, list[tuple[int, int]]]:
         if not request.HasField("client"):
             raise BadField(f"{field}client", "required")
         identity = self.client(request.client, f"{field}client")
@@ -94,9 +121,37 @@ class Validator:
             merged[c.outcome] = merged.get(c.outcome, 0) + c.n
         return identity, sorted(merged.items())
 
+    def text(self, value: str, field: str, limit: int) -> str:
+        if len(value) > limit:
+            raise BadField(field, f"longer than {limit} characters")
+        return value
+
+    def allow(self, request: penalty_pb2.AllowRequest) -> tuple[str, int]:
+        """The normalised CIDR and the expiry in seconds of an allowlist entry."""
+        try:
+            net = parse_network(request.cidr)
+        except InvalidAddress as exc:
+            raise BadField("cidr", str(exc)) from exc
+        minimum = self.allow_min_prefix[net.version]
+        if net.prefixlen < minimum:
+            raise BadField("cidr", f"/{net.prefixlen} is broader than the allowed /{minimum}")
+        if request.ttl_seconds < 0:
+            raise BadField("ttl_seconds", "must not be negative (0 means the default expiry)")
+        if request.ttl_seconds > self.allow_max_ttl:
+            raise BadField("ttl_seconds", f"at most {self.allow_max_ttl} (every entry expires)")
+        self.text(request.note, "note", 1024)
+        self.text(request.actor, "actor", 128)
+        return str(net), request.ttl_seconds or self.allow_default_ttl
+
+    def cidr(self, text: str, field: str = "cidr") -> str:
+        try:
+            return str(parse_network(text))
+        except InvalidAddress as exc:
+            raise BadField(field, str(exc)) from exc
+
     def session(
         self, request: penalty_pb2.SessionRequest
-    ) -> tuple[list[str], list[tuple[str, list[tuple[int, int]]]]]:
+    ) -> tuple[list[ClientRef], list[tuple[ClientRef, list[tuple[int, int]]]]]:
         """Validate a whole Session message: all of it is good, or none of it is used."""
         if len(request.checks) + len(request.reports) > self.max_batch:
             raise BadField(

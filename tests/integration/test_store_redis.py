@@ -8,20 +8,23 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from penaltyd.feed import FeedEvent
+from penaltyd.store.base import LiftRecord
 from penaltyd.store.redis import RedisStore
 from tests.helpers import ACCEPTED, UNKNOWN, eventually
-from tests.store_contract import StoreContract
+from tests.store_contract import K, StoreContract, item
 
 
 async def started_store(url: str, use_view: bool) -> RedisStore:
-    store = RedisStore(url, window_seconds=10, bucket_seconds=1, use_view=use_view)
+    store = RedisStore(
+        url, window_seconds=10, bucket_seconds=1, shared_min_sub_identities=K, use_view=use_view
+    )
     await store.start()
-    if use_view:
 
-        async def synced() -> bool:
-            return store.view.synced
+    async def synced() -> bool:
+        return store.view.synced
 
-        await eventually(synced, bool)
+    await eventually(synced, bool)
     return store
 
 
@@ -31,42 +34,58 @@ class RedisContract(StoreContract):
     @pytest.fixture(autouse=True)
     async def _store(self, redis_url: str) -> AsyncIterator[None]:
         self.url = redis_url
-        self.store = await started_store(redis_url, self.use_view)
+        self.events: list[FeedEvent] = []
+        store = await started_store(redis_url, self.use_view)
+        store.listen(self.events.append)
+        self.store = store
         yield
-        await self.store.close()
+        await store.close()
 
     async def advance(self, ms: int) -> None:
         await asyncio.sleep(ms / 1000)  # Redis keeps its own time: really let it pass
 
+    async def settle(self) -> None:
+        mark = await self.store.allowlist()  # one round trip after the publish
+        del mark
+        await asyncio.sleep(0.05)  # the subscriber's read loop picks the event up
+
     async def test_every_key_expires(self) -> None:
         """Privacy: nothing outlives its window or penalty."""
-        await self.store.record([("203.0.113.7", [(UNKNOWN, 3), (ACCEPTED, 1)])])
+        await self.record(item("203.0.113.7", (UNKNOWN, 3), (ACCEPTED, 1), fp="aa"))
+        await self.record(item("203.0.113.7", (UNKNOWN, 1), fp="bb"))
         await self.store.start_penalty("203.0.113.7", 60_000, "r")
+        await self.store.start_penalty("203.0.113.7#bb", 60_000, "r")
+        await self.store.lift("203.0.113.7#bb", LiftRecord("t", "n", 1))
         await self.store.start_penalty("2001:db8::/64", 60_000, "r")
         r = aioredis.Redis.from_url(self.url)
         keys = [k async for k in r.scan_iter()]
-        assert len(keys) >= 4
+        assert len(keys) >= 7  # windows, HLL, penalties, lift record, index shard(s)
         for key in keys:
             assert await r.pttl(key) > 0, key
         await r.aclose()
 
-    async def test_keys_are_hash_tagged_per_identity(self) -> None:
-        await self.store.record([("203.0.113.7", [(UNKNOWN, 1)])])
-        await self.store.start_penalty("203.0.113.7", 60_000, "r")
+    async def test_keys_are_hash_tagged_per_address(self) -> None:
+        await self.record(
+            item("203.0.113.7", (UNKNOWN, 1), fp="aa"), item("203.0.113.7", (UNKNOWN, 1), fp="bb")
+        )
+        await self.store.start_penalty("203.0.113.7#bb", 60_000, "r")
         r = aioredis.Redis.from_url(self.url)
         keys = sorted([k.decode() async for k in r.scan_iter("pd:{203.0.113.7}*")])
-        assert keys == ["pd:{203.0.113.7}:p", "pd:{203.0.113.7}:w"]
         await r.aclose()
+        kinds = sorted(
+            k.split("}:", 1)[1].split(":")[0] + (":fp" if k.count(":") > 2 else "") for k in keys
+        )
+        assert "p:fp" in kinds
+        assert "w" in kinds
+        assert "w:fp" in kinds
 
     async def test_scripts_reload_after_script_flush(self) -> None:
         r = aioredis.Redis.from_url(self.url)
         await r.script_flush()
         await r.aclose()
-        (w,) = await self.store.record([("203.0.113.7", [(UNKNOWN, 1)])])
+        (w,) = await self.record(item("203.0.113.7", (UNKNOWN, 1)))
         assert w.counts[UNKNOWN] == 1
-        ws = await self.store.record(
-            [("203.0.113.7", [(UNKNOWN, 1)]), ("203.0.113.8", [(UNKNOWN, 1)])]
-        )
+        ws = await self.record(item("203.0.113.7", (UNKNOWN, 1)), item("203.0.113.8", (UNKNOWN, 1)))
         assert [w.counts[UNKNOWN] for w in ws] == [2, 1]
 
 
@@ -75,22 +94,21 @@ class TestRedisStoreWithView(RedisContract):
 
     async def test_view_learns_penalties_started_elsewhere(self) -> None:
         other = await started_store(self.url, use_view=False)
+        store = self.store
+        assert isinstance(store, RedisStore)
         try:
             await other.start_penalty("203.0.113.50", 60_000, "elsewhere")
-            store = self.store
-            assert isinstance(store, RedisStore)
 
             async def seen() -> object:
                 return store.view.get("203.0.113.50")
 
-            p = await eventually(seen, lambda p: p is not None, within=2)
-            assert p is not None
-            await other.lift("203.0.113.50")
+            assert await eventually(seen, lambda p: p is not None, within=2)
+            await other.lift("203.0.113.50", LiftRecord("t", "", 0))
             await eventually(seen, lambda p: p is None, within=2)
         finally:
             await other.close()
 
-    async def test_snapshot_loads_existing_penalties(self) -> None:
+    async def test_snapshot_loads_existing_state(self) -> None:
         await self.store.start_penalty("203.0.113.60", 60_000, "before")
         late = await started_store(self.url, use_view=True)
         try:

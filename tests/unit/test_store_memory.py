@@ -6,30 +6,39 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from penaltyd.feed import FeedEvent
 from penaltyd.store.memory import MemoryStore
 from tests.helpers import UNKNOWN
-from tests.store_contract import StoreContract, counts
+from tests.store_contract import K, StoreContract, counts, item
 
 
 class TestMemoryStore(StoreContract):
     @pytest.fixture(autouse=True)
     async def _store(self) -> AsyncIterator[None]:
         self.now = 1_800_000_000_000
-        self.store = MemoryStore(window_seconds=10, bucket_seconds=1, clock=lambda: self.now)
-        await self.store.start()
+        self.events: list[FeedEvent] = []
+        store = MemoryStore(
+            window_seconds=10, bucket_seconds=1, shared_min_sub_identities=K, clock=lambda: self.now
+        )
+        store.listen(self.events.append)
+        self.store = store
+        await store.start()
         yield
-        await self.store.close()
+        await store.close()
 
     async def advance(self, ms: int) -> None:
         self.now += ms
 
     async def test_sweep_forgets_everything_expired(self) -> None:
-        assert isinstance(self.store, MemoryStore)
-        await self.store.record([("203.0.113.7", [(UNKNOWN, 1)])])
-        await self.store.start_penalty("203.0.113.8", 1000, "r")
-        assert await self.store.tracked_identities() == 1
-        await self.advance(12_000)
-        self.store.sweep()
-        assert self.store._windows == {}
-        assert self.store._penalties == {}
-        assert (await self.store.window("203.0.113.7")).counts == counts()
+        store = self.store
+        assert isinstance(store, MemoryStore)
+        await self.record(
+            item("203.0.113.7", (UNKNOWN, 1), fp="a"), item("203.0.113.7", (UNKNOWN, 1), fp="b")
+        )
+        await store.start_penalty("203.0.113.8", 1000, "r")
+        await self.advance(25_000)
+        store.sweep()
+        assert store._windows == {}
+        assert store._penalties == {}
+        assert store._clients == {}
+        assert (await self.read("203.0.113.7")).counts == counts()

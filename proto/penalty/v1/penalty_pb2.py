@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18penalty/v1/penalty.proto\x12\npenalty.v1\"J\n\x06\x43lient\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04helo\x18\x02 \x01(\t\x12\x11\n\tmail_from\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"2\n\x0c\x43heckRequest\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.penalty.v1.Client\"?\n\x0cOutcomeCount\x12$\n\x07outcome\x18\x01 \x01(\x0e\x32\x13.penalty.v1.Outcome\x12\t\n\x01n\x18\x02 \x01(\r\"]\n\rReportRequest\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.penalty.v1.Client\x12(\n\x06\x63ounts\x18\x02 \x03(\x0b\x32\x18.penalty.v1.OutcomeCount\"\x95\x01\n\x07Verdict\x12\x10\n\x08tempfail\x18\x01 \x01(\x08\x12\x14\n\x0cseconds_left\x18\x02 \x01(\r\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nsmtp_reply\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\"r\n\x0eSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x18.penalty.v1.CheckRequest\x12*\n\x07reports\x18\x03 \x03(\x0b\x32\x19.penalty.v1.ReportRequest\",\n\nFieldError\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0fSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12#\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x13.penalty.v1.Verdict\x12$\n\x07reports\x18\x03 \x03(\x0b\x32\x13.penalty.v1.Verdict\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.penalty.v1.FieldError\"4\n\x0e\x45xplainRequest\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.penalty.v1.Client\"?\n\x0cOutcomeTotal\x12$\n\x07outcome\x18\x01 \x01(\x0e\x32\x13.penalty.v1.Outcome\x12\t\n\x01n\x18\x02 \x01(\x04\"\x96\x02\n\x0b\x45xplanation\x12\x10\n\x08identity\x18\x01 \x01(\t\x12(\n\x06window\x18\x02 \x03(\x0b\x32\x18.penalty.v1.OutcomeTotal\x12\x0e\n\x06\x65vents\x18\x03 \x01(\x04\x12\x17\n\x0fweighted_errors\x18\x04 \x01(\x01\x12\x13\n\x0b\x65rror_ratio\x18\x05 \x01(\x01\x12\x1a\n\x12wilson_lower_bound\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x08 \x01(\r\x12$\n\x07verdict\x18\t \x01(\x0b\x32\x13.penalty.v1.Verdict\x12\x12\n\nwould_fire\x18\n \x01(\x08\x12\x0c\n\x04rule\x18\x0b \x01(\t\"N\n\x0bLiftRequest\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.penalty.v1.Client\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"0\n\x0cLiftResponse\x12\x0e\n\x06lifted\x18\x01 \x01(\x08\x12\x10\n\x08identity\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"\x89\x01\n\rStatsResponse\x12\x18\n\x10\x61\x63tive_penalties\x18\x01 \x01(\x04\x12\x1a\n\x12tracked_identities\x18\x02 \x01(\x04\x12\x18\n\x10shared_addresses\x18\x03 \x01(\x04\x12\x19\n\x11\x64\x65graded_replicas\x18\x04 \x01(\r\x12\r\n\x05store\x18\x05 \x01(\t\"=\n\x14ListPenaltiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x07Penalty\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x14\n\x0cseconds_left\x18\x02 \x01(\r\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"X\n\x15ListPenaltiesResponse\x12&\n\tpenalties\x18\x01 \x03(\x0b\x32\x13.penalty.v1.Penalty\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb2\x02\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ACCEPTED\x10\x01\x12\x1d\n\x19OUTCOME_UNKNOWN_RECIPIENT\x10\x02\x12\x18\n\x14OUTCOME_RELAY_DENIED\x10\x03\x12\x14\n\x10OUTCOME_BAD_HELO\x10\x04\x12\x1e\n\x1aOUTCOME_PROTOCOL_VIOLATION\x10\x05\x12\x17\n\x13OUTCOME_AUTH_FAILED\x10\x06\x12\x1b\n\x17OUTCOME_SENDER_REJECTED\x10\x07\x12\x1c\n\x18OUTCOME_CONTENT_REJECTED\x10\x08\x12\x18\n\x14OUTCOME_DNSBL_LISTED\x10\t\x12\x1b\n\x17OUTCOME_LOST_CONNECTION\x10\n2\xca\x01\n\x0ePenaltyService\x12\x36\n\x05\x43heck\x12\x18.penalty.v1.CheckRequest\x1a\x13.penalty.v1.Verdict\x12\x38\n\x06Report\x12\x19.penalty.v1.ReportRequest\x1a\x13.penalty.v1.Verdict\x12\x46\n\x07Session\x12\x1a.penalty.v1.SessionRequest\x1a\x1b.penalty.v1.SessionResponse(\x01\x30\x01\x32\x9d\x02\n\x0cPenaltyAdmin\x12>\n\x07\x45xplain\x12\x1a.penalty.v1.ExplainRequest\x1a\x17.penalty.v1.Explanation\x12\x39\n\x04Lift\x12\x17.penalty.v1.LiftRequest\x1a\x18.penalty.v1.LiftResponse\x12<\n\x05Stats\x12\x18.penalty.v1.StatsRequest\x1a\x19.penalty.v1.StatsResponse\x12T\n\rListPenalties\x12 .penalty.v1.ListPenaltiesRequest\x1a!.penalty.v1.ListPenaltiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18penalty/v1/penalty.proto\x12\npenalty.v1\"J\n\x06\x43lient\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04helo\x18\x02 \x01(\t\x12\x11\n\tmail_from\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\"2\n\x0c\x43heckRequest\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.penalty.v1.Client\"?\n\x0cOutcomeCount\x12$\n\x07outcome\x18\x01 \x01(\x0e\x32\x13.penalty.v1.Outcome\x12\t\n\x01n\x18\x02 \x01(\r\"]\n\rReportRequest\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.penalty.v1.Client\x12(\n\x06\x63ounts\x18\x02 \x03(\x0b\x32\x18.penalty.v1.OutcomeCount\"\xaa\x01\n\x07Verdict\x12\x10\n\x08tempfail\x18\x01 \x01(\x08\x12\x14\n\x0cseconds_left\x18\x02 \x01(\r\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\nsmtp_reply\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x13\n\x0b\x61llowlisted\x18\x08 \x01(\x08\"r\n\x0eSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x18.penalty.v1.CheckRequest\x12*\n\x07reports\x18\x03 \x03(\x0b\x32\x19.penalty.v1.ReportRequest\",\n\nFieldError\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0fSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12#\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x13.penalty.v1.Verdict\x12$\n\x07reports\x18\x03 \x03(\x0b\x32\x13.penalty.v1.Verdict\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.penalty.v1.FieldError\"4\n\x0e\x45xplainRequest\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.penalty.v1.Client\"?\n\x0cOutcomeTotal\x12$\n\x07outcome\x18\x01 \x01(\x0e\x32\x13.penalty.v1.Outcome\x12\t\n\x01n\x18\x02 \x01(\x04\"\xf8\x03\n\x0b\x45xplanation\x12\x10\n\x08identity\x18\x01 \x01(\t\x12(\n\x06window\x18\x02 \x03(\x0b\x32\x18.penalty.v1.OutcomeTotal\x12\x0e\n\x06\x65vents\x18\x03 \x01(\x04\x12\x17\n\x0fweighted_errors\x18\x04 \x01(\x01\x12\x13\n\x0b\x65rror_ratio\x18\x05 \x01(\x01\x12\x1a\n\x12wilson_lower_bound\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12\x16\n\x0ewindow_seconds\x18\x08 \x01(\r\x12$\n\x07verdict\x18\t \x01(\x0b\x32\x13.penalty.v1.Verdict\x12\x12\n\nwould_fire\x18\n \x01(\x08\x12\x0c\n\x04rule\x18\x0b \x01(\t\x12\x0e\n\x06shared\x18\x0c \x01(\x08\x12\x15\n\rshared_reason\x18\r \x01(\t\x12\x1f\n\x17\x64istinct_sub_identities\x18\x0e \x01(\x04\x12\x14\n\x0csub_identity\x18\x0f \x01(\t\x12$\n\x03sub\x18\x10 \x01(\x0b\x32\x17.penalty.v1.Explanation\x12%\n\x05\x61llow\x18\x11 \x01(\x0b\x32\x16.penalty.v1.AllowEntry\x12#\n\tlast_lift\x18\x12 \x01(\x0b\x32\x10.penalty.v1.Lift\x12\x10\n\x08\x62\x61seline\x18\x13 \x01(\x01\"7\n\x04Lift\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x12\n\nat_unix_ms\x18\x03 \x01(\x03\"N\n\x0bLiftRequest\x12\"\n\x06\x63lient\x18\x01 \x01(\x0b\x32\x12.penalty.v1.Client\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"0\n\x0cLiftResponse\x12\x0e\n\x06lifted\x18\x01 \x01(\x08\x12\x10\n\x08identity\x18\x02 \x01(\t\"\x0e\n\x0cStatsRequest\"N\n\x0c\x41llowRequest\x12\x0c\n\x04\x63idr\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"o\n\nAllowEntry\x12\x0c\n\x04\x63idr\x18\x01 \x01(\t\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x02 \x01(\x03\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x05 \x01(\x03\"1\n\x12RemoveAllowRequest\x12\x0c\n\x04\x63idr\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\"&\n\x13RemoveAllowResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x16\n\x14ListAllowlistRequest\"@\n\x15ListAllowlistResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.penalty.v1.AllowEntry\"\x0e\n\x0cWatchRequest\"\xe4\x02\n\x0cPenaltyEvent\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.penalty.v1.PenaltyEvent.Kind\x12$\n\x07penalty\x18\x02 \x01(\x0b\x32\x13.penalty.v1.Penalty\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12%\n\x05\x61llow\x18\x04 \x01(\x0b\x32\x16.penalty.v1.AllowEntry\x12\x19\n\x11store_now_unix_ms\x18\x05 \x01(\x03\"\xad\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KIND_PENALTY_STARTED\x10\x01\x12\x17\n\x13KIND_PENALTY_LIFTED\x10\x02\x12\x16\n\x12KIND_SHARED_MARKED\x10\x03\x12\x14\n\x10KIND_ALLOW_ADDED\x10\x04\x12\x16\n\x12KIND_ALLOW_REMOVED\x10\x05\x12\x16\n\x12KIND_SNAPSHOT_DONE\x10\x06\"\x89\x01\n\rStatsResponse\x12\x18\n\x10\x61\x63tive_penalties\x18\x01 \x01(\x04\x12\x1a\n\x12tracked_identities\x18\x02 \x01(\x04\x12\x18\n\x10shared_addresses\x18\x03 \x01(\x04\x12\x19\n\x11\x64\x65graded_replicas\x18\x04 \x01(\r\x12\r\n\x05store\x18\x05 \x01(\t\"=\n\x14ListPenaltiesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x07Penalty\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x14\n\x0cseconds_left\x18\x02 \x01(\r\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"X\n\x15ListPenaltiesResponse\x12&\n\tpenalties\x18\x01 \x03(\x0b\x32\x13.penalty.v1.Penalty\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb2\x02\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ACCEPTED\x10\x01\x12\x1d\n\x19OUTCOME_UNKNOWN_RECIPIENT\x10\x02\x12\x18\n\x14OUTCOME_RELAY_DENIED\x10\x03\x12\x14\n\x10OUTCOME_BAD_HELO\x10\x04\x12\x1e\n\x1aOUTCOME_PROTOCOL_VIOLATION\x10\x05\x12\x17\n\x13OUTCOME_AUTH_FAILED\x10\x06\x12\x1b\n\x17OUTCOME_SENDER_REJECTED\x10\x07\x12\x1c\n\x18OUTCOME_CONTENT_REJECTED\x10\x08\x12\x18\n\x14OUTCOME_DNSBL_LISTED\x10\t\x12\x1b\n\x17OUTCOME_LOST_CONNECTION\x10\n2\x92\x02\n\x0ePenaltyService\x12\x36\n\x05\x43heck\x12\x18.penalty.v1.CheckRequest\x1a\x13.penalty.v1.Verdict\x12\x38\n\x06Report\x12\x19.penalty.v1.ReportRequest\x1a\x13.penalty.v1.Verdict\x12\x46\n\x07Session\x12\x1a.penalty.v1.SessionRequest\x1a\x1b.penalty.v1.SessionResponse(\x01\x30\x01\x12\x46\n\x0eWatchPenalties\x12\x18.penalty.v1.WatchRequest\x1a\x18.penalty.v1.PenaltyEvent0\x01\x32\xfe\x03\n\x0cPenaltyAdmin\x12>\n\x07\x45xplain\x12\x1a.penalty.v1.ExplainRequest\x1a\x17.penalty.v1.Explanation\x12\x39\n\x04Lift\x12\x17.penalty.v1.LiftRequest\x1a\x18.penalty.v1.LiftResponse\x12<\n\x05Stats\x12\x18.penalty.v1.StatsRequest\x1a\x19.penalty.v1.StatsResponse\x12T\n\rListPenalties\x12 .penalty.v1.ListPenaltiesRequest\x1a!.penalty.v1.ListPenaltiesResponse\x12\x39\n\x05\x41llow\x12\x18.penalty.v1.AllowRequest\x1a\x16.penalty.v1.AllowEntry\x12N\n\x0bRemoveAllow\x12\x1e.penalty.v1.RemoveAllowRequest\x1a\x1f.penalty.v1.RemoveAllowResponse\x12T\n\rListAllowlist\x12 .penalty.v1.ListAllowlistRequest\x1a!.penalty.v1.ListAllowlistResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'penalty.v1.penalty_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1723
-  _globals['_OUTCOME']._serialized_end=2029
+  _globals['_OUTCOME']._serialized_start=2776
+  _globals['_OUTCOME']._serialized_end=3082
   _globals['_CLIENT']._serialized_start=40
   _globals['_CLIENT']._serialized_end=114
   _globals['_CHECKREQUEST']._serialized_start=116
@@ -42,35 +42,55 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTREQUEST']._serialized_start=233
   _globals['_REPORTREQUEST']._serialized_end=326
   _globals['_VERDICT']._serialized_start=329
-  _globals['_VERDICT']._serialized_end=478
-  _globals['_SESSIONREQUEST']._serialized_start=480
-  _globals['_SESSIONREQUEST']._serialized_end=594
-  _globals['_FIELDERROR']._serialized_start=596
-  _globals['_FIELDERROR']._serialized_end=640
-  _globals['_SESSIONRESPONSE']._serialized_start=643
-  _globals['_SESSIONRESPONSE']._serialized_end=786
-  _globals['_EXPLAINREQUEST']._serialized_start=788
-  _globals['_EXPLAINREQUEST']._serialized_end=840
-  _globals['_OUTCOMETOTAL']._serialized_start=842
-  _globals['_OUTCOMETOTAL']._serialized_end=905
-  _globals['_EXPLANATION']._serialized_start=908
-  _globals['_EXPLANATION']._serialized_end=1186
-  _globals['_LIFTREQUEST']._serialized_start=1188
-  _globals['_LIFTREQUEST']._serialized_end=1266
-  _globals['_LIFTRESPONSE']._serialized_start=1268
-  _globals['_LIFTRESPONSE']._serialized_end=1316
-  _globals['_STATSREQUEST']._serialized_start=1318
-  _globals['_STATSREQUEST']._serialized_end=1332
-  _globals['_STATSRESPONSE']._serialized_start=1335
-  _globals['_STATSRESPONSE']._serialized_end=1472
-  _globals['_LISTPENALTIESREQUEST']._serialized_start=1474
-  _globals['_LISTPENALTIESREQUEST']._serialized_end=1535
-  _globals['_PENALTY']._serialized_start=1537
-  _globals['_PENALTY']._serialized_end=1630
-  _globals['_LISTPENALTIESRESPONSE']._serialized_start=1632
-  _globals['_LISTPENALTIESRESPONSE']._serialized_end=1720
-  _globals['_PENALTYSERVICE']._serialized_start=2032
-  _globals['_PENALTYSERVICE']._serialized_end=2234
-  _globals['_PENALTYADMIN']._serialized_start=2237
-  _globals['_PENALTYADMIN']._serialized_end=2522
+  _globals['_VERDICT']._serialized_end=499
+  _globals['_SESSIONREQUEST']._serialized_start=501
+  _globals['_SESSIONREQUEST']._serialized_end=615
+  _globals['_FIELDERROR']._serialized_start=617
+  _globals['_FIELDERROR']._serialized_end=661
+  _globals['_SESSIONRESPONSE']._serialized_start=664
+  _globals['_SESSIONRESPONSE']._serialized_end=807
+  _globals['_EXPLAINREQUEST']._serialized_start=809
+  _globals['_EXPLAINREQUEST']._serialized_end=861
+  _globals['_OUTCOMETOTAL']._serialized_start=863
+  _globals['_OUTCOMETOTAL']._serialized_end=926
+  _globals['_EXPLANATION']._serialized_start=929
+  _globals['_EXPLANATION']._serialized_end=1433
+  _globals['_LIFT']._serialized_start=1435
+  _globals['_LIFT']._serialized_end=1490
+  _globals['_LIFTREQUEST']._serialized_start=1492
+  _globals['_LIFTREQUEST']._serialized_end=1570
+  _globals['_LIFTRESPONSE']._serialized_start=1572
+  _globals['_LIFTRESPONSE']._serialized_end=1620
+  _globals['_STATSREQUEST']._serialized_start=1622
+  _globals['_STATSREQUEST']._serialized_end=1636
+  _globals['_ALLOWREQUEST']._serialized_start=1638
+  _globals['_ALLOWREQUEST']._serialized_end=1716
+  _globals['_ALLOWENTRY']._serialized_start=1718
+  _globals['_ALLOWENTRY']._serialized_end=1829
+  _globals['_REMOVEALLOWREQUEST']._serialized_start=1831
+  _globals['_REMOVEALLOWREQUEST']._serialized_end=1880
+  _globals['_REMOVEALLOWRESPONSE']._serialized_start=1882
+  _globals['_REMOVEALLOWRESPONSE']._serialized_end=1920
+  _globals['_LISTALLOWLISTREQUEST']._serialized_start=1922
+  _globals['_LISTALLOWLISTREQUEST']._serialized_end=1944
+  _globals['_LISTALLOWLISTRESPONSE']._serialized_start=1946
+  _globals['_LISTALLOWLISTRESPONSE']._serialized_end=2010
+  _globals['_WATCHREQUEST']._serialized_start=2012
+  _globals['_WATCHREQUEST']._serialized_end=2026
+  _globals['_PENALTYEVENT']._serialized_start=2029
+  _globals['_PENALTYEVENT']._serialized_end=2385
+  _globals['_PENALTYEVENT_KIND']._serialized_start=2212
+  _globals['_PENALTYEVENT_KIND']._serialized_end=2385
+  _globals['_STATSRESPONSE']._serialized_start=2388
+  _globals['_STATSRESPONSE']._serialized_end=2525
+  _globals['_LISTPENALTIESREQUEST']._serialized_start=2527
+  _globals['_LISTPENALTIESREQUEST']._serialized_end=2588
+  _globals['_PENALTY']._serialized_start=2590
+  _globals['_PENALTY']._serialized_end=2683
+  _globals['_LISTPENALTIESRESPONSE']._serialized_start=2685
+  _globals['_LISTPENALTIESRESPONSE']._serialized_end=2773
+  _globals['_PENALTYSERVICE']._serialized_start=3085
+  _globals['_PENALTYSERVICE']._serialized_end=3359
+  _globals['_PENALTYADMIN']._serialized_start=3362
+  _globals['_PENALTYADMIN']._serialized_end=3872
 # @@protoc_insertion_point(module_scope)

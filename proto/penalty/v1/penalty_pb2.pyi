@@ -177,6 +177,7 @@ class Verdict(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     SMTP_REPLY_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    ALLOWLISTED_FIELD_NUMBER: _builtins.int
     tempfail: _builtins.bool
     seconds_left: _builtins.int
     """remaining time rounded up; 0 when not tempfail"""
@@ -190,6 +191,8 @@ class Verdict(_message.Message):
     """e.g. "450 4.7.1 ... try again in 287 seconds"; empty when not tempfail"""
     degraded: _builtins.bool
     """the store did not answer in time: fail-open answer"""
+    allowlisted: _builtins.bool
+    """the client matches an allowlist entry: never penalized"""
     def __init__(
         self,
         *,
@@ -200,10 +203,11 @@ class Verdict(_message.Message):
         reason: _builtins.str = ...,
         smtp_reply: _builtins.str = ...,
         degraded: _builtins.bool = ...,
+        allowlisted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "expires_at_unix_ms", b"expires_at_unix_ms", "identity", b"identity", "reason", b"reason", "seconds_left", b"seconds_left", "smtp_reply", b"smtp_reply", "tempfail", b"tempfail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowlisted", b"allowlisted", "degraded", b"degraded", "expires_at_unix_ms", b"expires_at_unix_ms", "identity", b"identity", "reason", b"reason", "seconds_left", b"seconds_left", "smtp_reply", b"smtp_reply", "tempfail", b"tempfail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -363,7 +367,16 @@ class Explanation(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     WOULD_FIRE_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    SHARED_REASON_FIELD_NUMBER: _builtins.int
+    DISTINCT_SUB_IDENTITIES_FIELD_NUMBER: _builtins.int
+    SUB_IDENTITY_FIELD_NUMBER: _builtins.int
+    SUB_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    LAST_LIFT_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
     identity: _builtins.str
+    """the address identity (IPv4 /32, IPv6 /64 by default)"""
     events: _builtins.int
     """total events in window"""
     weighted_errors: _builtins.float
@@ -375,6 +388,17 @@ class Explanation(_message.Message):
     """whether the evidence alone would start a penalty now"""
     rule: _builtins.str
     """"significance", "burst" or "" (which rule would fire)"""
+    shared: _builtins.bool
+    """NAT-shared addresses: windows and penalties are kept per sub-identity
+    (address + fingerprint of HELO, sender domain and client fingerprint).
+    """
+    shared_reason: _builtins.str
+    """which rule made it shared, e.g. "configured 100.64.0.0/10" """
+    distinct_sub_identities: _builtins.int
+    sub_identity: _builtins.str
+    """"<identity>#<fingerprint>" when sub-identity windows apply"""
+    baseline: _builtins.float
+    """fleet-wide baseline error ratio used for the threshold"""
     @_builtins.property
     def window(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutcomeTotal]:
         """counts in the current window that still count as evidence"""
@@ -382,6 +406,18 @@ class Explanation(_message.Message):
     @_builtins.property
     def verdict(self) -> Global___Verdict:
         """the penalty, if any, and its reason"""
+
+    @_builtins.property
+    def sub(self) -> Global___Explanation:
+        """the sub-identity's own window and verdict, when kept"""
+
+    @_builtins.property
+    def allow(self) -> Global___AllowEntry:
+        """the allowlist entry that matches, if any"""
+
+    @_builtins.property
+    def last_lift(self) -> Global___Lift:
+        """the last lift of this identity within the window"""
 
     def __init__(
         self,
@@ -397,14 +433,47 @@ class Explanation(_message.Message):
         verdict: Global___Verdict | None = ...,
         would_fire: _builtins.bool = ...,
         rule: _builtins.str = ...,
+        shared: _builtins.bool = ...,
+        shared_reason: _builtins.str = ...,
+        distinct_sub_identities: _builtins.int = ...,
+        sub_identity: _builtins.str = ...,
+        sub: Global___Explanation | None = ...,
+        allow: Global___AllowEntry | None = ...,
+        last_lift: Global___Lift | None = ...,
+        baseline: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "last_lift", b"last_lift", "sub", b"sub", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_ratio", b"error_ratio", "events", b"events", "identity", b"identity", "rule", b"rule", "threshold", b"threshold", "verdict", b"verdict", "weighted_errors", b"weighted_errors", "wilson_lower_bound", b"wilson_lower_bound", "window", b"window", "window_seconds", b"window_seconds", "would_fire", b"would_fire"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "baseline", b"baseline", "distinct_sub_identities", b"distinct_sub_identities", "error_ratio", b"error_ratio", "events", b"events", "identity", b"identity", "last_lift", b"last_lift", "rule", b"rule", "shared", b"shared", "shared_reason", b"shared_reason", "sub", b"sub", "sub_identity", b"sub_identity", "threshold", b"threshold", "verdict", b"verdict", "weighted_errors", b"weighted_errors", "wilson_lower_bound", b"wilson_lower_bound", "window", b"window", "window_seconds", b"window_seconds", "would_fire", b"would_fire"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Explanation: _TypeAlias = Explanation  # noqa: Y015
+
+@_typing.final
+class Lift(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    note: _builtins.str
+    at_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        note: _builtins.str = ...,
+        at_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at_unix_ms", b"at_unix_ms", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lift: _TypeAlias = Lift  # noqa: Y015
 
 @_typing.final
 class LiftRequest(_message.Message):
@@ -473,7 +542,236 @@ class StatsRequest(_message.Message):
 Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
 
 @_typing.final
+class AllowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIDR_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    cidr: _builtins.str
+    """e.g. "192.0.2.0/24" or "2001:db8::/48"; a bare address is a /32 or /128"""
+    ttl_seconds: _builtins.int
+    """1..max (settings); 0 means the default expiry; negative is refused"""
+    note: _builtins.str
+    """why (<= 1024 bytes)"""
+    actor: _builtins.str
+    """who (<= 128 bytes)"""
+    def __init__(
+        self,
+        *,
+        cidr: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+        note: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cidr", b"cidr", "note", b"note", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllowRequest: _TypeAlias = AllowRequest  # noqa: Y015
+
+@_typing.final
+class AllowEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIDR_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    cidr: _builtins.str
+    expires_at_unix_ms: _builtins.int
+    note: _builtins.str
+    actor: _builtins.str
+    created_at_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        cidr: _builtins.str = ...,
+        expires_at_unix_ms: _builtins.int = ...,
+        note: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        created_at_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cidr", b"cidr", "created_at_unix_ms", b"created_at_unix_ms", "expires_at_unix_ms", b"expires_at_unix_ms", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllowEntry: _TypeAlias = AllowEntry  # noqa: Y015
+
+@_typing.final
+class RemoveAllowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIDR_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    cidr: _builtins.str
+    actor: _builtins.str
+    def __init__(
+        self,
+        *,
+        cidr: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cidr", b"cidr"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveAllowRequest: _TypeAlias = RemoveAllowRequest  # noqa: Y015
+
+@_typing.final
+class RemoveAllowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    removed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        removed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveAllowResponse: _TypeAlias = RemoveAllowResponse  # noqa: Y015
+
+@_typing.final
+class ListAllowlistRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAllowlistRequest: _TypeAlias = ListAllowlistRequest  # noqa: Y015
+
+@_typing.final
+class ListAllowlistResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllowEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AllowEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAllowlistResponse: _TypeAlias = ListAllowlistResponse  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class PenaltyEvent(_message.Message):
+    """WatchPenalties: first the snapshot (SNAPSHOT_* events ending with SNAPSHOT_DONE), then
+    live changes. Expiry is not announced: a penalty ends at expires_at_unix_ms.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[PenaltyEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: PenaltyEvent._Kind.ValueType  # 0
+        KIND_PENALTY_STARTED: PenaltyEvent._Kind.ValueType  # 1
+        """penalty set"""
+        KIND_PENALTY_LIFTED: PenaltyEvent._Kind.ValueType  # 2
+        """penalty.identity set"""
+        KIND_SHARED_MARKED: PenaltyEvent._Kind.ValueType  # 3
+        """address set: an address is now handled as shared"""
+        KIND_ALLOW_ADDED: PenaltyEvent._Kind.ValueType  # 4
+        """allow set"""
+        KIND_ALLOW_REMOVED: PenaltyEvent._Kind.ValueType  # 5
+        """allow.cidr set"""
+        KIND_SNAPSHOT_DONE: PenaltyEvent._Kind.ValueType  # 6
+        """everything before this was the snapshot"""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: PenaltyEvent.Kind.ValueType  # 0
+    KIND_PENALTY_STARTED: PenaltyEvent.Kind.ValueType  # 1
+    """penalty set"""
+    KIND_PENALTY_LIFTED: PenaltyEvent.Kind.ValueType  # 2
+    """penalty.identity set"""
+    KIND_SHARED_MARKED: PenaltyEvent.Kind.ValueType  # 3
+    """address set: an address is now handled as shared"""
+    KIND_ALLOW_ADDED: PenaltyEvent.Kind.ValueType  # 4
+    """allow set"""
+    KIND_ALLOW_REMOVED: PenaltyEvent.Kind.ValueType  # 5
+    """allow.cidr set"""
+    KIND_SNAPSHOT_DONE: PenaltyEvent.Kind.ValueType  # 6
+    """everything before this was the snapshot"""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PENALTY_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    STORE_NOW_UNIX_MS_FIELD_NUMBER: _builtins.int
+    kind: Global___PenaltyEvent.Kind.ValueType
+    address: _builtins.str
+    store_now_unix_ms: _builtins.int
+    """the store's clock when the event was emitted"""
+    @_builtins.property
+    def penalty(self) -> Global___Penalty: ...
+    @_builtins.property
+    def allow(self) -> Global___AllowEntry: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___PenaltyEvent.Kind.ValueType = ...,
+        penalty: Global___Penalty | None = ...,
+        address: _builtins.str = ...,
+        allow: Global___AllowEntry | None = ...,
+        store_now_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "penalty", b"penalty"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow", b"allow", "kind", b"kind", "penalty", b"penalty", "store_now_unix_ms", b"store_now_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PenaltyEvent: _TypeAlias = PenaltyEvent  # noqa: Y015
+
+@_typing.final
 class StatsResponse(_message.Message):
+    """fleet-wide figures, from sharded indexes (never a key scan)"""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTIVE_PENALTIES_FIELD_NUMBER: _builtins.int

@@ -49,6 +49,11 @@ class PenaltyServiceStub:
                 request_serializer=penalty_dot_v1_dot_penalty__pb2.SessionRequest.SerializeToString,
                 response_deserializer=penalty_dot_v1_dot_penalty__pb2.SessionResponse.FromString,
                 _registered_method=True)
+        self.WatchPenalties = channel.unary_stream(
+                '/penalty.v1.PenaltyService/WatchPenalties',
+                request_serializer=penalty_dot_v1_dot_penalty__pb2.WatchRequest.SerializeToString,
+                response_deserializer=penalty_dot_v1_dot_penalty__pb2.PenaltyEvent.FromString,
+                _registered_method=True)
 
 
 class PenaltyServiceServicer:
@@ -73,6 +78,13 @@ class PenaltyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchPenalties(self, request, context):
+        """A snapshot of active penalties, shared addresses and allowlist entries, then live changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PenaltyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +102,11 @@ def add_PenaltyServiceServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=penalty_dot_v1_dot_penalty__pb2.SessionRequest.FromString,
                     response_serializer=penalty_dot_v1_dot_penalty__pb2.SessionResponse.SerializeToString,
+            ),
+            'WatchPenalties': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPenalties,
+                    request_deserializer=penalty_dot_v1_dot_penalty__pb2.WatchRequest.FromString,
+                    response_serializer=penalty_dot_v1_dot_penalty__pb2.PenaltyEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +200,33 @@ class PenaltyService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def WatchPenalties(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/penalty.v1.PenaltyService/WatchPenalties',
+            penalty_dot_v1_dot_penalty__pb2.WatchRequest.SerializeToString,
+            penalty_dot_v1_dot_penalty__pb2.PenaltyEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class PenaltyAdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -213,6 +257,21 @@ class PenaltyAdminStub:
                 request_serializer=penalty_dot_v1_dot_penalty__pb2.ListPenaltiesRequest.SerializeToString,
                 response_deserializer=penalty_dot_v1_dot_penalty__pb2.ListPenaltiesResponse.FromString,
                 _registered_method=True)
+        self.Allow = channel.unary_unary(
+                '/penalty.v1.PenaltyAdmin/Allow',
+                request_serializer=penalty_dot_v1_dot_penalty__pb2.AllowRequest.SerializeToString,
+                response_deserializer=penalty_dot_v1_dot_penalty__pb2.AllowEntry.FromString,
+                _registered_method=True)
+        self.RemoveAllow = channel.unary_unary(
+                '/penalty.v1.PenaltyAdmin/RemoveAllow',
+                request_serializer=penalty_dot_v1_dot_penalty__pb2.RemoveAllowRequest.SerializeToString,
+                response_deserializer=penalty_dot_v1_dot_penalty__pb2.RemoveAllowResponse.FromString,
+                _registered_method=True)
+        self.ListAllowlist = channel.unary_unary(
+                '/penalty.v1.PenaltyAdmin/ListAllowlist',
+                request_serializer=penalty_dot_v1_dot_penalty__pb2.ListAllowlistRequest.SerializeToString,
+                response_deserializer=penalty_dot_v1_dot_penalty__pb2.ListAllowlistResponse.FromString,
+                _registered_method=True)
 
 
 class PenaltyAdminServicer:
@@ -242,6 +301,24 @@ class PenaltyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Allow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAllow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAllowlist(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PenaltyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +341,21 @@ def add_PenaltyAdminServicer_to_server(servicer, server):
                     servicer.ListPenalties,
                     request_deserializer=penalty_dot_v1_dot_penalty__pb2.ListPenaltiesRequest.FromString,
                     response_serializer=penalty_dot_v1_dot_penalty__pb2.ListPenaltiesResponse.SerializeToString,
+            ),
+            'Allow': grpc.unary_unary_rpc_method_handler(
+                    servicer.Allow,
+                    request_deserializer=penalty_dot_v1_dot_penalty__pb2.AllowRequest.FromString,
+                    response_serializer=penalty_dot_v1_dot_penalty__pb2.AllowEntry.SerializeToString,
+            ),
+            'RemoveAllow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAllow,
+                    request_deserializer=penalty_dot_v1_dot_penalty__pb2.RemoveAllowRequest.FromString,
+                    response_serializer=penalty_dot_v1_dot_penalty__pb2.RemoveAllowResponse.SerializeToString,
+            ),
+            'ListAllowlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAllowlist,
+                    request_deserializer=penalty_dot_v1_dot_penalty__pb2.ListAllowlistRequest.FromString,
+                    response_serializer=penalty_dot_v1_dot_penalty__pb2.ListAllowlistResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -374,6 +466,87 @@ class PenaltyAdmin:
             '/penalty.v1.PenaltyAdmin/ListPenalties',
             penalty_dot_v1_dot_penalty__pb2.ListPenaltiesRequest.SerializeToString,
             penalty_dot_v1_dot_penalty__pb2.ListPenaltiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Allow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/penalty.v1.PenaltyAdmin/Allow',
+            penalty_dot_v1_dot_penalty__pb2.AllowRequest.SerializeToString,
+            penalty_dot_v1_dot_penalty__pb2.AllowEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAllow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/penalty.v1.PenaltyAdmin/RemoveAllow',
+            penalty_dot_v1_dot_penalty__pb2.RemoveAllowRequest.SerializeToString,
+            penalty_dot_v1_dot_penalty__pb2.RemoveAllowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAllowlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/penalty.v1.PenaltyAdmin/ListAllowlist',
+            penalty_dot_v1_dot_penalty__pb2.ListAllowlistRequest.SerializeToString,
+            penalty_dot_v1_dot_penalty__pb2.ListAllowlistResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class PenaltyServiceStub:
     Report: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.ReportRequest, _penalty_pb2.Verdict]
     """The verdict after the report: the report that triggers a penalty already answers tempfail."""
     Session: _grpc.StreamStreamMultiCallable[_penalty_pb2.SessionRequest, _penalty_pb2.SessionResponse]
+    WatchPenalties: _grpc.UnaryStreamMultiCallable[_penalty_pb2.WatchRequest, _penalty_pb2.PenaltyEvent]
+    """A snapshot of active penalties, shared addresses and allowlist entries, then live changes."""
 
 @_typing.type_check_only
 class PenaltyServiceAsyncStub(PenaltyServiceStub):
@@ -47,6 +49,8 @@ class PenaltyServiceAsyncStub(PenaltyServiceStub):
     Report: _aio.UnaryUnaryMultiCallable[_penalty_pb2.ReportRequest, _penalty_pb2.Verdict]  # type: ignore[assignment]
     """The verdict after the report: the report that triggers a penalty already answers tempfail."""
     Session: _aio.StreamStreamMultiCallable[_penalty_pb2.SessionRequest, _penalty_pb2.SessionResponse]  # type: ignore[assignment]
+    WatchPenalties: _aio.UnaryStreamMultiCallable[_penalty_pb2.WatchRequest, _penalty_pb2.PenaltyEvent]  # type: ignore[assignment]
+    """A snapshot of active penalties, shared addresses and allowlist entries, then live changes."""
 
 class PenaltyServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -71,6 +75,14 @@ class PenaltyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_penalty_pb2.SessionResponse], _abc.AsyncIterator[_penalty_pb2.SessionResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def WatchPenalties(
+        self,
+        request: _penalty_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_penalty_pb2.PenaltyEvent], _abc.AsyncIterator[_penalty_pb2.PenaltyEvent]]:
+        """A snapshot of active penalties, shared addresses and allowlist entries, then live changes."""
+
 def add_PenaltyServiceServicer_to_server(servicer: PenaltyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class PenaltyAdminStub:
@@ -82,6 +94,9 @@ class PenaltyAdminStub:
     Lift: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.LiftRequest, _penalty_pb2.LiftResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.StatsRequest, _penalty_pb2.StatsResponse]
     ListPenalties: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.ListPenaltiesRequest, _penalty_pb2.ListPenaltiesResponse]
+    Allow: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.AllowRequest, _penalty_pb2.AllowEntry]
+    RemoveAllow: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.RemoveAllowRequest, _penalty_pb2.RemoveAllowResponse]
+    ListAllowlist: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.ListAllowlistRequest, _penalty_pb2.ListAllowlistResponse]
 
 @_typing.type_check_only
 class PenaltyAdminAsyncStub(PenaltyAdminStub):
@@ -90,6 +105,9 @@ class PenaltyAdminAsyncStub(PenaltyAdminStub):
     Lift: _aio.UnaryUnaryMultiCallable[_penalty_pb2.LiftRequest, _penalty_pb2.LiftResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_penalty_pb2.StatsRequest, _penalty_pb2.StatsResponse]  # type: ignore[assignment]
     ListPenalties: _aio.UnaryUnaryMultiCallable[_penalty_pb2.ListPenaltiesRequest, _penalty_pb2.ListPenaltiesResponse]  # type: ignore[assignment]
+    Allow: _aio.UnaryUnaryMultiCallable[_penalty_pb2.AllowRequest, _penalty_pb2.AllowEntry]  # type: ignore[assignment]
+    RemoveAllow: _aio.UnaryUnaryMultiCallable[_penalty_pb2.RemoveAllowRequest, _penalty_pb2.RemoveAllowResponse]  # type: ignore[assignment]
+    ListAllowlist: _aio.UnaryUnaryMultiCallable[_penalty_pb2.ListAllowlistRequest, _penalty_pb2.ListAllowlistResponse]  # type: ignore[assignment]
 
 class PenaltyAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -119,5 +137,26 @@ class PenaltyAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _penalty_pb2.ListPenaltiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_penalty_pb2.ListPenaltiesResponse, _abc.Awaitable[_penalty_pb2.ListPenaltiesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Allow(
+        self,
+        request: _penalty_pb2.AllowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_penalty_pb2.AllowEntry, _abc.Awaitable[_penalty_pb2.AllowEntry]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveAllow(
+        self,
+        request: _penalty_pb2.RemoveAllowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_penalty_pb2.RemoveAllowResponse, _abc.Awaitable[_penalty_pb2.RemoveAllowResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAllowlist(
+        self,
+        request: _penalty_pb2.ListAllowlistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_penalty_pb2.ListAllowlistResponse, _abc.Awaitable[_penalty_pb2.ListAllowlistResponse]]: ...
 
 def add_PenaltyAdminServicer_to_server(servicer: PenaltyAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -8,10 +8,16 @@ store's own clock, so replicas with skewed clocks agree (DESIGN.md section 5).
 from __future__ import annotations
 
 import base64
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from penalty.identity import IPAddress, sub_identity
+
+if TYPE_CHECKING:
+    from penaltyd.feed import FeedEvent
 
 
 class StoreError(Exception):
@@ -42,15 +48,98 @@ class Penalty:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportItem:
+    """One client's outcomes, as validated: the unit of a report batch."""
+
+    identity: str  # the address identity
+    counts: Sequence[tuple[int, int]]  # merged (outcome, n) pairs; empty: read only
+    fingerprint: str = ""  # the client's fingerprint behind its address ("" unknown)
+    shared_configured: bool = False  # the address is in a configured shared CIDR
+
+    @property
+    def sub_identity(self) -> str:
+        return sub_identity(self.identity, self.fingerprint)
+
+
+@dataclass(frozen=True, slots=True)
 class Window:
-    """Per-outcome totals of the evidence that still counts, and the penalty if any."""
+    """What the store knows about one address (and one client behind it) after a report."""
 
-    counts: tuple[int, ...]  # indexed by Outcome number; excludes evidence already used
-    penalty: Penalty | None
+    counts: tuple[int, ...]  # address window by Outcome number; excludes evidence used up
+    penalty: Penalty | None  # the whole address's penalty
+    distinct: int = 0  # distinct client fingerprints seen on the address (estimate)
+    shared: bool = False  # configured shared, or marked shared by detection
+    newly_shared: bool = False  # this very report marked it
+    sub_counts: tuple[int, ...] | None = None  # the client's own window, when kept
+    sub_penalty: Penalty | None = None  # the client's own penalty
 
 
-#: One report in a batch: identity and merged (outcome, n) pairs.
-ReportItem = tuple[str, Sequence[tuple[int, int]]]
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    cidr: str
+    expires_at_ms: int
+    note: str = ""
+    actor: str = ""
+    created_at_ms: int = 0
+
+    def encode(self) -> str:
+        return json.dumps(
+            [self.cidr, self.expires_at_ms, self.note, self.actor, self.created_at_ms]
+        )
+
+    @classmethod
+    def decode(cls, raw: str) -> AllowEntry:
+        cidr, expires, note, actor, created = json.loads(raw)
+        return cls(str(cidr), int(expires), str(note), str(actor), int(created))
+
+
+@dataclass(frozen=True, slots=True)
+class LiftRecord:
+    actor: str
+    note: str
+    at_ms: int
+
+    def encode(self) -> str:
+        return json.dumps([self.actor, self.note, self.at_ms])
+
+    @classmethod
+    def decode(cls, raw: str) -> LiftRecord:
+        actor, note, at = json.loads(raw)
+        return cls(str(actor), str(note), int(at))
+
+
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    """Repeat offences lengthen penalties: base x multiplier^offences, capped."""
+
+    multiplier: float = 1.0  # 1.0: off
+    cap_ms: int = 3_600_000
+    memory_ms: int = 86_400_000  # offences older than this are forgotten
+
+
+@dataclass(frozen=True, slots=True)
+class StatsDelta:
+    """What one replica saw since its last flush (aggregated locally: no hot key)."""
+
+    replica: str
+    events: int = 0
+    weighted_errors: float = 0.0
+    identities: frozenset[str] = frozenset()
+    degraded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStats:
+    active_penalties: int
+    tracked_identities: int
+    shared_addresses: int
+    degraded_replicas: int
+    baseline_events: int
+    baseline_errors: float
+
+    @property
+    def baseline(self) -> float:
+        return self.baseline_errors / self.baseline_events if self.baseline_events else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +165,13 @@ class PageCursor:
             raise ValueError("not a page token from this service") from exc
 
 
+#: Receives every change to penalties, shared marks and the allowlist (WatchPenalties).
+Listener = Callable[["FeedEvent"], None]
+
+
 @runtime_checkable
 class Store(Protocol):
-    """What penaltyd needs from a backend. All methods may raise `StoreError`."""
+    """What penaltyd needs from a backend. Async methods may raise `StoreError`."""
 
     kind: str
 
@@ -90,6 +183,8 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless the store answers now."""
 
+    # --- the check path
+
     def local_penalty(self, identity: str) -> tuple[bool, Penalty | None]:
         """Answer from process memory if that answer is exact: (True, penalty or None).
 
@@ -99,25 +194,38 @@ class Store(Protocol):
         """
 
     async def penalty(self, identity: str) -> Penalty | None:
-        """The active penalty for `identity` with its exact remaining time (check path)."""
+        """The active penalty for `identity` with its exact remaining time."""
 
     async def penalties(self, identities: Sequence[str]) -> list[Penalty | None]:
         """`penalty` for many identities in one round trip."""
 
+    def allowed(self, addr: IPAddress) -> AllowEntry | None:
+        """The allowlist entry containing `addr` (from memory; last known if the feed is down)."""
+
+    # --- reports
+
     async def record(self, items: Sequence[ReportItem]) -> list[Window]:
-        """Add outcomes to the windows and return each window after its update."""
+        """Add outcomes to the windows and return each window after its update.
 
-    async def window(self, identity: str) -> Window:
-        """Read a window without changing it (Explain)."""
-
-    async def start_penalty(self, identity: str, ttl_ms: int, reason: str) -> tuple[Penalty, bool]:
-        """Start a penalty unless one is active (NX); returns it and whether it is new.
-
-        A new penalty marks the window's evidence as used, so it cannot re-fire later.
+        An item with no counts only reads. Marks an address shared when more than the
+        configured number of distinct clients were seen on it.
         """
 
-    async def lift(self, identity: str) -> bool:
-        """End a penalty now; False if there was none."""
+    async def start_penalty(
+        self, identity: str, ttl_ms: int, reason: str, escalation: Escalation | None = None
+    ) -> tuple[Penalty, bool]:
+        """Start a penalty unless one is active (NX); returns it and whether it is new.
+
+        `identity` may be a sub-identity. A new penalty marks the window's evidence as
+        used, so it cannot re-fire later.
+        """
+
+    async def lift(self, identity: str, record: LiftRecord) -> bool:
+        """End a penalty now and keep who/why for Explain; False if there was none."""
+
+    async def last_lift(self, identity: str) -> LiftRecord | None: ...
+
+    # --- fleet-wide indexes
 
     async def count_penalties(self) -> int:
         """Active penalties fleet-wide, from the index (never a key scan)."""
@@ -126,3 +234,28 @@ class Store(Protocol):
         self, after: PageCursor | None, limit: int
     ) -> tuple[list[Penalty], PageCursor | None]:
         """One page of active penalties in index order; a cursor for the next page."""
+
+    async def flush_stats(self, delta: StatsDelta) -> None:
+        """Add one replica's aggregates (baseline, identities seen, degraded)."""
+
+    async def fleet_stats(self) -> FleetStats: ...
+
+    # --- allowlist
+
+    async def allow(self, entry: AllowEntry, ttl_ms: int) -> AllowEntry: ...
+
+    async def remove_allow(self, cidr: str) -> bool: ...
+
+    async def allowlist(self) -> list[AllowEntry]: ...
+
+    # --- the feed (WatchPenalties)
+
+    def listen(self, listener: Listener | None) -> None:
+        """Install the one callback that receives every change (the engine's hub)."""
+
+    def snapshot(self) -> tuple[list[Penalty], list[tuple[str, int]], list[AllowEntry]]:
+        """Active penalties, shared addresses (address, expires_at_ms), allowlist: from memory."""
+
+    @property
+    def feed_exact(self) -> bool:
+        """Whether `snapshot` and the listener's events are complete right now."""

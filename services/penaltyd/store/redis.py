@@ -1,20 +1,28 @@
 """The fleet store: Redis, Lua, one round trip per operation in the common case.
 
-Key scheme (every key has a TTL; `{...}` is the Redis Cluster hash tag)::
+Key scheme (every key has a TTL; `{...}` is the Redis Cluster hash tag). `A` is an
+address identity, `fp` a client fingerprint behind it (see `penalty.identity`)::
 
-    <prefix>:{<identity>}:w      hash   window: field bucket*16+outcome -> count,
-                                        "m" -> last bucket already used by a penalty;
-                                        expires when its newest bucket leaves the window
-    <prefix>:{<identity>}:p      string compact penalty reason, PX = penalty length
-    <prefix>:{idx<N>}:active     zset   shard N of the active-penalty index:
-                                        member identity, score expiry (unix ms);
-                                        expires with its last member
-    <prefix>:feed                channel penalty started / lifted events
+    <p>:{A}:w[:fp]      hash   window: field bucket*16+outcome -> count, "m" -> last bucket
+                               already used by a penalty; expires with its newest bucket
+    <p>:{A}:p[:fp]      string compact penalty reason, PX = penalty length
+    <p>:{A}:h:<gen>     HLL    distinct client fingerprints per window generation (2 x window)
+    <p>:{A}:s           string shared mark (detected), PX shared_ttl
+    <p>:{A}:o[:fp]      string offence counter (escalation only), PX escalation window
+    <p>:{A}:l[:fp]      string last lift (actor, note, time), PX window
+    <p>:{idx<N>}:active zset   active penalties, shard N: member identity, score expiry
+    <p>:{sh<N>}:shared  zset   shared addresses, shard N: member address, score expiry
+    <p>:{trk<N>}:<gen>  HLL    identities seen per window generation, shard N
+    <p>:{bl<N>}:<b>     hash   baseline aggregates of bucket b from replicas on shard N
+    <p>:{rep}:degraded  zset   replica id -> last time it failed open
+    <p>:{allow}:e:<cidr> string allowlist entry, PX its expiry
+    <p>:{allow}:idx     zset   allowlist: member cidr, score expiry
+    <p>:feed            channel changes (penalties, shared marks, allowlist)
 
-A script touches only one identity's keys (one slot); the index shard and the feed are
-written in a second, pipelined round trip, and only when a penalty starts or is lifted
-(rare), so the same code runs on one node and on a Cluster. Times come from Redis
-(`TIME` inside scripts): one clock for the fleet.
+A script touches only one address's keys (one slot); indexes and the feed are written in
+a second, pipelined round trip, and only when something starts, ends or is marked
+(rare), so the same code runs on one node and on a Cluster. Times come from Redis (`TIME`
+inside scripts): one clock for the fleet.
 
 redis-py's per-command `socket_timeout` wraps every read in `wait_for` and halves
 throughput (DESIGN.md s. 12a), so it is off; deadlines are enforced once per operation by
@@ -36,19 +44,31 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    AuthenticationError,
-    NoScriptError,
-    RedisError,
-    ResponseError,
-)
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
+from penalty.identity import IPAddress
 from penaltyd.detector import N_OUTCOMES
-from penaltyd.feed import LIFTED, STARTED, FeedEvent, PenaltyView, StoreClock
+from penaltyd.feed import (
+    ALLOW_ADDED,
+    ALLOW_REMOVED,
+    LIFTED,
+    RESYNC,
+    SHARED,
+    STARTED,
+    FeedEvent,
+    PenaltyView,
+    StoreClock,
+)
 from penaltyd.store.base import (
+    AllowEntry,
+    Escalation,
+    FleetStats,
+    LiftRecord,
+    Listener,
     PageCursor,
     Penalty,
     ReportItem,
+    StatsDelta,
     StoreMisconfigured,
     StoreUnavailable,
     Window,
@@ -56,7 +76,7 @@ from penaltyd.store.base import (
 
 log = structlog.get_logger("penaltyd.store.redis")
 
-_SCRIPT_NAMES = ("record", "peek", "start_penalty", "index_add")
+_SCRIPT_NAMES = ("record", "peek", "start_penalty", "index_add", "lift")
 
 
 def _load_scripts() -> dict[str, tuple[str, str]]:
@@ -82,15 +102,31 @@ async def _mapped_errors() -> AsyncIterator[None]:
 
 
 def _penalty(identity: str, pttl: int, reason: bytes | None, now_ms: int) -> Penalty | None:
-    if pttl <= 0 or reason is None:
+    if pttl <= 0 or not reason:
         return None
     return Penalty(identity, pttl, now_ms + pttl, reason.decode())
 
 
-def _window(identity: str, reply: Sequence[Any]) -> Window:
-    pttl, reason, now_ms = reply[0], reply[1], reply[2]
-    counts = tuple(int(n) for n in reply[3 : 3 + N_OUTCOMES])
-    return Window(counts, _penalty(identity, int(pttl), reason, int(now_ms)))
+def _window(item: ReportItem, r: Sequence[Any]) -> Window:
+    now = int(r[2])
+    base = 9
+    counts = tuple(int(n) for n in r[base : base + N_OUTCOMES])
+    kept = bool(r[8])
+    sub_counts = tuple(int(n) for n in r[base + 16 : base + 16 + N_OUTCOMES]) if kept else None
+    return Window(
+        counts=counts,
+        penalty=_penalty(item.identity, int(r[0]), r[1], now),
+        distinct=int(r[3]),
+        shared=bool(r[4]),
+        newly_shared=bool(r[5]),
+        sub_counts=sub_counts,
+        sub_penalty=_penalty(item.sub_identity, int(r[6]), r[7], now) if kept else None,
+    )
+
+
+def _shard(member: str, shards: int) -> int:
+    # crc32, not hash(): every process must agree on the shard of a member.
+    return zlib.crc32(member.encode()) % shards
 
 
 class RedisStore:
@@ -106,6 +142,8 @@ class RedisStore:
         index_shards: int = 16,
         window_seconds: int = 600,
         bucket_seconds: int = 60,
+        shared_min_sub_identities: int = 20,
+        shared_ttl_seconds: int = 3600,
         max_connections: int = 32,
         use_view: bool = True,
     ) -> None:
@@ -123,38 +161,64 @@ class RedisStore:
         # The feed must *notice* every reconnect (it may have missed events), so its
         # connection never retries silently.
         self._feed_client = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
-        self._prefix = key_prefix
+        self._p = key_prefix
         self._shards = index_shards
         self._bucket_ms = bucket_seconds * 1000
         self._nbuckets = window_seconds // bucket_seconds
+        self._window_ms = window_seconds * 1000
+        self._k = shared_min_sub_identities
+        self._shared_ttl_ms = shared_ttl_seconds * 1000
         self._scripts = _load_scripts()
         self._channel = f"{key_prefix}:feed"
         self.clock = StoreClock()
         self.view = PenaltyView(self.clock)
         self._use_view = use_view
+        self._listener: Listener | None = None
         self._follower: asyncio.Task[None] | None = None
         self.feed_resyncs = 0
 
     # --- keys
 
-    def _wkey(self, identity: str) -> str:
-        return f"{self._prefix}:{{{identity}}}:w"
+    def _key(self, identity: str, kind: str) -> str:
+        address, _, fp = identity.partition("#")
+        return f"{self._p}:{{{address}}}:{kind}:{fp}" if fp else f"{self._p}:{{{address}}}:{kind}"
 
-    def _pkey(self, identity: str) -> str:
-        return f"{self._prefix}:{{{identity}}}:p"
+    def _record_keys(self, item: ReportItem) -> tuple[str, ...]:
+        a = item.identity
+        gen = int(self.clock.now_ms() // self._window_ms)
+        sub = item.sub_identity
+        return (
+            self._key(a, "w"),
+            self._key(a, "p"),
+            f"{self._p}:{{{a}}}:h:{gen}",
+            f"{self._p}:{{{a}}}:h:{gen - 1}",
+            self._key(a, "s"),
+            self._key(sub, "w"),
+            self._key(sub, "p"),
+        )
 
-    def _shard_of(self, identity: str) -> int:
-        return zlib.crc32(identity.encode()) % self._shards
+    def _ikey(self, member: str) -> str:
+        return f"{self._p}:{{idx{_shard(member, self._shards)}}}:active"
 
-    def _ikey(self, shard: int) -> str:
-        return f"{self._prefix}:{{idx{shard}}}:active"
+    def _skey(self, address: str) -> str:
+        return f"{self._p}:{{sh{_shard(address, self._shards)}}}:shared"
+
+    def _allow_key(self, cidr: str) -> str:
+        return f"{self._p}:{{allow}}:e:{cidr}"
+
+    @property
+    def _allow_index(self) -> str:
+        return f"{self._p}:{{allow}}:idx"
 
     # --- lifecycle
 
     async def start(self) -> None:
-        """Start following the feed; a Redis that is down now is retried in the background."""
-        if self._use_view:
-            self._follower = asyncio.create_task(self._follow(), name="penalty-feed")
+        """Start following the feed; a Redis that is down now is retried in the background.
+
+        The feed always runs (allowlist, shared marks, WatchPenalties need it);
+        `use_view` only decides whether checks are answered from it.
+        """
+        self._follower = asyncio.create_task(self._follow(), name="penalty-feed")
 
     async def close(self) -> None:
         if self._follower:
@@ -168,6 +232,16 @@ class RedisStore:
         async with _mapped_errors():
             await self._client.ping()
 
+    def listen(self, listener: Listener | None) -> None:
+        self._listener = listener
+
+    @property
+    def feed_exact(self) -> bool:
+        return self.view.synced
+
+    def snapshot(self) -> tuple[list[Penalty], list[tuple[str, int]], list[AllowEntry]]:
+        return self.view.snapshot()
+
     async def _evalsha(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         sha, src = self._scripts[name]
         async with _mapped_errors():
@@ -179,132 +253,162 @@ class RedisStore:
     async def _pipeline(
         self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
     ) -> list[Any]:
-        """Many EVALSHAs in one round trip; reloads the scripts once after a FLUSH/restart."""
+        """Many EVALSHAs (and plain commands, name "") in one round trip; reloads the
+        scripts once after a script flush or a Redis restart."""
         async with _mapped_errors():
             for attempt in (0, 1):
                 pipe = self._client.pipeline(transaction=False)
                 for name, keys, args in calls:
-                    pipe.evalsha(self._scripts[name][0], len(keys), *keys, *args)
+                    if name.isupper():
+                        pipe.execute_command(name, *keys, *args)
+                    else:
+                        pipe.evalsha(self._scripts[name][0], len(keys), *keys, *args)
                 try:
                     return list(await pipe.execute())
                 except NoScriptError:
                     if attempt:
                         raise
-                    for sha_src in self._scripts.values():
-                        await self._client.script_load(sha_src[1])
+                    for _, src in self._scripts.values():
+                        await self._client.script_load(src)
             raise AssertionError("unreachable")
+
+    async def _announce(self, events: Sequence[tuple[FeedEvent, str | None]]) -> None:
+        """Enter members in their index shards and publish the events, in one round trip."""
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        for event, index_key in events:
+            if index_key is not None:
+                calls.append(("index_add", (index_key,), (event.expires_at_ms, event.identity)))
+            calls.append(("PUBLISH", (self._channel,), (event.encode(),)))
+        await self._pipeline(calls)
+        if self.view.synced:
+            for event, _ in events:
+                self.view.apply(event)  # our own view need not wait for the echo
 
     # --- penalties
 
     def local_penalty(self, identity: str) -> tuple[bool, Penalty | None]:
-        if self.view.synced:
+        if self._use_view and self.view.synced:
             return True, self.view.get(identity)
         return False, None
 
     async def penalty(self, identity: str) -> Penalty | None:
-        if self.view.synced:
+        if self._use_view and self.view.synced:
             return self.view.get(identity)
-        pttl, reason, now_ms = await self._evalsha("peek", (self._pkey(identity),), ())
+        pttl, reason, now_ms = await self._evalsha("peek", (self._key(identity, "p"),), ())
         return _penalty(identity, int(pttl), reason, int(now_ms))
 
     async def penalties(self, identities: Sequence[str]) -> list[Penalty | None]:
-        if self.view.synced:
+        if self._use_view and self.view.synced:
             return [self.view.get(i) for i in identities]
-        replies = await self._pipeline([("peek", (self._pkey(i),), ()) for i in identities])
+        replies = await self._pipeline([("peek", (self._key(i, "p"),), ()) for i in identities])
         return [
             _penalty(i, int(r[0]), r[1], int(r[2]))
             for i, r in zip(identities, replies, strict=True)
         ]
 
-    async def start_penalty(self, identity: str, ttl_ms: int, reason: str) -> tuple[Penalty, bool]:
-        created, pttl, stored_reason, now_ms = await self._evalsha(
+    def allowed(self, addr: IPAddress) -> AllowEntry | None:
+        return self.view.allowed(addr)
+
+    async def start_penalty(
+        self, identity: str, ttl_ms: int, reason: str, escalation: Escalation | None = None
+    ) -> tuple[Penalty, bool]:
+        esc = escalation or Escalation()
+        created, pttl, stored, now_ms, _ = await self._evalsha(
             "start_penalty",
-            (self._pkey(identity), self._wkey(identity)),
-            (ttl_ms, reason, self._bucket_ms),
+            (self._key(identity, "p"), self._key(identity, "w"), self._key(identity, "o")),
+            (ttl_ms, reason, self._bucket_ms, esc.multiplier, esc.cap_ms, esc.memory_ms),
         )
-        penalty = Penalty(identity, int(pttl), int(now_ms) + int(pttl), stored_reason.decode())
+        penalty = Penalty(identity, int(pttl), int(now_ms) + int(pttl), stored.decode())
         if created:
-            # Index and feed live in other slots: a second round trip, only when one starts.
-            async with _mapped_errors():
-                pipe = self._client.pipeline(transaction=False)
-                shard = self._ikey(self._shard_of(identity))
-                pipe.evalsha(
-                    self._scripts["index_add"][0], 1, shard, penalty.expires_at_ms, identity
-                )
-                event = FeedEvent(STARTED, identity, penalty.expires_at_ms, penalty.reason)
-                pipe.publish(self._channel, event.encode())
-                try:
-                    await pipe.execute()
-                except NoScriptError:
-                    await self._client.eval(
-                        self._scripts["index_add"][1], 1, shard, penalty.expires_at_ms, identity
-                    )
-                    await self._client.publish(self._channel, event.encode())
-            if self.view.synced:
-                self.view.apply(event)  # our own view need not wait for the echo
+            event = FeedEvent(STARTED, identity, penalty.expires_at_ms, penalty.reason)
+            await self._announce([(event, self._ikey(identity))])
         return penalty, bool(created)
 
-    async def lift(self, identity: str) -> bool:
-        async with _mapped_errors():
-            removed = await self._client.delete(self._pkey(identity))
-            if removed:
+    async def lift(self, identity: str, record: LiftRecord) -> bool:
+        removed = await self._evalsha(
+            "lift",
+            (self._key(identity, "p"), self._key(identity, "l")),
+            (record.encode(), self._window_ms),
+        )
+        if removed:
+            async with _mapped_errors():
                 pipe = self._client.pipeline(transaction=False)
-                pipe.zrem(self._ikey(self._shard_of(identity)), identity)
+                pipe.zrem(self._ikey(identity), identity)
                 event = FeedEvent(LIFTED, identity)
                 pipe.publish(self._channel, event.encode())
                 await pipe.execute()
-                self.view.apply(event)
+            self.view.apply(event)
         return bool(removed)
+
+    async def last_lift(self, identity: str) -> LiftRecord | None:
+        async with _mapped_errors():
+            raw = await self._client.get(self._key(identity, "l"))
+        return LiftRecord.decode(cast(bytes, raw).decode()) if raw else None
 
     # --- windows
 
     async def record(self, items: Sequence[ReportItem]) -> list[Window]:
         calls = []
-        for identity, counts in items:
-            args: list[int] = [self._bucket_ms, self._nbuckets]
-            for outcome, n in counts:
+        for item in items:
+            args: list[Any] = [
+                self._bucket_ms,
+                self._nbuckets,
+                item.fingerprint,
+                self._k,
+                "1" if item.shared_configured else "0",
+                self._shared_ttl_ms,
+                2 * self._window_ms,
+            ]
+            for outcome, n in item.counts:
                 args += (outcome, n)
-            calls.append(("record", (self._wkey(identity), self._pkey(identity)), args))
+            calls.append(("record", self._record_keys(item), args))
         if len(calls) == 1:
             replies = [await self._evalsha(*calls[0])]
         else:
             replies = await self._pipeline(calls)
-        return [_window(identity, r) for (identity, _), r in zip(items, replies, strict=True)]
+        windows = [_window(item, r) for item, r in zip(items, replies, strict=True)]
+        marked = [
+            (
+                FeedEvent(SHARED, item.identity, int(r[2]) + self._shared_ttl_ms),
+                self._skey(item.identity),
+            )
+            for item, r, w in zip(items, replies, windows, strict=True)
+            if w.newly_shared
+        ]
+        if marked:
+            await self._announce(marked)
+            for event, _ in marked:
+                log.info("shared_address_marked", identity=event.identity, rule="detected")
+        return windows
 
-    async def window(self, identity: str) -> Window:
-        reply = await self._evalsha(
-            "record",
-            (self._wkey(identity), self._pkey(identity)),
-            (self._bucket_ms, self._nbuckets),
-        )
-        return _window(identity, reply)
-
-    # --- index
+    # --- fleet-wide indexes
 
     async def _store_now_ms(self) -> int:
         async with _mapped_errors():
             sec, usec = await self._client.time()
         return int(sec) * 1000 + int(usec) // 1000
 
+    def _shard_keys(self, kind: str) -> list[str]:
+        if kind == "active":
+            return [f"{self._p}:{{idx{n}}}:active" for n in range(self._shards)]
+        return [f"{self._p}:{{sh{n}}}:shared" for n in range(self._shards)]
+
     async def count_penalties(self) -> int:
         now = await self._store_now_ms()
-        async with _mapped_errors():
-            pipe = self._client.pipeline(transaction=False)
-            for shard in range(self._shards):
-                pipe.zcount(self._ikey(shard), f"({now}", "+inf")
-            return sum(int(n) for n in await pipe.execute())
+        replies = await self._pipeline(
+            [("ZCOUNT", (k,), (f"({now}", "+inf")) for k in self._shard_keys("active")]
+        )
+        return sum(int(n) for n in replies)
 
-    async def _index_page(
-        self, shard: int, lo: int, offset: int, num: int
-    ) -> list[tuple[str, int]]:
-        """(identity, expires_at_ms) of one shard from score `lo` on, in index order."""
+    async def _index_page(self, key: str, lo: int, offset: int, num: int) -> list[tuple[str, int]]:
+        """(member, expiry) of one index shard from score `lo` on, in index order."""
         batch = await self._client.zrangebyscore(
-            self._ikey(shard), lo, "+inf", start=offset, num=num, withscores=True
+            key, lo, "+inf", start=offset, num=num, withscores=True
         )
         return [(m.decode(), int(score)) for m, score in cast(list[tuple[bytes, float]], batch)]
 
-    async def _reasons(self, identities: Sequence[str]) -> list[str | None]:
-        raw = await self._client.mget([self._pkey(i) for i in identities]) if identities else []
+    async def _mget(self, keys: Sequence[str]) -> list[str | None]:
+        raw = await self._client.mget(keys) if keys else []
         return [r.decode() if r is not None else None for r in cast(list[bytes | None], raw)]
 
     async def list_penalties(
@@ -312,6 +416,7 @@ class RedisStore:
     ) -> tuple[list[Penalty], PageCursor | None]:
         """Shard by shard, each in (expiry, identity) order; stable under inserts/removals."""
         now = await self._store_now_ms()
+        keys = self._shard_keys("active")
         rows: list[tuple[int, str, int]] = []  # (shard, identity, expires)
         shard = after.shard if after else 0
         async with _mapped_errors():
@@ -320,7 +425,7 @@ class RedisStore:
                 lo = max(now + 1, after.expires_at_ms) if after and resume else now + 1
                 offset = 0
                 while len(rows) <= limit:
-                    batch = await self._index_page(shard, lo, offset, limit + 1)
+                    batch = await self._index_page(keys[shard], lo, offset, limit + 1)
                     for identity, expires in batch:
                         if (
                             after
@@ -334,7 +439,7 @@ class RedisStore:
                     offset += len(batch)
                 shard += 1
             page = rows[:limit]
-            reasons = await self._reasons([i for _, i, _ in page])
+            reasons = await self._mget([self._key(i, "p") for _, i, _ in page])
         penalties = [
             Penalty(i, e - now, e, r)
             for (_, i, e), r in zip(page, reasons, strict=True)
@@ -344,21 +449,114 @@ class RedisStore:
         cursor = PageCursor(page[-1][0], page[-1][2], page[-1][1]) if more and page else None
         return penalties, cursor
 
-    async def _snapshot(self) -> dict[str, tuple[int, str]]:
+    async def flush_stats(self, delta: StatsDelta) -> None:
+        """One pipeline per flush: the baseline on this replica's shard, identities seen
+        into their shards' HyperLogLogs, and a degraded mark."""
+        now = self.clock.now_ms()
+        bucket = int(now // self._bucket_ms)
+        gen = int(now // self._window_ms)
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        if delta.events:
+            key = f"{self._p}:{{bl{_shard(delta.replica, self._shards)}}}:{bucket}"
+            calls += [
+                ("HINCRBY", (key,), ("n", delta.events)),
+                ("HINCRBYFLOAT", (key,), ("e", delta.weighted_errors)),
+                ("PEXPIRE", (key,), (self._window_ms + self._bucket_ms,)),
+            ]
+        by_shard: dict[int, list[str]] = {}
+        for identity in delta.identities:
+            by_shard.setdefault(_shard(identity, self._shards), []).append(identity)
+        for shard, members in by_shard.items():
+            key = f"{self._p}:{{trk{shard}}}:{gen}"
+            calls += [("PFADD", (key,), members), ("PEXPIRE", (key,), (2 * self._window_ms,))]
+        if delta.degraded:
+            key = f"{self._p}:{{rep}}:degraded"
+            calls += [
+                ("ZADD", (key,), (int(now), delta.replica)),
+                ("ZREMRANGEBYSCORE", (key,), ("-inf", int(now) - 60_000)),
+                ("PEXPIRE", (key,), (120_000,)),
+            ]
+        if calls:
+            await self._pipeline(calls)
+
+    async def fleet_stats(self) -> FleetStats:
+        now = await self._store_now_ms()
+        bucket, gen = now // self._bucket_ms, now // self._window_ms
+        n = self._shards
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        calls += [("ZCOUNT", (k,), (f"({now}", "+inf")) for k in self._shard_keys("active")]
+        calls += [("ZCOUNT", (k,), (f"({now}", "+inf")) for k in self._shard_keys("shared")]
+        calls += [
+            ("PFCOUNT", (f"{self._p}:{{trk{s}}}:{gen}", f"{self._p}:{{trk{s}}}:{gen - 1}"), ())
+            for s in range(n)
+        ]
+        calls += [
+            ("HMGET", (f"{self._p}:{{bl{s}}}:{b}",), ("n", "e"))
+            for s in range(n)
+            for b in range(bucket - self._nbuckets + 1, bucket + 1)
+        ]
+        calls.append(("ZCOUNT", (f"{self._p}:{{rep}}:degraded",), (now - 60_000, "+inf")))
+        r = await self._pipeline(calls)
+        baseline = r[3 * n : -1]
+        return FleetStats(
+            active_penalties=sum(int(x) for x in r[:n]),
+            tracked_identities=sum(int(x) for x in r[2 * n : 3 * n]),
+            shared_addresses=sum(int(x) for x in r[n : 2 * n]),
+            degraded_replicas=int(r[-1]),
+            baseline_events=sum(int(row[0] or 0) for row in baseline),
+            baseline_errors=sum(float(row[1] or 0) for row in baseline),
+        )
+
+    # --- allowlist
+
+    async def allow(self, entry: AllowEntry, ttl_ms: int) -> AllowEntry:
+        now = await self._store_now_ms()
+        stored = AllowEntry(entry.cidr, now + ttl_ms, entry.note, entry.actor, now)
+        await self._pipeline(
+            [("SET", (self._allow_key(entry.cidr),), (stored.encode(), "PX", ttl_ms))]
+        )
+        event = FeedEvent(ALLOW_ADDED, stored.cidr, stored.expires_at_ms, stored.encode())
+        await self._announce([(event, self._allow_index)])
+        return stored
+
+    async def remove_allow(self, cidr: str) -> bool:
+        removed, *_ = await self._pipeline(
+            [("DEL", (self._allow_key(cidr),), ()), ("ZREM", (self._allow_index,), (cidr,))]
+        )
+        if int(removed):
+            await self._announce([(FeedEvent(ALLOW_REMOVED, cidr), None)])
+        return bool(int(removed))
+
+    async def allowlist(self) -> list[AllowEntry]:
+        now = await self._store_now_ms()
+        async with _mapped_errors():
+            members = await self._index_page(self._allow_index, now + 1, 0, 100_000)
+            raw = await self._mget([self._allow_key(c) for c, _ in members])
+        return sorted((AllowEntry.decode(r) for r in raw if r), key=lambda e: e.cidr)
+
+    # --- the feed
+
+    async def _snapshot(
+        self,
+    ) -> tuple[dict[str, tuple[int, str]], dict[str, int], list[AllowEntry]]:
         now = await self._store_now_ms()
         entries: dict[str, tuple[int, str]] = {}
+        shared: dict[str, int] = {}
         async with _mapped_errors():
-            for shard in range(self._shards):
+            for key in self._shard_keys("active"):
                 offset = 0
-                while batch := await self._index_page(shard, now + 1, offset, 5000):
-                    reasons = await self._reasons([i for i, _ in batch])
+                while batch := await self._index_page(key, now + 1, offset, 5000):
+                    reasons = await self._mget([self._key(i, "p") for i, _ in batch])
                     for (identity, expires), reason in zip(batch, reasons, strict=True):
                         if reason is not None:
                             entries[identity] = (expires, reason)
                     offset += len(batch)
-        return entries
-
-    # --- the feed
+            for key in self._shard_keys("shared"):
+                offset = 0
+                while batch := await self._index_page(key, now + 1, offset, 5000):
+                    shared.update(batch)
+                    offset += len(batch)
+        return entries, shared, await self.allowlist()
 
     async def _follow(self) -> None:
         """Keep `view` exact: subscribe, snapshot, apply events; resync on any doubt."""
@@ -374,7 +572,7 @@ class RedisStore:
                     t0 = time.monotonic()
                     now = await self._store_now_ms()
                     self.clock.calibrate(now, (time.monotonic() - t0) * 1000)
-                    self.view.replace(await self._snapshot())
+                    self.view.replace(*await self._snapshot())
                     self.view.synced = True
                     self.feed_resyncs += 1
                     backoff = 0.05
@@ -386,6 +584,8 @@ class RedisStore:
             except (StoreUnavailable, StoreMisconfigured, ValueError) as exc:
                 if self.view.synced:
                     log.warning("feed_lost", error=str(exc))
+                    if self._listener is not None:
+                        self._listener(FeedEvent(RESYNC, "feed lost"))
                 self.view.synced = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
@@ -402,7 +602,10 @@ class RedisStore:
                 last_seen = now
                 kind = msg["type"]
                 if kind == "message":
-                    self.view.apply(FeedEvent.decode(msg["data"]))
+                    event = FeedEvent.decode(msg["data"])
+                    self.view.apply(event)
+                    if self._listener is not None:
+                        self._listener(event)
                 elif kind == "subscribe":
                     raise StoreUnavailable("feed resubscribed: events may have been missed")
             if now - last_ping >= 1.0:

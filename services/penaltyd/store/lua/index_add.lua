@@ -1,6 +1,7 @@
--- index_add.lua: enter a penalty in one shard of the active-penalty index.
--- KEYS[1] shard sorted set {pd-idx-N}:active (member identity, score expires_at_ms)
--- ARGV[1] expires_at_ms, ARGV[2] identity
+-- index_add.lua: enter a member in one shard of a sharded expiry index
+-- (active penalties, shared addresses, allowlist).
+-- KEYS[1] shard sorted set (member, score = expiry unix ms)
+-- ARGV[1] expires_at_ms, ARGV[2] member
 -- Expired members are trimmed here, and the shard itself expires with its last member.
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -1,46 +1,95 @@
--- record.lua: add outcomes to one identity's sliding window and read it back, atomically.
--- With no outcome pairs it only reads (Explain) and leaves the key's expiry alone.
--- KEYS[1] window hash  {identity}:w   fields: bucket*16+outcome -> count, "m" -> marker bucket
--- KEYS[2] penalty      {identity}:p   string (compact reason) with a PX TTL
--- ARGV[1] bucket length (ms)  ARGV[2] buckets per window  ARGV[3..] outcome, n pairs
--- Returns {penalty_pttl, penalty_reason|false, now_ms, total_0, ..., total_15}
--- Time comes from Redis (TIME): one clock for the whole fleet.
+-- record.lua: add outcomes to one address's windows and read them back, atomically.
+-- Every key carries the address's hash tag: one Cluster slot, one round trip.
+-- KEYS[1] address window  {A}:w      hash  bucket*16+outcome -> count, "m" -> used-up bucket
+-- KEYS[2] address penalty {A}:p      string compact reason, PX
+-- KEYS[3] distinct clients {A}:h:<g>  HyperLogLog of client fingerprints, this generation
+-- KEYS[4] previous generation {A}:h:<g-1> (read only)
+-- KEYS[5] shared mark     {A}:s      string, PX shared_ttl: the address is handled as shared
+-- KEYS[6] sub window      {A}:w:<fp>  as KEYS[1], for one client behind a shared address
+-- KEYS[7] sub penalty     {A}:p:<fp>
+-- ARGV[1] bucket ms  ARGV[2] buckets per window  ARGV[3] fingerprint ("" if unknown)
+-- ARGV[4] K (more distinct clients than this: shared)  ARGV[5] "1" if configured shared
+-- ARGV[6] shared mark ttl ms  ARGV[7] HLL ttl ms  ARGV[8..] outcome, n pairs (none: read only)
+-- Returns {pttl, reason|false, now_ms, distinct, shared, newly_shared, sub_pttl,
+--          sub_reason|false, sub_kept, totals[16]..., sub_totals[16]...}
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local bucket_ms = tonumber(ARGV[1])
 local nbuckets = tonumber(ARGV[2])
 local bucket = math.floor(now_ms / bucket_ms)
 local oldest = bucket - nbuckets + 1
+local writing = #ARGV > 7
 
-for i = 3, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[1], bucket * 16 + tonumber(ARGV[i]), ARGV[i + 1])
+local function add(key)
+  for i = 8, #ARGV, 2 do
+    redis.call('HINCRBY', key, bucket * 16 + tonumber(ARGV[i]), ARGV[i + 1])
+  end
+  -- The key dies when its newest bucket has left the window: nothing outlives its window.
+  if writing then redis.call('PEXPIREAT', key, (bucket + 1 + nbuckets) * bucket_ms) end
 end
--- The key dies when its newest bucket has left the window: nothing outlives its window.
-if #ARGV > 2 then redis.call('PEXPIREAT', KEYS[1], (bucket + 1 + nbuckets) * bucket_ms) end
 
-local all = redis.call('HGETALL', KEYS[1])
-local marker = -1
-for i = 1, #all, 2 do
-  if all[i] == 'm' then marker = tonumber(all[i + 1]) end
-end
-local totals = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
-for i = 1, #all, 2 do
-  local f = all[i]
-  if f ~= 'm' then
-    local code = tonumber(f)
-    local b = math.floor(code / 16)
-    if b < oldest then
-      redis.call('HDEL', KEYS[1], f)
-    elseif b > marker then
-      local o = code % 16 + 1
-      totals[o] = totals[o] + tonumber(all[i + 1])
+-- Totals of the evidence that still counts: inside the window and after the bucket a
+-- penalty already used ("m"). Buckets that left the window are deleted on the way.
+local function sum(key)
+  local all = redis.call('HGETALL', key)
+  local marker = -1
+  for i = 1, #all, 2 do
+    if all[i] == 'm' then marker = tonumber(all[i + 1]) end
+  end
+  local totals = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  for i = 1, #all, 2 do
+    local f = all[i]
+    if f ~= 'm' then
+      local code = tonumber(f)
+      local b = math.floor(code / 16)
+      if b < oldest then
+        if writing then redis.call('HDEL', key, f) end
+      elseif b > marker then
+        local o = code % 16 + 1
+        totals[o] = totals[o] + tonumber(all[i + 1])
+      end
     end
+  end
+  return totals
+end
+
+local function penalty(key)
+  local pttl = redis.call('PTTL', key)
+  if pttl > 0 then return pttl, redis.call('GET', key) end
+  return pttl, false
+end
+
+add(KEYS[1])
+local totals = sum(KEYS[1])
+local pttl, reason = penalty(KEYS[2])
+
+local fp = ARGV[3]
+local distinct, shared, newly, kept = 0, 0, 0, 0
+local sub_pttl, sub_reason = -2, false
+local sub_totals = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+if fp ~= '' then
+  if writing then
+    redis.call('PFADD', KEYS[3], fp)
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  end
+  distinct = redis.call('PFCOUNT', KEYS[3], KEYS[4])
+  if ARGV[5] == '1' or redis.call('EXISTS', KEYS[5]) == 1 then
+    shared = 1
+  elseif writing and distinct > tonumber(ARGV[4]) then
+    redis.call('SET', KEYS[5], '1', 'PX', ARGV[6])
+    shared, newly = 1, 1
+  end
+  -- Clients are told apart as soon as a second one appears, before the address is
+  -- known to be shared, so one client's evidence never lands on its neighbours.
+  if shared == 1 or distinct >= 2 then
+    add(KEYS[6])
+    sub_totals = sum(KEYS[6])
+    sub_pttl, sub_reason = penalty(KEYS[7])
+    kept = 1
   end
 end
 
-local pttl = redis.call('PTTL', KEYS[2])
-local reason = false
-if pttl > 0 then reason = redis.call('GET', KEYS[2]) end
-local out = {pttl, reason, now_ms}
+local out = {pttl, reason, now_ms, distinct, shared, newly, sub_pttl, sub_reason, kept}
 for i = 1, 16 do out[#out + 1] = totals[i] end
+for i = 1, 16 do out[#out + 1] = sub_totals[i] end
 return out
