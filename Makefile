@@ -30,11 +30,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian's redis-server: the integration tests start their own on free loopback ports.
+# Debian's redis-server (the integration tests start their own on free loopback ports)
+# and openssl (the TLS test makes a throwaway certificate).
 redis-server:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing Debian's redis-server"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null && command -v openssl >/dev/null || { \
+	  echo "installing Debian's redis-server and openssl"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  $(SUDO) apt-get install -y -qq redis-server openssl >/dev/null; }
 
 # h2load (Debian nghttp2-client): the C load generator the benchmarks drive gRPC with.
 h2load:
