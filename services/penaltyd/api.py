@@ -154,24 +154,36 @@ class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):
         if not store.feed_exact:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "penalty feed not synced; retry")
         queue = self.engine.watch()
+        event_type = penalty_pb2.PenaltyEvent
         try:
             penalties, shared, allow = store.snapshot()
+            now = store.now_ms()
             for p in penalties:
-                yield penalty_pb2.PenaltyEvent(
-                    kind=Kind.KIND_PENALTY_STARTED, penalty=self.replies.penalty(p)
+                penalty = self.replies.penalty(p)
+                yield event_type(
+                    kind=Kind.KIND_PENALTY_STARTED, penalty=penalty, store_now_unix_ms=now
                 )
             for address, _ in shared:
-                yield penalty_pb2.PenaltyEvent(kind=Kind.KIND_SHARED_MARKED, address=address)
+                yield event_type(
+                    kind=Kind.KIND_SHARED_MARKED, address=address, store_now_unix_ms=now
+                )
             for entry in allow:
-                yield penalty_pb2.PenaltyEvent(kind=Kind.KIND_ALLOW_ADDED, allow=allow_entry(entry))
-            yield penalty_pb2.PenaltyEvent(kind=Kind.KIND_SNAPSHOT_DONE)
+                allowed = allow_entry(entry)
+                yield event_type(kind=Kind.KIND_ALLOW_ADDED, allow=allowed, store_now_unix_ms=now)
+            yield event_type(
+                kind=Kind.KIND_SNAPSHOT_DONE,
+                store_now_unix_ms=store.now_ms(),
+                smtp_reply_template=self.engine.settings.smtp_reply,
+            )
             while True:
                 event = await queue.get()
                 if event is END_WATCH:
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE, "penalty feed resynced; watch again"
                     )
-                yield self._event(event)
+                out = self._event(event)
+                out.store_now_unix_ms = store.now_ms()
+                yield out
         finally:
             self.engine.unwatch(queue)
 

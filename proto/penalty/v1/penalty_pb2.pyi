@@ -743,10 +743,13 @@ class PenaltyEvent(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     ALLOW_FIELD_NUMBER: _builtins.int
     STORE_NOW_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SMTP_REPLY_TEMPLATE_FIELD_NUMBER: _builtins.int
     kind: Global___PenaltyEvent.Kind.ValueType
     address: _builtins.str
     store_now_unix_ms: _builtins.int
     """the store's clock when the event was emitted"""
+    smtp_reply_template: _builtins.str
+    """on SNAPSHOT_DONE: the server's reply, {ip} {identity} {seconds}"""
     @_builtins.property
     def penalty(self) -> Global___Penalty: ...
     @_builtins.property
@@ -759,10 +762,11 @@ class PenaltyEvent(_message.Message):
         address: _builtins.str = ...,
         allow: Global___AllowEntry | None = ...,
         store_now_unix_ms: _builtins.int = ...,
+        smtp_reply_template: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "penalty", b"penalty"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow", b"allow", "kind", b"kind", "penalty", b"penalty", "store_now_unix_ms", b"store_now_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow", b"allow", "kind", b"kind", "penalty", b"penalty", "smtp_reply_template", b"smtp_reply_template", "store_now_unix_ms", b"store_now_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

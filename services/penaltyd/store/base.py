@@ -259,3 +259,7 @@ class Store(Protocol):
     @property
     def feed_exact(self) -> bool:
         """Whether `snapshot` and the listener's events are complete right now."""
+
+    def now_ms(self) -> int:
+        """The store's clock (unix ms), estimated without I/O: stamped on watch events so
+        live replicas convert expiry instants with their own offset."""

@@ -104,6 +104,9 @@ class MemoryStore:
     def feed_exact(self) -> bool:
         return True
 
+    def now_ms(self) -> int:
+        return self._clock()
+
     # --- penalties
 
     def _active(self, identity: str, now: int) -> Penalty | None:

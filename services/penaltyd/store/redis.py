@@ -239,6 +239,9 @@ class RedisStore:
     def feed_exact(self) -> bool:
         return self.view.synced
 
+    def now_ms(self) -> int:
+        return int(self.clock.now_ms())
+
     def snapshot(self) -> tuple[list[Penalty], list[tuple[str, int]], list[AllowEntry]]:
         return self.view.snapshot()
 

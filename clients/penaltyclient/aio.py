@@ -1,0 +1,388 @@
+"""The asyncio client: checks and reports that never block mail.
+
+- Every call has a deadline (default 200 ms) and retries `UNAVAILABLE` with a short
+  backoff while the deadline lasts.
+- `check`/`report` fail open: if penaltyd does not answer in time the verdict is "no
+  penalty" with `degraded=True`, never an exception (DESIGN.md section 8).
+- With `live_replica=True` a background task follows `WatchPenalties` and `check`
+  answers in-process (microseconds); while the stream is down it falls back to RPCs.
+- `reporter()` batches reports over one `Session` stream for high rates.
+- Admin calls (`explain`, `lift`, ...) raise `PenaltydError`: an abuse desk wants errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from penalty.identity import IdentityRules
+from penalty.v1 import penalty_pb2 as pb
+from penalty.v1 import penalty_pb2_grpc as pbg
+from penaltyclient.channel import aio_channel
+from penaltyclient.replica import ReplicaState
+
+log = logging.getLogger("penaltyclient")
+T = TypeVar("T")
+# Outcome numbers (ints or the generated enum values) to counts.
+Counts = Mapping[Any, int] | Iterable[tuple[Any, int]]
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+class PenaltydError(Exception):
+    """An admin call failed; `code` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def outcome_counts(counts: Counts) -> list[pb.OutcomeCount]:
+    pairs = counts.items() if isinstance(counts, Mapping) else counts
+    return [pb.OutcomeCount(outcome=o, n=n) for o, n in pairs]
+
+
+def client_msg(ip: str, helo: str = "", mail_from: str = "", fingerprint: str = "") -> pb.Client:
+    return pb.Client(ip=ip, helo=helo, mail_from=mail_from, fingerprint=fingerprint)
+
+
+class AsyncPenaltyClient:
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        deadline: float = 0.2,
+        retries: int = 2,
+        backoff: float = 0.01,
+        credentials: grpc.ChannelCredentials | None = None,
+        admin_token: str = "",
+        admin_deadline: float = 5.0,
+        live_replica: bool = False,
+        rules: IdentityRules | None = None,
+    ) -> None:
+        self.channel = aio_channel(target, credentials)
+        self.service = pbg.PenaltyServiceStub(self.channel)
+        self.admin = pbg.PenaltyAdminStub(self.channel)
+        self.deadline = deadline
+        self.retries = retries
+        self.backoff = backoff
+        self.admin_deadline = admin_deadline
+        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self.replica = ReplicaState(rules) if live_replica else None
+        self._follower: asyncio.Task[None] | None = None
+        self.degraded_answers = 0
+        self._last_warning = 0.0
+
+    async def __aenter__(self) -> AsyncPenaltyClient:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Start following penalties if the live replica is on (idempotent)."""
+        if self.replica is not None and self._follower is None:
+            self._follower = asyncio.create_task(self._follow(), name="penalty-live-replica")
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        await self.channel.close()
+
+    # --- the MX path: fail open
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        """One unary call with retries inside the deadline; raises grpc errors."""
+        end = time.monotonic() + self.deadline
+        attempt = 0
+        while True:
+            left = end - time.monotonic()
+            try:
+                return await method(request, timeout=max(left, 0.001))
+            except grpc.aio.AioRpcError as exc:
+                attempt += 1
+                pause = self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+                if (
+                    exc.code() not in RETRYABLE
+                    or attempt > self.retries
+                    or time.monotonic() + pause >= end
+                ):
+                    raise
+                await asyncio.sleep(pause)
+
+    def _fail_open(self, what: str, ip: str, exc: grpc.aio.AioRpcError) -> pb.Verdict:
+        self.degraded_answers += 1
+        now = time.monotonic()
+        if now - self._last_warning > 5:
+            self._last_warning = now
+            log.warning(
+                "penaltyd %s failed (%s: %s): answering no penalty",
+                what,
+                exc.code().name,
+                exc.details(),
+            )
+        return pb.Verdict(degraded=True)
+
+    async def check(
+        self, ip: str, helo: str = "", mail_from: str = "", fingerprint: str = ""
+    ) -> pb.Verdict:
+        """ "Tempfail, and how many seconds left?" Never raises for server trouble."""
+        if self.replica is not None:
+            local = self.replica.check(ip, helo, mail_from, fingerprint)
+            if local is not None:
+                return local
+        request = pb.CheckRequest(client=client_msg(ip, helo, mail_from, fingerprint))
+        try:
+            verdict: pb.Verdict = await self._call(self.service.Check, request)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise PenaltydError(exc.code(), exc.details() or "") from exc
+            return self._fail_open("check", ip, exc)
+        return verdict
+
+    async def report(
+        self, ip: str, counts: Counts, helo: str = "", mail_from: str = "", fingerprint: str = ""
+    ) -> pb.Verdict:
+        """Report outcomes; the verdict after them. Fails open like `check`."""
+        request = pb.ReportRequest(
+            client=client_msg(ip, helo, mail_from, fingerprint), counts=outcome_counts(counts)
+        )
+        try:
+            verdict: pb.Verdict = await self._call(self.service.Report, request)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise PenaltydError(exc.code(), exc.details() or "") from exc
+            return self._fail_open("report", ip, exc)
+        return verdict
+
+    def reporter(self, **kw: Any) -> SessionReporter:
+        return SessionReporter(self.service, **kw)
+
+    # --- the live replica
+
+    async def _follow(self) -> None:
+        assert self.replica is not None
+        backoff = 0.05
+        while True:
+            self.replica.reset()
+            try:
+                stream = self.service.WatchPenalties(pb.WatchRequest())
+                async for event in stream:
+                    self.replica.apply(event)
+                    backoff = 0.05
+            except grpc.aio.AioRpcError as exc:
+                log.info("penalty watch ended (%s); falling back to RPCs", exc.code().name)
+            self.replica.reset()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 2.0)
+
+    async def wait_synced(self, within: float = 5.0) -> bool:
+        """For tests and start-up: wait until the live replica holds a full snapshot."""
+        end = time.monotonic() + within
+        while self.replica is not None and not self.replica.synced:
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    # --- admin: errors are raised
+
+    async def _admin(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.admin_deadline, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise PenaltydError(exc.code(), exc.details() or "") from exc
+
+    async def explain(
+        self, ip: str, helo: str = "", mail_from: str = "", fingerprint: str = ""
+    ) -> pb.Explanation:
+        req = pb.ExplainRequest(client=client_msg(ip, helo, mail_from, fingerprint))
+        result: pb.Explanation = await self._admin(self.admin.Explain, req)
+        return result
+
+    async def lift(
+        self, ip: str, actor: str = "", note: str = "", helo: str = "", mail_from: str = ""
+    ) -> pb.LiftResponse:
+        req = pb.LiftRequest(client=client_msg(ip, helo, mail_from), actor=actor, note=note)
+        result: pb.LiftResponse = await self._admin(self.admin.Lift, req)
+        return result
+
+    async def stats(self) -> pb.StatsResponse:
+        result: pb.StatsResponse = await self._admin(self.admin.Stats, pb.StatsRequest())
+        return result
+
+    async def allow(
+        self, cidr: str, ttl_seconds: int = 0, note: str = "", actor: str = ""
+    ) -> pb.AllowEntry:
+        req = pb.AllowRequest(cidr=cidr, ttl_seconds=ttl_seconds, note=note, actor=actor)
+        result: pb.AllowEntry = await self._admin(self.admin.Allow, req)
+        return result
+
+    async def remove_allow(self, cidr: str, actor: str = "") -> bool:
+        result = await self._admin(
+            self.admin.RemoveAllow, pb.RemoveAllowRequest(cidr=cidr, actor=actor)
+        )
+        return bool(result.removed)
+
+    async def allowlist(self) -> list[pb.AllowEntry]:
+        result = await self._admin(self.admin.ListAllowlist, pb.ListAllowlistRequest())
+        return list(result.entries)
+
+    async def penalties(self, page_size: int = 500) -> AsyncIterator[pb.Penalty]:
+        """Every active penalty, page by page."""
+        token = ""
+        while True:
+            page = await self._admin(
+                self.admin.ListPenalties,
+                pb.ListPenaltiesRequest(page_size=page_size, page_token=token),
+            )
+            for p in page.penalties:
+                yield p
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def watch(self) -> AsyncIterator[pb.PenaltyEvent]:
+        """The raw WatchPenalties stream (snapshot, SNAPSHOT_DONE, then changes)."""
+        try:
+            async for event in self.service.WatchPenalties(pb.WatchRequest()):
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise PenaltydError(exc.code(), exc.details() or "") from exc
+
+
+class SessionReporter:
+    """Batches reports over one `Session` stream; never blocks the caller.
+
+    `report()` queues (bounded: beyond `max_queue` reports are dropped and counted);
+    a writer sends up to `max_batch` reports per message at least every `interval`
+    seconds; a batch not yet acknowledged when the stream breaks is queued again (at
+    least once), and the stream reconnects with backoff.
+    """
+
+    def __init__(
+        self,
+        service: pbg.PenaltyServiceStub,
+        *,
+        max_batch: int = 200,
+        interval: float = 0.02,
+        max_queue: int = 50_000,
+    ) -> None:
+        self._service = service
+        self.max_batch = max_batch
+        self.interval = interval
+        self.max_queue = max_queue
+        self._queue: deque[pb.ReportRequest] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+        self.acked = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.reconnects = 0
+        self.tempfails: deque[pb.Verdict] = deque(maxlen=1000)
+
+    def report(
+        self, ip: str, counts: Counts, helo: str = "", mail_from: str = "", fingerprint: str = ""
+    ) -> bool:
+        """Queue a report; False if it was dropped because the queue is full."""
+        if len(self._queue) >= self.max_queue:
+            self.dropped += 1
+            return False
+        self._queue.append(
+            pb.ReportRequest(
+                client=client_msg(ip, helo, mail_from, fingerprint), counts=outcome_counts(counts)
+            )
+        )
+        if len(self._queue) >= self.max_batch:
+            self._wakeup.set()
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="session-reporter")
+
+    async def flush(self, within: float = 5.0) -> bool:
+        """Wait until everything queued has been acknowledged (or `within` seconds)."""
+        end = time.monotonic() + within
+        self._wakeup.set()
+        while self._queue or self.acked < self.sent:
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    async def close(self, within: float = 2.0) -> None:
+        await self.flush(within)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        next_id = 0
+        while True:
+            inflight: dict[int, list[pb.ReportRequest]] = {}
+            call = self._service.Session()
+            reader = asyncio.create_task(self._read(call, inflight))
+            try:
+                while not reader.done():
+                    if not self._queue:
+                        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self.interval):
+                                await self._wakeup.wait()
+                        self._wakeup.clear()
+                        continue
+                    batch = [
+                        self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))
+                    ]
+                    next_id += 1
+                    inflight[next_id] = batch
+                    await call.write(pb.SessionRequest(id=next_id, reports=batch))
+                    self.sent += len(batch)
+                    backoff = 0.05
+                await reader
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                log.info("report session ended (%s); reconnecting", why)
+            finally:
+                reader.cancel()
+                call.cancel()
+            for batch in reversed(list(inflight.values())):  # at least once
+                self.sent -= len(batch)
+                room = self.max_queue - len(self._queue)
+                self._queue.extendleft(reversed(batch[:room]))
+                self.dropped += max(0, len(batch) - room)
+            self.reconnects += 1
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 2.0)
+
+    async def _read(self, call: Any, inflight: dict[int, list[pb.ReportRequest]]) -> None:
+        async for response in call:
+            batch = inflight.pop(response.id, [])
+            if response.HasField("error"):
+                self.rejected += len(batch)
+                log.warning(
+                    "penaltyd rejected a report batch: %s: %s",
+                    response.error.field,
+                    response.error.message,
+                )
+            self.acked += len(batch)
+            self.tempfails.extend(v for v in response.reports if v.tempfail)
