@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from penalty.v1 import penalty_pb2 as pb
 from structlog.testing import capture_logs
 
+from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient
 from penaltyclient.policyd import MAX_LINE, PolicyServer
 from penaltyd.store.memory import MemoryStore
