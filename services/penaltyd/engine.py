@@ -100,6 +100,7 @@ class Engine:
         self.replica = uuid.uuid4().hex[:12]
         self._check_timeout = settings.check_timeout_ms / 1000
         self._report_timeout = settings.report_timeout_ms / 1000
+        self._per_item_timeout = settings.report_timeout_per_item_ms / 1000
         self._admin_timeout = settings.admin_timeout_ms / 1000
         self._penalty_ms = settings.penalty_seconds * 1000
         self._escalation = Escalation(
@@ -257,10 +258,13 @@ class Engine:
 
     async def _record(self, items: Sequence[ReportItem]) -> list[Answer]:
         t0 = time.perf_counter()
+        # A Session message of hundreds of reports (each perhaps starting a penalty) is
+        # one pipeline, but a longer one: its deadline grows with it.
+        deadline = self._report_timeout + self._per_item_timeout * (len(items) - 1)
         try:
-            async with asyncio.timeout(self._report_timeout):
+            async with asyncio.timeout(deadline):
                 windows = await self.store.record(items)
-                answers = [await self._decide(i, w) for i, w in zip(items, windows, strict=True)]
+                answers = await self._decide(items, windows)
         except TimeoutError as exc:
             self.failed("report", exc)
             self.metrics.reports_in_doubt.inc(len(items))
@@ -278,42 +282,46 @@ class Engine:
             agg.identities.add(item.identity)
         return answers
 
-    async def _decide(self, item: ReportItem, window: Window) -> Answer:
+    def _plan(self, item: ReportItem, window: Window) -> Answer | tuple[str, Decision]:
+        """The answer a window gives, or the penalty it starts (pure: no I/O)."""
         if window.penalty is not None:
             return Answer(item.identity, window.penalty)
         if window.sub_penalty is not None:
             return Answer(item.sub_identity, window.sub_penalty)
         if window.sub_counts is None:
-            return await self._maybe_start(
-                item.identity, self.detector.evaluate(window.counts, self.baseline)
-            )
+            decision = self.detector.evaluate(window.counts, self.baseline)
+            return (item.identity, decision) if decision.fire else Answer(item.identity, None)
         # Told apart: the client on its own window, the whole address by the shared rules.
-        sub = await self._maybe_start(
-            item.sub_identity, self.detector.evaluate(window.sub_counts, self.baseline)
-        )
-        if sub.penalty is not None:
-            return sub
+        sub = self.detector.evaluate(window.sub_counts, self.baseline)
+        if sub.fire:
+            return item.sub_identity, sub
         whole = self.detector.evaluate(window.counts, self.baseline, shared=True)
-        if whole.fire:
-            return await self._maybe_start(item.identity, whole)
-        return Answer(item.identity, None)
+        return (item.identity, whole) if whole.fire else Answer(item.identity, None)
 
-    async def _maybe_start(self, identity: str, decision: Decision) -> Answer:
-        if not decision.fire:
-            return Answer(identity, None)
-        penalty, created = await self.store.start_penalty(
-            identity, self._penalty_ms, reasons.encode(decision), self._escalation
-        )
-        if created:
-            self.metrics.penalties_started.labels(decision.rule).inc()
-            log.info(
-                "penalty_started",
-                identity=identity,
-                reason=reasons.render(penalty.reason),
-                rule=decision.rule,
-                seconds=penalty.seconds_left,
-            )
-        return Answer(identity, penalty)
+    async def _decide(self, items: Sequence[ReportItem], windows: Sequence[Window]) -> list[Answer]:
+        """Answers for a batch; every penalty it triggers starts in one store batch."""
+        plans = [self._plan(i, w) for i, w in zip(items, windows, strict=True)]
+        firing: dict[str, Decision] = {}
+        for plan in plans:
+            if isinstance(plan, tuple):
+                firing.setdefault(plan[0], plan[1])
+        if not firing:
+            return [p for p in plans if isinstance(p, Answer)]
+        starts = [(i, self._penalty_ms, reasons.encode(d)) for i, d in firing.items()]
+        started = await self.store.start_penalties(starts, self._escalation)
+        penalties = {}
+        for (identity, decision), (penalty, created) in zip(firing.items(), started, strict=True):
+            penalties[identity] = penalty
+            if created:
+                self.metrics.penalties_started.labels(decision.rule).inc()
+                log.info(
+                    "penalty_started",
+                    identity=identity,
+                    reason=reasons.render(penalty.reason),
+                    rule=decision.rule,
+                    seconds=penalty.seconds_left,
+                )
+        return [p if isinstance(p, Answer) else Answer(p[0], penalties[p[0]]) for p in plans]
 
     def _buffer_reports(self, items: Sequence[ReportItem]) -> None:
         for item in items:
@@ -330,9 +338,7 @@ class Engine:
             chunk = [self._buffer.popleft() for _ in range(min(500, len(self._buffer)))]
             try:
                 async with asyncio.timeout(self._admin_timeout):
-                    windows = await self.store.record(chunk)
-                    for item, window in zip(chunk, windows, strict=True):
-                        await self._decide(item, window)
+                    await self._decide(chunk, await self.store.record(chunk))
             except (StoreError, TimeoutError):
                 self._buffer.extendleft(reversed(chunk))
                 break

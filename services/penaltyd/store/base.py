@@ -220,6 +220,12 @@ class Store(Protocol):
         used, so it cannot re-fire later.
         """
 
+    async def start_penalties(
+        self, starts: Sequence[tuple[str, int, str]], escalation: Escalation | None = None
+    ) -> list[tuple[Penalty, bool]]:
+        """`start_penalty` for many (identity, ttl_ms, reason) at once: one round trip to
+        start them and one to index and announce the new ones, however many fire."""
+
     async def lift(self, identity: str, record: LiftRecord) -> bool:
         """End a penalty now and keep who/why for Explain; False if there was none."""
 

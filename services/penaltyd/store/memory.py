@@ -131,6 +131,16 @@ class MemoryStore:
     async def start_penalty(
         self, identity: str, ttl_ms: int, reason: str, escalation: Escalation | None = None
     ) -> tuple[Penalty, bool]:
+        return (await self.start_penalties([(identity, ttl_ms, reason)], escalation))[0]
+
+    async def start_penalties(
+        self, starts: Sequence[tuple[str, int, str]], escalation: Escalation | None = None
+    ) -> list[tuple[Penalty, bool]]:
+        return [self._start(identity, ttl, reason, escalation) for identity, ttl, reason in starts]
+
+    def _start(
+        self, identity: str, ttl_ms: int, reason: str, escalation: Escalation | None
+    ) -> tuple[Penalty, bool]:
         now = self._clock()
         existing = self._active(identity, now)
         if existing is not None:

@@ -315,17 +315,36 @@ class RedisStore:
     async def start_penalty(
         self, identity: str, ttl_ms: int, reason: str, escalation: Escalation | None = None
     ) -> tuple[Penalty, bool]:
+        return (await self.start_penalties([(identity, ttl_ms, reason)], escalation))[0]
+
+    async def start_penalties(
+        self, starts: Sequence[tuple[str, int, str]], escalation: Escalation | None = None
+    ) -> list[tuple[Penalty, bool]]:
         esc = escalation or Escalation()
-        created, pttl, stored, now_ms, _ = await self._evalsha(
-            "start_penalty",
-            (self._key(identity, "p"), self._key(identity, "w"), self._key(identity, "o")),
-            (ttl_ms, reason, self._bucket_ms, esc.multiplier, esc.cap_ms, esc.memory_ms),
+        calls = [
+            (
+                "start_penalty",
+                (self._key(i, "p"), self._key(i, "w"), self._key(i, "o")),
+                (ttl, reason, self._bucket_ms, esc.multiplier, esc.cap_ms, esc.memory_ms),
+            )
+            for i, ttl, reason in starts
+        ]
+        replies = (
+            [await self._evalsha(*calls[0])] if len(calls) == 1 else await self._pipeline(calls)
         )
-        penalty = Penalty(identity, int(pttl), int(now_ms) + int(pttl), stored.decode())
-        if created:
-            event = FeedEvent(STARTED, identity, penalty.expires_at_ms, penalty.reason)
-            await self._announce([(event, self._ikey(identity))])
-        return penalty, bool(created)
+        out: list[tuple[Penalty, bool]] = []
+        announce: list[tuple[FeedEvent, str | None]] = []
+        for (identity, _, _), (created, pttl, stored, now_ms, _) in zip(
+            starts, replies, strict=True
+        ):
+            penalty = Penalty(identity, int(pttl), int(now_ms) + int(pttl), stored.decode())
+            out.append((penalty, bool(created)))
+            if created:
+                event = FeedEvent(STARTED, identity, penalty.expires_at_ms, penalty.reason)
+                announce.append((event, self._ikey(identity)))
+        if announce:
+            await self._announce(announce)
+        return out
 
     async def lift(self, identity: str, record: LiftRecord) -> bool:
         removed = await self._evalsha(
