@@ -10,9 +10,13 @@ PYTHON ?= $(shell for p in python3 python3.11 python3.12 python3.13; do \
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
-PROTOS := proto/penalty/v1/penalty.proto
+# Each contract's generated code lives in the package whose import path mirrors
+# proto/<pkg>/v1/: penalty.v1 beside its .proto (shared by service and clients),
+# relaycheck.v1 inside the relaycheck service package.
+PROTO_SETS := proto:proto/penalty/v1/penalty.proto services:proto/relaycheck/v1/relaycheck.proto
+PROTOC = PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto
 
-.PHONY: help venv run test unit integration e2e lint fmt proto proto-check bench redis-server h2load clean
+.PHONY: help venv run test unit integration e2e lint fmt proto proto-check bench simulate deps redis-server h2load clean
 
 help:
 	@echo "make run        penaltyd on $(LISTEN) with the embedded store"
@@ -20,6 +24,7 @@ help:
 	@echo "make lint       ruff, mypy, and generated code up to date"
 	@echo "make proto      regenerate protobuf/gRPC code from proto/"
 	@echo "make bench      benchmarks (table + JSON in bench/results/)"
+	@echo "make simulate   simulated SMTP traffic through the detector (SIM_ARGS=--quick ...)"
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required" >&2; exit 1; }
@@ -30,13 +35,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian's redis-server (the integration tests start their own on free loopback ports)
-# and openssl (the TLS test makes a throwaway certificate).
-redis-server:
-	@command -v redis-server >/dev/null && command -v openssl >/dev/null || { \
-	  echo "installing Debian's redis-server and openssl"; \
+# Debian packages the tests need: redis-server (integration tests start their own on free
+# loopback ports), openssl (the TLS test makes a throwaway certificate) and postfix (the
+# end-to-end test runs a private instance; installed with "No configuration", so the
+# machine's own mail setup is left alone).
+DEB_PKGS := redis-server:redis-server openssl:openssl postfix:postfix
+deps:
+	@missing=""; PATH="$$PATH:/usr/sbin"; for pair in $(DEB_PKGS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  $(SUDO) apt-get install -y -qq redis-server openssl >/dev/null; }
+	    $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
+
+redis-server: deps
 
 # h2load (Debian nghttp2-client): the C load generator the benchmarks drive gRPC with.
 h2load:
@@ -48,17 +61,20 @@ run: venv
 	$(VENV)/bin/penaltyd --listen $(LISTEN)
 
 proto: venv
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto \
-	  --python_out=proto --grpc_python_out=proto --mypy_out=proto --mypy_grpc_out=proto $(PROTOS) 2>&1 \
-	  | { grep -v '^Writing mypy' || true; }
+	@for set in $(PROTO_SETS); do out=$${set%%:*}; src=$${set#*:}; [ -f $$src ] || continue; \
+	  $(PROTOC) --python_out=$$out --grpc_python_out=$$out --mypy_out=$$out --mypy_grpc_out=$$out $$src \
+	    2>&1 | { grep -v '^Writing mypy' || true; }; done
 
 # Regenerate into a scratch tree and fail if the committed code differs.
 proto-check: venv
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto \
-	  --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) 2>/dev/null && \
+	for set in $(PROTO_SETS); do out=$${set%%:*}; src=$${set#*:}; [ -f $$src ] || continue; \
+	  mkdir -p $$tmp/$$out && \
+	  $(PROTOC) --python_out=$$tmp/$$out --grpc_python_out=$$tmp/$$out --mypy_out=$$tmp/$$out \
+	    --mypy_grpc_out=$$tmp/$$out $$src 2>&1 | { grep -v '^Writing mypy' || true; }; \
+	done && \
 	for f in $$(cd $$tmp && find . -name '*_pb2*'); do \
-	  diff -q $$tmp/$$f proto/$$f >/dev/null || { echo "generated code is stale: $$f (run make proto)" >&2; exit 1; }; \
+	  diff -q $$tmp/$$f $$f >/dev/null || { echo "generated code is stale: $$f (run make proto)" >&2; exit 1; }; \
 	done && echo "generated code up to date"
 
 lint: venv proto-check
@@ -70,17 +86,24 @@ fmt: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: venv redis-server lint
+test: venv deps lint
 	$(PY) -m pytest -m "unit or integration or e2e" -q
 
 unit: venv
 	$(PY) -m pytest -m unit -q
 
-integration: venv redis-server
+e2e: venv deps
+	$(PY) -m pytest -m e2e -q
+
+integration: venv deps
 	$(PY) -m pytest -m integration -q
 
 bench: venv redis-server h2load
 	$(PY) -m bench $(BENCH_ARGS)
+
+# In process, on a simulated clock: 2 simulated hours in well under a minute, no servers.
+simulate: venv
+	$(PY) -m bench.simulate $(SIM_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/results
