@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(32, ge=1, le=1024)  # pool size per replica
     check_timeout_ms: int = Field(20, ge=1, le=10_000)  # store deadline for a check, then fail open
     report_timeout_ms: int = Field(50, ge=1, le=10_000)  # store deadline for a report
-    report_timeout_per_item_ms: float = Field(0.5, ge=0, le=100)  # + this per extra report in a batch
+    report_timeout_per_item_ms: float = Field(
+        0.5, ge=0, le=100
+    )  # + this per extra report in a batch
     admin_timeout_ms: int = Field(2000, ge=1, le=60_000)  # store deadline for admin calls
     report_buffer: int = Field(10_000, ge=0, le=1_000_000)  # reports kept while the store is down
     use_penalty_view: bool = True  # answer checks from the in-process view fed by pub/sub
@@ -160,8 +162,17 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL (or empty)")
+        if not value:
+            return value
+        from penaltyd.store.base import StoreMisconfigured
+        from penaltyd.store.topology import parse
+
+        try:
+            parse(value)
+        except StoreMisconfigured as exc:
+            raise ValueError(
+                f"{exc} (use redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://)"
+            ) from exc
         return value
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from penaltyd.feed import FeedEvent
 from penaltyd.store.base import LiftRecord
 from penaltyd.store.redis import RedisStore
+from penaltyd.testing import RedisServer
 from tests.helpers import ACCEPTED, UNKNOWN, eventually
 from tests.store_contract import K, StoreContract, item
 
@@ -30,16 +31,29 @@ async def started_store(url: str, use_view: bool) -> RedisStore:
 
 class RedisContract(StoreContract):
     use_view = True
+    masters: list[int]  # ports of the Redis masters holding the data (for scans)
 
     @pytest.fixture(autouse=True)
-    async def _store(self, redis_url: str) -> AsyncIterator[None]:
-        self.url = redis_url
+    async def _store(self, redis_url: str, redis_server: RedisServer) -> AsyncIterator[None]:
+        self.masters = [redis_server.port]
+        async for _ in self.serve_store(redis_url):
+            yield
+
+    async def serve_store(self, url: str) -> AsyncIterator[None]:
+        self.url = url
         self.events: list[FeedEvent] = []
-        store = await started_store(redis_url, self.use_view)
+        store = await started_store(url, self.use_view)
         store.listen(self.events.append)
         self.store = store
         yield
         await store.close()
+
+    async def all_keys(self) -> list[tuple[aioredis.Redis, bytes]]:
+        out = []
+        for port in self.masters:
+            r = aioredis.Redis(port=port)
+            out += [(r, k) async for k in r.scan_iter()]
+        return out
 
     async def advance(self, ms: int) -> None:
         await asyncio.sleep(ms / 1000)  # Redis keeps its own time: really let it pass
@@ -57,21 +71,19 @@ class RedisContract(StoreContract):
         await self.store.start_penalty("203.0.113.7#bb", 60_000, "r")
         await self.store.lift("203.0.113.7#bb", LiftRecord("t", "n", 1))
         await self.store.start_penalty("2001:db8::/64", 60_000, "r")
-        r = aioredis.Redis.from_url(self.url)
-        keys = [k async for k in r.scan_iter()]
+        keys = await self.all_keys()
         assert len(keys) >= 7  # windows, HLL, penalties, lift record, index shard(s)
-        for key in keys:
+        for r, key in keys:
             assert await r.pttl(key) > 0, key
-        await r.aclose()
 
     async def test_keys_are_hash_tagged_per_address(self) -> None:
         await self.record(
             item("203.0.113.7", (UNKNOWN, 1), fp="aa"), item("203.0.113.7", (UNKNOWN, 1), fp="bb")
         )
         await self.store.start_penalty("203.0.113.7#bb", 60_000, "r")
-        r = aioredis.Redis.from_url(self.url)
-        keys = sorted([k.decode() async for k in r.scan_iter("pd:{203.0.113.7}*")])
-        await r.aclose()
+        keys = sorted(
+            k.decode() for _, k in await self.all_keys() if k.startswith(b"pd:{203.0.113.7}")
+        )
         kinds = sorted(
             k.split("}:", 1)[1].split(":")[0] + (":fp" if k.count(":") > 2 else "") for k in keys
         )
@@ -80,9 +92,8 @@ class RedisContract(StoreContract):
         assert "w:fp" in kinds
 
     async def test_scripts_reload_after_script_flush(self) -> None:
-        r = aioredis.Redis.from_url(self.url)
-        await r.script_flush()
-        await r.aclose()
+        for port in self.masters:
+            await aioredis.Redis(port=port).script_flush()
         (w,) = await self.record(item("203.0.113.7", (UNKNOWN, 1)))
         assert w.counts[UNKNOWN] == 1
         ws = await self.record(item("203.0.113.7", (UNKNOWN, 1)), item("203.0.113.8", (UNKNOWN, 1)))

@@ -40,10 +40,7 @@ from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any, cast
 
-import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
 from penalty.identity import IPAddress
@@ -73,6 +70,7 @@ from penaltyd.store.base import (
     StoreUnavailable,
     Window,
 )
+from penaltyd.store.topology import connect
 
 log = structlog.get_logger("penaltyd.store.redis")
 
@@ -96,7 +94,8 @@ async def _mapped_errors() -> AsyncIterator[None]:
     except AuthenticationError as exc:
         raise StoreMisconfigured(f"redis refused our credentials: {exc}") from exc
     except (RedisError, OSError) as exc:
-        if isinstance(exc, ResponseError) and not str(exc).startswith(("LOADING", "BUSY")):
+        transient = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+        if isinstance(exc, ResponseError) and not str(exc).startswith(transient):
             raise StoreMisconfigured(f"redis error: {exc}") from exc
         raise StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
 
@@ -147,20 +146,10 @@ class RedisStore:
         max_connections: int = 32,
         use_view: bool = True,
     ) -> None:
-        common: dict[str, Any] = {
-            "socket_timeout": None,
-            "socket_connect_timeout": 0.5,
-            "health_check_interval": 0,
-            "decode_responses": False,
-        }
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=None, **common
-        )
-        # One retry covers the stale pooled connection after a Redis restart.
-        self._client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
-        # The feed must *notice* every reconnect (it may have missed events), so its
-        # connection never retries silently.
-        self._feed_client = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **common)
+        # The feed client must *notice* every reconnect (it may have missed events), so
+        # its connection never retries silently (see `topology.connect`).
+        self.topology, self._client, self._feed_client = connect(url, max_connections)
+        self._cluster = self.topology.kind == "cluster"
         self._p = key_prefix
         self._shards = index_shards
         self._bucket_ms = bucket_seconds * 1000
@@ -256,8 +245,10 @@ class RedisStore:
     async def _pipeline(
         self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
     ) -> list[Any]:
-        """Many EVALSHAs (and plain commands, name "") in one round trip; reloads the
-        scripts once after a script flush or a Redis restart."""
+        """Many EVALSHAs (lower-case script names) and plain commands (upper-case) in one
+        round trip; reloads the scripts once after a script flush or a Redis restart."""
+        if self._cluster:
+            return await self._cluster_batch(calls)
         async with _mapped_errors():
             for attempt in (0, 1):
                 pipe = self._client.pipeline(transaction=False)
@@ -274,6 +265,30 @@ class RedisStore:
                     for _, src in self._scripts.values():
                         await self._client.script_load(src)
             raise AssertionError("unreachable")
+
+    async def _cluster_batch(
+        self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Cluster: plain commands share a cluster pipeline (one round trip per node);
+        redis-py refuses EVALSHA in cluster pipelines, so scripts go concurrently, each
+        routed by its key's slot (one flight of requests, no waiting in line)."""
+        results: list[Any] = [None] * len(calls)
+        plain = [(k, c) for k, c in enumerate(calls) if c[0].isupper()]
+        scripts = [(k, c) for k, c in enumerate(calls) if not c[0].isupper()]
+        async with _mapped_errors():
+            pending = [self._evalsha(*c) for _, c in scripts]
+            if plain:
+                pipe = self._client.pipeline()
+                for _, (name, keys, args) in plain:
+                    pipe.execute_command(name, *keys, *args)
+                replies, *scripted = await asyncio.gather(pipe.execute(), *pending)
+                for (k, _), r in zip(plain, replies, strict=True):
+                    results[k] = r
+            else:
+                scripted = list(await asyncio.gather(*pending))
+            for (k, _), r in zip(scripts, scripted, strict=True):
+                results[k] = r
+        return results
 
     async def _announce(self, events: Sequence[tuple[FeedEvent, str | None]]) -> None:
         """Enter members in their index shards and publish the events, in one round trip."""
@@ -353,12 +368,9 @@ class RedisStore:
             (record.encode(), self._window_ms),
         )
         if removed:
-            async with _mapped_errors():
-                pipe = self._client.pipeline(transaction=False)
-                pipe.zrem(self._ikey(identity), identity)
-                event = FeedEvent(LIFTED, identity)
-                pipe.publish(self._channel, event.encode())
-                await pipe.execute()
+            event = FeedEvent(LIFTED, identity)
+            zrem = ("ZREM", (self._ikey(identity),), (identity,))
+            await self._pipeline([zrem, ("PUBLISH", (self._channel,), (event.encode(),))])
             self.view.apply(event)
         return bool(removed)
 
@@ -430,7 +442,11 @@ class RedisStore:
         return [(m.decode(), int(score)) for m, score in cast(list[tuple[bytes, float]], batch)]
 
     async def _mget(self, keys: Sequence[str]) -> list[str | None]:
-        raw = await self._client.mget(keys) if keys else []
+        if not keys:
+            return []
+        # Keys of different identities live in different slots on a Cluster.
+        get = self._client.mget_nonatomic if self._cluster else self._client.mget
+        raw = await get(keys)
         return [r.decode() if r is not None else None for r in cast(list[bytes | None], raw)]
 
     async def list_penalties(
@@ -584,9 +600,15 @@ class RedisStore:
         """Keep `view` exact: subscribe, snapshot, apply events; resync on any doubt."""
         backoff = 0.05
         while True:
-            pubsub = self._feed_client.pubsub()
+            pubsub: Any = None
             try:
                 async with _mapped_errors():
+                    if self._cluster:
+                        # Cluster pubsub needs the slot map; refresh it on every (re)subscribe,
+                        # a failover may have moved the channel's node.
+                        await self._feed_client.initialize()
+                        await self._feed_client.nodes_manager.initialize()
+                    pubsub = self._feed_client.pubsub()
                     await pubsub.subscribe(self._channel)
                     confirm = await pubsub.get_message(timeout=2.0)
                     if not confirm or confirm["type"] != "subscribe":
@@ -612,8 +634,9 @@ class RedisStore:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()
 
     async def _consume(self, pubsub: Any) -> None:
         last_seen = last_ping = time.monotonic()
@@ -631,7 +654,7 @@ class RedisStore:
                 elif kind == "subscribe":
                     raise StoreUnavailable("feed resubscribed: events may have been missed")
             if now - last_ping >= 1.0:
-                await pubsub.ping()
+                await pubsub.execute_command("PING")
                 last_ping = now
                 self.view.sweep()
             if now - last_seen > 3.0:
