@@ -355,8 +355,8 @@ class SessionReporter:
                     ]
                     next_id += 1
                     inflight[next_id] = batch
+                    self.sent += len(batch)  # before the write: a failed write re-queues it
                     await call.write(pb.SessionRequest(id=next_id, reports=batch))
-                    self.sent += len(batch)
                     backoff = 0.05
                 await reader
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:

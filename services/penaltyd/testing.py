@@ -252,10 +252,26 @@ class RedisClusterServers:
                 capture_output=True,
                 text=True,
             ).stdout
-            if "cluster_state:ok" in info and all(self._ok(n.port) for n in self.nodes):
+            if (
+                "cluster_state:ok" in info
+                and all(self._ok(n.port) for n in self.nodes)
+                and self._synced()
+            ):
                 return self
             time.sleep(0.1)
         raise TimeoutError("redis cluster did not converge")
+
+    def _synced(self) -> bool:
+        """Every replica has finished its initial sync (so WAIT can be relied on)."""
+        import redis
+
+        for node in self.nodes:
+            r = redis.Redis(port=node.port)
+            info = r.info("replication")
+            r.close()
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
 
     @staticmethod
     def _ok(port: int) -> bool:
@@ -317,6 +333,15 @@ class RedisSentinelServers:
         self.master.start()
         self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
         self.replica.start()
+        import redis
+
+        deadline = time.monotonic() + 20
+        replica = redis.Redis(port=self.replica.port)
+        while replica.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the replica never synced with the master")
+            time.sleep(0.05)
+        replica.close()
         for port in self.sentinel_ports:
             conf = Path(tempfile.mkdtemp(prefix="penaltyd-sentinel-")) / "sentinel.conf"
             conf.write_text(

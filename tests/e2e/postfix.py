@@ -38,6 +38,11 @@ smtpd_authorized_xclient_hosts = 127.0.0.0/8
 maillog_file = {root}/maillog
 maillog_file_prefixes = {root}
 syslog_name = postfix-e2e
+# A dictionary attack of 40 RCPTs in one session: Postfix would otherwise drop the client
+# after 20 errors (smtpd_hard_error_limit) and sleep after each one past 10.
+smtpd_soft_error_limit = 100
+smtpd_hard_error_limit = 100
+smtpd_error_sleep_time = 0
 smtpd_recipient_restrictions = {restrictions}
 {extra}
 """
@@ -57,6 +62,7 @@ class Postfix:
         self.conf = self.root / "conf"
         self.maillog = self.root / "maillog"
         self.conf.mkdir()
+        (self.root / "queue").mkdir()
         (self.root / "data").mkdir()
         shutil.chown(self.root / "data", "postfix", "postfix")
         self.maillog.touch()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from penalty.identity import IPAddress, NetworkSet, parse_network
+from penalty.identity import IPAddress, NetworkSet, address_of, parse_network
 from penaltyd.detector import N_OUTCOMES
 from penaltyd.feed import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, SHARED, STARTED, FeedEvent
 from penaltyd.store.base import (
@@ -151,9 +151,12 @@ class MemoryStore:
             ttl_ms = min(int(ttl_ms * escalation.multiplier**count), escalation.cap_ms)
             self._offences[identity] = (count + 1, now + escalation.memory_ms)
         self._penalties[identity] = (now + ttl_ms, reason)
-        w = self._windows.get(identity)
-        if w is not None:
-            w.marker = now // self._bucket_ms
+        # A client's penalty behind a shared address uses up its evidence in the address
+        # window too, so a few such penalties never add up to one on the whole address.
+        for key in {identity, address_of(identity)}:
+            w = self._windows.get(key)
+            if w is not None:
+                w.marker = now // self._bucket_ms
         self._emit(FeedEvent(STARTED, identity, now + ttl_ms, reason))
         return Penalty(identity, ttl_ms, now + ttl_ms, reason), True
 

@@ -43,7 +43,7 @@ from typing import Any, cast
 import structlog
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 
-from penalty.identity import IPAddress
+from penalty.identity import IPAddress, address_of
 from penaltyd.detector import N_OUTCOMES
 from penaltyd.feed import (
     ALLOW_ADDED,
@@ -339,7 +339,12 @@ class RedisStore:
         calls = [
             (
                 "start_penalty",
-                (self._key(i, "p"), self._key(i, "w"), self._key(i, "o")),
+                (
+                    self._key(i, "p"),
+                    self._key(i, "w"),
+                    self._key(i, "o"),
+                    self._key(address_of(i), "w"),
+                ),
                 (ttl, reason, self._bucket_ms, esc.multiplier, esc.cap_ms, esc.memory_ms),
             )
             for i, ttl, reason in starts

@@ -1,5 +1,8 @@
 -- start_penalty.lua: start a penalty unless one is active (NX) and mark its evidence used.
--- KEYS[1] penalty key, KEYS[2] its window hash, KEYS[3] offence counter (escalation).
+-- KEYS[1] penalty key, KEYS[2] its window hash, KEYS[3] offence counter (escalation),
+-- KEYS[4] the address window (the same key as KEYS[2] unless KEYS[1] is a client's penalty
+-- behind a shared address: its evidence is in the address window too, and must not add
+-- up, after a few such penalties, to a penalty on the whole address).
 -- ARGV[1] base length (ms), ARGV[2] compact reason, ARGV[3] bucket length (ms),
 -- ARGV[4] escalation multiplier (1 = off), ARGV[5] cap (ms), ARGV[6] offence memory (ms)
 -- Returns {created 0|1, pttl, reason, now_ms, offences}
@@ -20,8 +23,9 @@ if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ttl) then
   end
   -- Evidence up to this bucket caused this penalty; it must not cause the next one.
   -- The window key keeps its own expiry (set by record.lua); HSET does not change it.
-  if redis.call('EXISTS', KEYS[2]) == 1 then
-    redis.call('HSET', KEYS[2], 'm', math.floor(now_ms / tonumber(ARGV[3])))
+  local bucket = math.floor(now_ms / tonumber(ARGV[3]))
+  for k = 2, #KEYS, 2 do
+    if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('HSET', KEYS[k], 'm', bucket) end
   end
 end
 return {created, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[1]), now_ms, offences}
