@@ -1,0 +1,732 @@
+"""`penalty-milter`: Postfix's own rejections, reported to penaltyd as they happen.
+
+Why a milter: Postfix never tells a policy server (`penalty-policyd`) about the
+recipients it rejects itself ("User unknown", "Relay access denied", a HELO or sender
+restriction evaluated at RCPT), and those rejections are exactly the errors penaltyd
+counts. A milter that negotiates SMFIP_RCPT_REJ is sent every RCPT, the rejected ones
+marked with the macro `{rcpt_mailer}` = `error`, `{rcpt_host}` = the enhanced status code
+and `{rcpt_addr}` = the reply text (Postfix `smtpd_milter.c`). We classify each one into
+an `Outcome` and queue a report on one batched `Session` stream (`SessionReporter`):
+
+- rejected RCPT -> its error kind (`classify_rejection`, table in docs/milter.md);
+- accepted RCPT -> OUTCOME_ACCEPTED, the denominator (off with `--no-accepted` when
+  penalty-policyd reports accepted recipients instead: one of the two, never both);
+- an SMTP command Postfix did not recognise (SMFIC_UNKNOWN) -> OUTCOME_PROTOCOL_VIOLATION.
+
+Each report carries the HELO name and envelope sender, so penaltyd can tell the clients
+behind a NAT-shared address apart. With `--tempfail-at-rcpt` the milter also asks
+penaltyd (or its live replica) at every accepted RCPT and answers a penalized client
+with the verdict's own 4xx reply, exact seconds left included, on the same connection.
+
+Never a cause of lost mail: reporting is a non-blocking append to a bounded queue (drops
+are counted), a check has a deadline and fails open, any error inside a command is
+logged and answered "continue", and a connection that breaks the protocol is closed
+(Postfix then applies `milter_default_action = accept`). One asyncio task per milter
+connection; Postfix opens one milter connection per SMTP session.
+
+Layout: `milter_protocol` is the wire format (pure); here `classify_rejection` (pure),
+`MilterSession` (one connection's state machine), `PenaltyMilter` (the server) and the
+command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import stat
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import Any
+
+import structlog
+
+from penalty.identity import InvalidAddress, parse_ip
+from penalty.v1 import penalty_pb2 as pb
+from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter
+from penaltyclient.channel import grpc_target
+from penaltyclient.milter_protocol import (
+    ACCEPT,
+    COMMAND_NAMES,
+    CONTINUE,
+    MAX_FRAME,
+    NO_REPLY,
+    SMFIA_INET,
+    SMFIA_INET6,
+    SMFIC_ABORT,
+    SMFIC_BODY,
+    SMFIC_BODYEOB,
+    SMFIC_CONNECT,
+    SMFIC_DATA,
+    SMFIC_EOH,
+    SMFIC_HEADER,
+    SMFIC_HELO,
+    SMFIC_MACRO,
+    SMFIC_MAIL,
+    SMFIC_OPTNEG,
+    SMFIC_QUIT,
+    SMFIC_QUIT_NC,
+    SMFIC_RCPT,
+    SMFIC_UNKNOWN,
+    SMFIM_ENVRCPT,
+    Connect,
+    Frame,
+    Negotiation,
+    Proto,
+    ProtocolError,
+    negotiate,
+    parse_args,
+    parse_connect,
+    parse_helo,
+    parse_macros,
+    parse_optneg,
+    parse_unknown,
+    read_frame,
+    reply_code,
+    strip_brackets,
+)
+
+log = structlog.get_logger("penalty.milter")
+
+# What we ask Postfix for: leave out headers, body, end-of-headers and DATA (we never look
+# at content), and send the recipients it rejected itself. CONNECT, HELO, MAIL, RCPT and
+# UNKNOWN stay on; EOM cannot be switched off. Every command keeps its reply (no NR_*
+# flags): our answers are immediate, and a reply per command keeps both sides in step.
+WANTED_PROTOCOL = Proto.NOBODY | Proto.NOHDRS | Proto.NOEOH | Proto.NODATA | Proto.RCPT_REJ
+# The macros we need, requested per stage (SMFIF_SETSYMLIST), so main.cf's milter_*_macros
+# do not matter and Postfix sends nothing else. Postfix's default milter_rcpt_macros
+# (i {rcpt_addr} {rcpt_host} {rcpt_mailer}) has them too, for MTAs without macro lists.
+RCPT_MACROS = ("{rcpt_mailer}", "{rcpt_host}", "{rcpt_addr}")
+SYMLISTS = {SMFIM_ENVRCPT: RCPT_MACROS}
+# Per-message state is dropped at ABORT and after EOM; connection state at CONNECT/QUIT_NC.
+MESSAGE_STAGES = frozenset(
+    {SMFIC_MAIL, SMFIC_RCPT, SMFIC_DATA, SMFIC_HEADER, SMFIC_EOH, SMFIC_BODY, SMFIC_BODYEOB}
+)
+# penaltyd refuses (whole batches!) longer fields: cut them, never send them.
+HELO_MAX, MAIL_FROM_MAX = 255, 512
+
+OUTCOMES: dict[str, int] = {
+    name.removeprefix("OUTCOME_").lower(): value
+    for name, value in pb.Outcome.items()
+    if value not in (pb.OUTCOME_UNSPECIFIED, pb.OUTCOME_ACCEPTED)
+}
+OUTCOME_NAMES = {value: name for name, value in OUTCOMES.items()}
+
+# --- classification of rejected recipients (pure)
+
+_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
+_RELAY = re.compile(r"relay(?:ing)? (?:access )?denied")
+_SPF = re.compile(r"\bspf\b")
+
+
+def classify_rejection(
+    status: str, text: str, default: int = pb.OUTCOME_UNKNOWN_RECIPIENT
+) -> int | None:
+    """The error kind of a recipient Postfix rejected, or None when it is not the client's
+    error to count.
+
+    `status` is `{rcpt_host}` (the enhanced status code, e.g. "5.1.1"); `text` is
+    `{rcpt_addr}` (the reply text after the recipient, e.g. "Recipient address rejected:
+    User unknown in local recipient table"). First match wins:
+
+    1. "blocked using" (reject_rbl_client, reject_rhsbl_*)          -> DNSBL_LISTED
+    2. "Helo command rejected"                                      -> BAD_HELO
+    3. "Sender address rejected", or SPF                            -> SENDER_REJECTED
+    4. "Relay access denied"                                        -> RELAY_DENIED
+    5. "User unknown", or a permanent x.1.1 (bad mailbox)           -> UNKNOWN_RECIPIENT
+    6. any other *temporary* (4.x.x) rejection                      -> None (not counted:
+       greylisting, DNS trouble, rate limits, "address verification in progress", and
+       penaltyd's own 450 - a penalty must not feed itself)
+    7. "Client host rejected" (access maps, unknown reverse name)   -> DNSBL_LISTED
+    8. a permanent x.5.x (syntax, e.g. non-FQDN recipient)          -> PROTOCOL_VIOLATION
+    9. anything else                                                -> `default`
+    """
+    low = text.lower()
+    match = _STATUS.search(status)
+    klass = match.group(1) if match else ""
+    if "blocked using" in low:
+        return pb.OUTCOME_DNSBL_LISTED
+    if "helo command rejected" in low:
+        return pb.OUTCOME_BAD_HELO
+    if "sender address rejected" in low or _SPF.search(low):
+        return pb.OUTCOME_SENDER_REJECTED
+    if _RELAY.search(low):
+        return pb.OUTCOME_RELAY_DENIED
+    if "user unknown" in low or (klass == "5" and match and match.group(2, 3) == ("1", "1")):
+        return pb.OUTCOME_UNKNOWN_RECIPIENT
+    if klass == "4":
+        return None
+    if "client host rejected" in low:
+        return pb.OUTCOME_DNSBL_LISTED
+    if klass == "5" and match and match.group(2) == "5":
+        return pb.OUTCOME_PROTOCOL_VIOLATION
+    return default
+
+
+def client_ip(conn: Connect) -> str | None:
+    """The client address of a CONNECT, normalised like penaltyd does, or None (unix
+    socket, unknown family, or not an address)."""
+    if conn.family not in (SMFIA_INET, SMFIA_INET6):
+        return None
+    text = conn.address
+    if text[:5].lower() == "ipv6:":  # Sendmail's form; Postfix sends the bare address
+        text = text[5:]
+    try:
+        return str(parse_ip(text.strip("[]")))
+    except InvalidAddress:
+        return None
+
+
+# 4xx but not 421; an enhanced status code, if any, must be 4.x.x too (Postfix checks).
+_TEMPFAIL_REPLY = re.compile(r"4(?!21)\d\d (?:4|(?!\d))")
+
+
+def tempfail_reply(verdict: pb.Verdict, ip: str) -> bytes:
+    """SMFIR_REPLYCODE for a penalty: the verdict's own reply when it is a proper 4xx
+    (never a 5xx, never 421, which would close the connection), else ours with the same
+    exact seconds."""
+    text = verdict.smtp_reply
+    if not _TEMPFAIL_REPLY.match(text):
+        text = (
+            f"450 4.7.1 too many SMTP errors from {ip}; "
+            f"try again in {max(verdict.seconds_left, 1)} seconds"
+        )
+    try:
+        return reply_code(text)
+    except ValueError:  # a CR/LF or NUL inside the server's text
+        return reply_code(f"450 4.7.1 try again in {max(verdict.seconds_left, 1)} seconds")
+
+
+# --- the server
+
+
+@dataclass(frozen=True)
+class MilterOptions:
+    tempfail_at_rcpt: bool = False  # answer penalized clients' RCPTs with the 4xx reply
+    report_accepted: bool = True  # report accepted RCPTs (the denominator)
+    ignore_loopback: bool = False  # 127.0.0.0/8 and ::1: nothing reported or checked
+    default_outcome: int = pb.OUTCOME_UNKNOWN_RECIPIENT  # unrecognised permanent rejections
+    check_timeout: float = 0.25  # hard cap on one check; then "continue" (fail open)
+    idle_timeout: float = 3600.0  # a milter connection silent this long is dead
+    max_frame: int = MAX_FRAME  # larger packets close the connection
+
+
+@dataclass
+class MilterStats:
+    connections: int = 0  # milter connections accepted since start
+    active: int = 0  # open right now
+    rcpt_accepted: int = 0
+    rcpt_rejected: Counter[str] = field(default_factory=Counter)  # by outcome name
+    rcpt_ignored: int = 0  # rejected, but not an error to count (temporary, unrecognised)
+    rcpt_tempfailed: int = 0  # our own 4xx at RCPT
+    unknown_commands: int = 0
+    unreported: int = 0  # events without a usable client address
+    reports_queued: int = 0
+    checks_degraded: int = 0  # checks answered fail-open (penaltyd slow or down)
+    protocol_errors: int = 0  # connections closed for breaking the protocol
+    handler_errors: int = 0  # unexpected errors inside a command (answered continue)
+
+
+class MilterSession:
+    """One milter connection: the SMTP client it describes and the message in progress.
+
+    `handle` answers one packet (None for the commands that take no reply) and raises
+    `ProtocolError` when the packet is malformed; everything else is the server's job.
+    """
+
+    def __init__(self, milter: PenaltyMilter, peer: str) -> None:
+        self.milter = milter
+        self.peer = peer
+        self.negotiation: Negotiation | None = None
+        self.done = False  # QUIT received
+        self._reset_connection()
+
+    def _reset_connection(self) -> None:
+        self.ip: str | None = None
+        self.hostname = ""
+        self.helo = ""
+        self._macros: dict[bytes, dict[str, str]] = {}
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self.mail_from = ""
+        for stage in MESSAGE_STAGES:
+            self._macros.pop(stage, None)
+
+    async def handle(self, frame: Frame) -> bytes | None:
+        cmd, data = frame
+        if cmd == SMFIC_MACRO:
+            stage, values = parse_macros(data)
+            self._macros[stage] = values
+            return None
+        if cmd == SMFIC_RCPT:
+            return await self._rcpt(parse_args(data))
+        if cmd == SMFIC_OPTNEG:
+            return self._optneg(data)
+        if cmd == SMFIC_CONNECT:
+            return self._connect(parse_connect(data))
+        if cmd == SMFIC_HELO:
+            self.helo = parse_helo(data)[:HELO_MAX]
+            return CONTINUE
+        if cmd == SMFIC_MAIL:
+            self.mail_from = strip_brackets(parse_args(data)[0])[:MAIL_FROM_MAX]
+            return CONTINUE
+        if cmd == SMFIC_UNKNOWN:
+            line = parse_unknown(data)
+            self.milter.stats.unknown_commands += 1
+            log.debug("milter_unknown_command", ip=self.ip, command=line[:80])
+            self._report(pb.OUTCOME_PROTOCOL_VIOLATION)
+            return CONTINUE
+        if cmd == SMFIC_BODYEOB:
+            self._reset_message()
+            return CONTINUE
+        if cmd in (SMFIC_DATA, SMFIC_HEADER, SMFIC_EOH, SMFIC_BODY):
+            return CONTINUE  # negotiated away; answered if an MTA sends them anyway
+        if cmd == SMFIC_ABORT:
+            self._reset_message()
+            return None
+        if cmd == SMFIC_QUIT_NC:
+            self._reset_connection()
+            return None
+        if cmd == SMFIC_QUIT:
+            self.done = True
+            return None
+        raise ProtocolError(f"unknown milter command {cmd!r}")
+
+    def _optneg(self, data: bytes) -> bytes:
+        self.negotiation = negotiate(parse_optneg(data), WANTED_PROTOCOL, SYMLISTS)
+        if Proto.RCPT_REJ in self.negotiation.missing:
+            self.milter.warn_no_rcpt_rej(self.negotiation)
+        return self.negotiation.encode()
+
+    def _connect(self, conn: Connect) -> bytes:
+        self._reset_connection()
+        self.hostname = conn.hostname
+        self.ip = client_ip(conn)
+        if self.ip is None or (
+            self.milter.options.ignore_loopback and ip_address(self.ip).is_loopback
+        ):
+            # Nothing to report or check for this client (a local socket, no address, or
+            # ignored): "accept" tells Postfix to send no more events for this connection.
+            log.debug("milter_client_skipped", family=conn.family, address=conn.address[:64])
+            return ACCEPT
+        return CONTINUE
+
+    async def _rcpt(self, args: list[str]) -> bytes:
+        macros = self._macros.pop(SMFIC_RCPT, {})  # never reuse one recipient's macros
+        stats = self.milter.stats
+        if macros.get("rcpt_mailer") == "error":
+            status, text = macros.get("rcpt_host", ""), macros.get("rcpt_addr", "")
+            outcome = classify_rejection(status, text, self.milter.options.default_outcome)
+            log.debug(
+                "milter_rcpt_rejected",
+                ip=self.ip,
+                rcpt=args[0][:128],
+                status=status,
+                text=text[:200],
+                outcome="ignored" if outcome is None else OUTCOME_NAMES.get(outcome, str(outcome)),
+            )
+            if outcome is None:
+                stats.rcpt_ignored += 1
+            else:
+                stats.rcpt_rejected[OUTCOME_NAMES.get(outcome, str(outcome))] += 1
+                self._report(outcome)
+            return CONTINUE  # Postfix has rejected it already; our answer is not used
+        if self.milter.options.tempfail_at_rcpt:
+            reply = await self._penalty_reply()
+            if reply is not None:
+                stats.rcpt_tempfailed += 1
+                return reply
+        stats.rcpt_accepted += 1
+        if self.milter.options.report_accepted:
+            self._report(pb.OUTCOME_ACCEPTED)
+        return CONTINUE
+
+    async def _penalty_reply(self) -> bytes | None:
+        """The 4xx for a penalized client, or None; never waits past `check_timeout`."""
+        checker = self.milter.checker
+        if checker is None or self.ip is None:
+            return None
+        try:
+            async with asyncio.timeout(self.milter.options.check_timeout):
+                verdict = await checker.check(self.ip, self.helo, self.mail_from)
+        except TimeoutError:
+            self.milter.stats.checks_degraded += 1
+            return None
+        except PenaltydError as exc:  # penaltyd refused the input: still fail open
+            log.warning("milter_check_refused", ip=self.ip, error=str(exc))
+            return None
+        if verdict.degraded:
+            self.milter.stats.checks_degraded += 1
+        if not verdict.tempfail:
+            return None
+        log.info(
+            "milter_tempfail",
+            ip=self.ip,
+            identity=verdict.identity,
+            seconds_left=verdict.seconds_left,
+            helo=self.helo,
+            mail_from=self.mail_from,
+        )
+        return tempfail_reply(verdict, self.ip)
+
+    def _report(self, outcome: int) -> None:
+        stats = self.milter.stats
+        if self.ip is None:
+            stats.unreported += 1
+            return
+        if self.milter.reporter.report(
+            self.ip, {outcome: 1}, helo=self.helo, mail_from=self.mail_from
+        ):
+            stats.reports_queued += 1
+
+
+class PenaltyMilter:
+    """The milter server: one task per connection, shared reporter, stats and options."""
+
+    def __init__(
+        self,
+        reporter: SessionReporter,
+        checker: AsyncPenaltyClient | None = None,
+        options: MilterOptions | None = None,
+    ) -> None:
+        self.options = options or MilterOptions()
+        if self.options.tempfail_at_rcpt and checker is None:
+            raise ValueError("tempfail_at_rcpt needs a client to check with")
+        self.reporter = reporter
+        self.checker = checker
+        self.stats = MilterStats()
+        self._server: asyncio.Server | None = None
+        self._unix_path: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._warned_rcpt_rej = False
+
+    async def start(self, listen: str) -> str:
+        """Listen on `HOST:PORT` or `unix:/path`; returns the bound address (port 0 works)."""
+        kind, host, port = parse_listen(listen)
+        if kind == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.stat(host).st_mode):
+                    os.unlink(host)  # a stale socket from an earlier run
+            self._server = await asyncio.start_unix_server(self._on_connection, host)
+            self._unix_path = host
+            # Postfix's smtpd (user postfix) must be able to connect: as open as 127.0.0.1.
+            os.chmod(host, 0o666)
+            return f"unix:{host}"
+        self._server = await asyncio.start_server(self._on_connection, host or None, port)
+        sockname = self._server.sockets[0].getsockname()
+        bound = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
+        return f"{bound}:{sockname[1]}"
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self, drain: float = 5.0) -> None:
+        """Stop listening, give open connections `drain` seconds to finish, close the rest.
+
+        Postfix treats a milter that goes away as `milter_default_action` (accept), so
+        cutting the stragglers loses no mail, only their remaining reports."""
+        if self._server is not None:
+            self._server.close()
+        tasks = set(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=drain)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._unix_path)
+
+    def warn_no_rcpt_rej(self, negotiation: Negotiation) -> None:
+        if not self._warned_rcpt_rej:
+            self._warned_rcpt_rej = True
+            log.warning(
+                "milter_no_rejected_recipients",
+                version=negotiation.version,
+                note="the MTA does not offer SMFIP_RCPT_REJ (milter_protocol = 6 needed): "
+                "only accepted recipients and unknown commands are reported",
+            )
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        peer = _peer(writer)
+        self.stats.connections += 1
+        self.stats.active += 1
+        session = MilterSession(self, peer)
+        try:
+            while not session.done:
+                async with asyncio.timeout(self.options.idle_timeout):
+                    frame = await read_frame(reader, self.options.max_frame)
+                if frame is None:
+                    break
+                reply = await self._dispatch(session, frame)
+                if reply:
+                    writer.write(reply)
+                    await writer.drain()
+        except ProtocolError as exc:
+            self.stats.protocol_errors += 1
+            log.warning("milter_protocol_error", peer=peer, ip=session.ip, error=str(exc))
+        except TimeoutError:
+            log.info("milter_idle_timeout", peer=peer, seconds=self.options.idle_timeout)
+        except OSError as exc:  # the MTA went away mid-reply
+            log.info("milter_connection_lost", peer=peer, error=str(exc))
+        finally:
+            self.stats.active -= 1
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _dispatch(self, session: MilterSession, frame: Frame) -> bytes | None:
+        """`session.handle`, with the safe default: a bug answers "continue", not a crash."""
+        try:
+            return await session.handle(frame)
+        except ProtocolError:
+            raise
+        except Exception:
+            if frame.cmd == SMFIC_OPTNEG:
+                raise ProtocolError("option negotiation failed") from None
+            self.stats.handler_errors += 1
+            log.exception(
+                "milter_handler_error", command=COMMAND_NAMES.get(frame.cmd, repr(frame.cmd))
+            )
+            return None if frame.cmd in NO_REPLY else CONTINUE
+
+    def stats_fields(self) -> dict[str, object]:
+        s, r = self.stats, self.reporter
+        replica = self.checker.replica if self.checker is not None else None
+        return {
+            "connections": s.connections,
+            "active": s.active,
+            "rcpt_accepted": s.rcpt_accepted,
+            "rcpt_rejected": dict(s.rcpt_rejected),
+            "rcpt_ignored": s.rcpt_ignored,
+            "rcpt_tempfailed": s.rcpt_tempfailed,
+            "unknown_commands": s.unknown_commands,
+            "unreported": s.unreported,
+            "checks_degraded": s.checks_degraded,
+            "protocol_errors": s.protocol_errors,
+            "handler_errors": s.handler_errors,
+            "reports_queued": s.reports_queued,
+            "reports_sent": r.acked,
+            "reports_pending": r.pending,
+            "reports_dropped": r.dropped,
+            "live_replica": bool(replica is not None and replica.synced),
+        }
+
+    async def log_stats_forever(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            log.info("milter_stats", **self.stats_fields())
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "unix")
+
+
+def parse_listen(text: str) -> tuple[str, str, int]:
+    """`unix:/path` -> ("unix", path, 0); `[inet:]HOST:PORT` -> ("inet", host, port)."""
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix:")
+        if not path:
+            raise ValueError("unix: needs a socket path")
+        return "unix", path, 0
+    host, sep, port = text.removeprefix("inet:").rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen: not HOST:PORT or unix:/path: {text!r}")
+    return "inet", host.strip("[]"), int(port)
+
+
+# --- the command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="penalty-milter",
+        description=(
+            "Milter for Postfix (smtpd_milters) that reports the recipients Postfix rejects "
+            "(SMFIP_RCPT_REJ), accepted recipients and unknown SMTP commands to penaltyd, "
+            "and optionally tempfails penalized clients at RCPT. Fails open: penaltyd "
+            "being slow or down never delays or loses mail."
+        ),
+        epilog=(
+            "main.cf: `smtpd_milters = inet:127.0.0.1:10041`, `milter_default_action = "
+            "accept` (Postfix's default is tempfail), `milter_protocol = 6` (the default). "
+            "No macro settings are needed. See docs/milter.md."
+        ),
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:10041",
+        metavar="HOST:PORT|unix:/path",
+        help="where Postfix connects (default 127.0.0.1:10041)",
+    )
+    p.add_argument(
+        "--penaltyd",
+        default=os.environ.get("PENALTYD_ADDRESS", "127.0.0.1:50051"),
+        metavar="HOST:PORT[,...]",
+        help="penaltyd replicas, comma-separated, or dns:///name:port "
+        "(env PENALTYD_ADDRESS; default 127.0.0.1:50051)",
+    )
+    p.add_argument(
+        "--tempfail-at-rcpt",
+        action="store_true",
+        help="check every accepted RCPT and answer a penalized client with penaltyd's "
+        "4xx reply (exact seconds left); off: report only",
+    )
+    p.add_argument(
+        "--live-replica",
+        action="store_true",
+        help="with --tempfail-at-rcpt: keep active penalties in memory (WatchPenalties) "
+        "and answer checks in-process",
+    )
+    p.add_argument(
+        "--no-accepted",
+        action="store_true",
+        help="do not report accepted recipients (use when penalty-policyd reports them; "
+        "one of the two must, never both)",
+    )
+    p.add_argument(
+        "--ignore-loopback",
+        action="store_true",
+        help="report and check nothing for 127.0.0.0/8 and ::1 (local submissions); "
+        "default: loopback clients count like any other",
+    )
+    p.add_argument(
+        "--default-outcome",
+        default="unknown_recipient",
+        choices=sorted(OUTCOMES),
+        metavar="KIND",
+        help="error kind for a permanent rejection no rule recognises, one of "
+        f"{', '.join(sorted(OUTCOMES))} (default unknown_recipient)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=0.2,
+        metavar="SECONDS",
+        help="how long a check may wait for penaltyd before the RCPT is let through (default 0.2)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=50_000,
+        metavar="N",
+        help="reports buffered while penaltyd is unreachable; more are dropped and "
+        "counted (default 50000)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long open milter connections may finish (default 5)",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between milter_stats log lines (default 60)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log threshold (default info; debug logs every rejected recipient)",
+    )
+    return p
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, then drain connections, flush reports and return 0."""
+    client = AsyncPenaltyClient(
+        args.penaltyd,
+        deadline=args.deadline,
+        live_replica=args.live_replica and args.tempfail_at_rcpt,
+    )
+    client.start()
+    reporter = client.reporter(max_queue=args.max_queue)
+    reporter.start()
+    options = MilterOptions(
+        tempfail_at_rcpt=args.tempfail_at_rcpt,
+        report_accepted=not args.no_accepted,
+        ignore_loopback=args.ignore_loopback,
+        default_outcome=OUTCOMES[args.default_outcome],
+        check_timeout=args.deadline + 0.05,
+    )
+    milter = PenaltyMilter(reporter, client if args.tempfail_at_rcpt else None, options)
+    try:
+        address = await milter.start(args.listen)
+    except OSError as exc:
+        log.error("milter_listen_failed", listen=args.listen, error=str(exc))
+        await reporter.close(within=0)
+        await client.close()
+        return 1
+    log.info(
+        "milter_started",
+        listen=address,
+        penaltyd=args.penaltyd,
+        tempfail_at_rcpt=options.tempfail_at_rcpt,
+        report_accepted=options.report_accepted,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stats_task = asyncio.create_task(milter.log_stats_forever(args.stats_interval))
+    try:
+        await stop.wait()
+        log.info("milter_stopping", drain_seconds=args.drain_seconds, active=milter.stats.active)
+    finally:
+        stats_task.cancel()
+        await milter.close(drain=args.drain_seconds)
+        await reporter.close(within=2.0)
+        await client.close()
+        log.info("milter_stopped", **milter.stats_fields())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.live_replica and not args.tempfail_at_rcpt:
+        print(
+            "penalty-milter: --live-replica only matters with --tempfail-at-rcpt; ignored",
+            file=sys.stderr,
+        )
+    try:
+        parse_listen(args.listen)
+        grpc_target(args.penaltyd)
+    except ValueError as exc:
+        print(f"penalty-milter: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    from penaltyd import logs
+
+    logs.configure(args.log_level)
+
+    return int(uvloop.run(run(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
