@@ -16,7 +16,7 @@ LISTEN ?= 127.0.0.1:50051
 PROTO_SETS := proto:proto/penalty/v1/penalty.proto services:proto/relaycheck/v1/relaycheck.proto
 PROTOC = PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto
 
-.PHONY: help venv run test unit integration e2e lint fmt proto proto-check bench simulate deps redis-server h2load clean
+.PHONY: help venv run test unit integration e2e lint fmt proto proto-check bench simulate deploy-check deps redis-server h2load clean
 
 help:
 	@echo "make run        penaltyd on $(LISTEN) with the embedded store"
@@ -24,6 +24,7 @@ help:
 	@echo "make lint       ruff, mypy, and generated code up to date"
 	@echo "make proto      regenerate protobuf/gRPC code from proto/"
 	@echo "make bench      benchmarks (table + JSON in bench/results/)"
+	@echo "make deploy-check  render the kustomize overlays and validate deploy/ offline"
 	@echo "make simulate   simulated SMTP traffic through the detector (SIM_ARGS=--quick ...)"
 
 $(STAMP): pyproject.toml
@@ -86,8 +87,13 @@ fmt: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: venv deps lint
+test: venv deps lint deploy-check
 	$(PY) -m pytest -m "unit or integration or e2e" -q
+
+# Render every kustomize overlay and validate each object against the Kubernetes schemas,
+# offline (deploy/check.py).
+deploy-check: venv
+	$(PY) deploy/check.py
 
 unit: venv
 	$(PY) -m pytest -m unit -q

@@ -160,6 +160,10 @@ async def start_server(
             ("grpc.max_receive_message_length", 2 * settings.max_message_bytes + 1024),
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),
+            # Clients re-resolve DNS only when a connection ends: recycling connections
+            # lets replicas added by the autoscaler take their share of calls.
+            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_grace_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
