@@ -4,8 +4,9 @@ Key scheme (every key has a TTL; `{...}` is the Redis Cluster hash tag). `A` is 
 address identity, `fp` a client fingerprint behind it (see `penalty.identity`)::
 
     <p>:{A}:w[:fp]      hash   window: field bucket*16+outcome -> count, "m" -> last bucket
-                               already used by a penalty; expires with its newest bucket
-    <p>:{A}:p[:fp]      string compact penalty reason, PX = penalty length
+                               already used by a penalty, and the penalty itself: "p" its
+                               compact reason, "x" its expiry (unix ms, Redis clock);
+                               expires with its newest bucket or its penalty, the later
     <p>:{A}:h:<gen>     HLL    distinct client fingerprints per window generation (2 x window)
     <p>:{A}:s           string shared mark (detected), PX shared_ttl
     <p>:{A}:o[:fp]      string offence counter (escalation only), PX escalation window
@@ -178,12 +179,10 @@ class RedisStore:
         sub = item.sub_identity
         return (
             self._key(a, "w"),
-            self._key(a, "p"),
             f"{self._p}:{{{a}}}:h:{gen}",
             f"{self._p}:{{{a}}}:h:{gen - 1}",
             self._key(a, "s"),
             self._key(sub, "w"),
-            self._key(sub, "p"),
         )
 
     def _ikey(self, member: str) -> str:
@@ -312,13 +311,13 @@ class RedisStore:
     async def penalty(self, identity: str) -> Penalty | None:
         if self._use_view and self.view.synced:
             return self.view.get(identity)
-        pttl, reason, now_ms = await self._evalsha("peek", (self._key(identity, "p"),), ())
+        pttl, reason, now_ms = await self._evalsha("peek", (self._key(identity, "w"),), ())
         return _penalty(identity, int(pttl), reason, int(now_ms))
 
     async def penalties(self, identities: Sequence[str]) -> list[Penalty | None]:
         if self._use_view and self.view.synced:
             return [self.view.get(i) for i in identities]
-        replies = await self._pipeline([("peek", (self._key(i, "p"),), ()) for i in identities])
+        replies = await self._pipeline([("peek", (self._key(i, "w"),), ()) for i in identities])
         return [
             _penalty(i, int(r[0]), r[1], int(r[2]))
             for i, r in zip(identities, replies, strict=True)
@@ -339,12 +338,7 @@ class RedisStore:
         calls = [
             (
                 "start_penalty",
-                (
-                    self._key(i, "p"),
-                    self._key(i, "w"),
-                    self._key(i, "o"),
-                    self._key(address_of(i), "w"),
-                ),
+                (self._key(i, "w"), self._key(i, "o"), self._key(address_of(i), "w")),
                 (ttl, reason, self._bucket_ms, esc.multiplier, esc.cap_ms, esc.memory_ms),
             )
             for i, ttl, reason in starts
@@ -369,7 +363,7 @@ class RedisStore:
     async def lift(self, identity: str, record: LiftRecord) -> bool:
         removed = await self._evalsha(
             "lift",
-            (self._key(identity, "p"), self._key(identity, "l")),
+            (self._key(identity, "w"), self._key(identity, "l")),
             (record.encode(), self._window_ms),
         )
         if removed:
@@ -454,6 +448,17 @@ class RedisStore:
         raw = await get(keys)
         return [r.decode() if r is not None else None for r in cast(list[bytes | None], raw)]
 
+    async def _penalty_reasons(self, identities: Sequence[str]) -> list[str | None]:
+        """The reasons of active penalties (None where it ended), one pipeline."""
+        if not identities:
+            return []
+        now = self.clock.now_ms()
+        calls = [("HMGET", (self._key(i, "w"),), ("p", "x")) for i in identities]
+        out: list[str | None] = []
+        for reason, expires in await self._pipeline(calls):
+            out.append(reason.decode() if reason and int(expires or 0) > now else None)
+        return out
+
     async def list_penalties(
         self, after: PageCursor | None, limit: int
     ) -> tuple[list[Penalty], PageCursor | None]:
@@ -482,7 +487,7 @@ class RedisStore:
                     offset += len(batch)
                 shard += 1
             page = rows[:limit]
-            reasons = await self._mget([self._key(i, "p") for _, i, _ in page])
+            reasons = await self._penalty_reasons([i for _, i, _ in page])
         penalties = [
             Penalty(i, e - now, e, r)
             for (_, i, e), r in zip(page, reasons, strict=True)
@@ -589,7 +594,7 @@ class RedisStore:
             for key in self._shard_keys("active"):
                 offset = 0
                 while batch := await self._index_page(key, now + 1, offset, 5000):
-                    reasons = await self._mget([self._key(i, "p") for i, _ in batch])
+                    reasons = await self._penalty_reasons([i for i, _ in batch])
                     for (identity, expires), reason in zip(batch, reasons, strict=True):
                         if reason is not None:
                             entries[identity] = (expires, reason)

@@ -1,6 +1,10 @@
 -- lift.lua: end a penalty now and record who lifted it and why (for Explain).
--- KEYS[1] penalty key, KEYS[2] lift record.  ARGV[1] record, ARGV[2] record ttl (ms).
--- Returns 1 if a penalty was active.
-local removed = redis.call('DEL', KEYS[1])
-if removed == 1 then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
-return removed
+-- KEYS[1] the identity's window hash, KEYS[2] lift record.
+-- ARGV[1] record, ARGV[2] record ttl (ms). Returns 1 if a penalty was active.
+local v = redis.call('HMGET', KEYS[1], 'p', 'x')
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not v[1] or tonumber(v[2] or '0') <= now_ms then return 0 end
+redis.call('HDEL', KEYS[1], 'p', 'x')
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1

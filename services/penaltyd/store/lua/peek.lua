@@ -1,7 +1,9 @@
 -- peek.lua: the penalty of one identity with its exact remaining time (the check path).
--- KEYS[1] penalty key.  Returns {pttl, reason|false, now_ms}; pttl <= 0 means none.
-local pttl = redis.call('PTTL', KEYS[1])
+-- KEYS[1] the identity's window hash (fields "p" reason, "x" expiry in unix ms).
+-- Returns {pttl, reason|false, now_ms}; pttl <= 0 means none. Time is Redis's own.
+local v = redis.call('HMGET', KEYS[1], 'p', 'x')
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if pttl <= 0 then return {pttl, false, now_ms} end
-return {pttl, redis.call('GET', KEYS[1]), now_ms}
+local expires = tonumber(v[2] or '0')
+if v[1] and expires > now_ms then return {expires - now_ms, v[1], now_ms} end
+return {-2, false, now_ms}

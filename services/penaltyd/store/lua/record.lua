@@ -1,12 +1,12 @@
 -- record.lua: add outcomes to one address's windows and read them back, atomically.
+-- With no outcome pairs it only reads (Explain) and changes nothing.
 -- Every key carries the address's hash tag: one Cluster slot, one round trip.
--- KEYS[1] address window  {A}:w      hash  bucket*16+outcome -> count, "m" -> used-up bucket
--- KEYS[2] address penalty {A}:p      string compact reason, PX
--- KEYS[3] distinct clients {A}:h:<g>  HyperLogLog of client fingerprints, this generation
--- KEYS[4] previous generation {A}:h:<g-1> (read only)
--- KEYS[5] shared mark     {A}:s      string, PX shared_ttl: the address is handled as shared
--- KEYS[6] sub window      {A}:w:<fp>  as KEYS[1], for one client behind a shared address
--- KEYS[7] sub penalty     {A}:p:<fp>
+-- KEYS[1] address window  {A}:w       hash: bucket*16+outcome -> count, "m" -> used-up bucket,
+--                                      "p" -> penalty reason, "x" -> penalty expiry (unix ms)
+-- KEYS[2] distinct clients {A}:h:<g>  HyperLogLog of client fingerprints, this generation
+-- KEYS[3] previous generation {A}:h:<g-1> (read only)
+-- KEYS[4] shared mark     {A}:s       string, PX shared_ttl: the address is handled as shared
+-- KEYS[5] sub window      {A}:w:<fp>  as KEYS[1], for one client behind a shared address
 -- ARGV[1] bucket ms  ARGV[2] buckets per window  ARGV[3] fingerprint ("" if unknown)
 -- ARGV[4] K (more distinct clients than this: shared)  ARGV[5] "1" if configured shared
 -- ARGV[6] shared mark ttl ms  ARGV[7] HLL ttl ms  ARGV[8..] outcome, n pairs (none: read only)
@@ -24,22 +24,30 @@ local function add(key)
   for i = 8, #ARGV, 2 do
     redis.call('HINCRBY', key, bucket * 16 + tonumber(ARGV[i]), ARGV[i + 1])
   end
-  -- The key dies when its newest bucket has left the window: nothing outlives its window.
-  if writing then redis.call('PEXPIREAT', key, (bucket + 1 + nbuckets) * bucket_ms) end
+  -- The key dies when its newest bucket has left the window, or when its penalty ends if
+  -- that is later: nothing outlives its window or its penalty.
+  local until_ms = (bucket + 1 + nbuckets) * bucket_ms
+  local expires = tonumber(redis.call('HGET', key, 'x') or '0')
+  if expires > until_ms then until_ms = expires end
+  redis.call('PEXPIREAT', key, until_ms)
 end
 
--- Totals of the evidence that still counts: inside the window and after the bucket a
--- penalty already used ("m"). Buckets that left the window are deleted on the way.
-local function sum(key)
+-- Totals of the evidence that still counts (inside the window, after the bucket a penalty
+-- already used) and the penalty held in the same hash. Stale buckets and an ended
+-- penalty are deleted on the way when writing.
+local function read(key)
   local all = redis.call('HGETALL', key)
-  local marker = -1
+  local marker, reason, expires = -1, false, 0
   for i = 1, #all, 2 do
-    if all[i] == 'm' then marker = tonumber(all[i + 1]) end
+    local f = all[i]
+    if f == 'm' then marker = tonumber(all[i + 1])
+    elseif f == 'p' then reason = all[i + 1]
+    elseif f == 'x' then expires = tonumber(all[i + 1]) end
   end
   local totals = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
   for i = 1, #all, 2 do
     local f = all[i]
-    if f ~= 'm' then
+    if f ~= 'm' and f ~= 'p' and f ~= 'x' then
       local code = tonumber(f)
       local b = math.floor(code / 16)
       if b < oldest then
@@ -50,18 +58,13 @@ local function sum(key)
       end
     end
   end
-  return totals
+  if expires > now_ms and reason then return totals, expires - now_ms, reason end
+  if writing and reason then redis.call('HDEL', key, 'p', 'x') end
+  return totals, -2, false
 end
 
-local function penalty(key)
-  local pttl = redis.call('PTTL', key)
-  if pttl > 0 then return pttl, redis.call('GET', key) end
-  return pttl, false
-end
-
-add(KEYS[1])
-local totals = sum(KEYS[1])
-local pttl, reason = penalty(KEYS[2])
+if writing then add(KEYS[1]) end
+local totals, pttl, reason = read(KEYS[1])
 
 local fp = ARGV[3]
 local distinct, shared, newly, kept = 0, 0, 0, 0
@@ -69,22 +72,21 @@ local sub_pttl, sub_reason = -2, false
 local sub_totals = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 if fp ~= '' then
   if writing then
-    redis.call('PFADD', KEYS[3], fp)
-    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+    redis.call('PFADD', KEYS[2], fp)
+    redis.call('PEXPIRE', KEYS[2], ARGV[7])
   end
-  distinct = redis.call('PFCOUNT', KEYS[3], KEYS[4])
-  if ARGV[5] == '1' or redis.call('EXISTS', KEYS[5]) == 1 then
+  distinct = redis.call('PFCOUNT', KEYS[2], KEYS[3])
+  if ARGV[5] == '1' or redis.call('EXISTS', KEYS[4]) == 1 then
     shared = 1
   elseif writing and distinct > tonumber(ARGV[4]) then
-    redis.call('SET', KEYS[5], '1', 'PX', ARGV[6])
+    redis.call('SET', KEYS[4], '1', 'PX', ARGV[6])
     shared, newly = 1, 1
   end
   -- Clients are told apart as soon as a second one appears, before the address is
   -- known to be shared, so one client's evidence never lands on its neighbours.
   if shared == 1 or distinct >= 2 then
-    add(KEYS[6])
-    sub_totals = sum(KEYS[6])
-    sub_pttl, sub_reason = penalty(KEYS[7])
+    if writing then add(KEYS[5]) end
+    sub_totals, sub_pttl, sub_reason = read(KEYS[5])
     kept = 1
   end
 end
