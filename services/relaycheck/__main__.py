@@ -1,0 +1,5 @@
+import sys
+
+from relaycheck.cli import main
+
+sys.exit(main())

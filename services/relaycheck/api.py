@@ -1,0 +1,219 @@
+"""gRPC servicer: validate, call the engine, map answers and errors once.
+
+`Classify` is on the smart relay's mail path: bad input is `INVALID_ARGUMENT` naming the
+field, and store trouble is never an error (UNDETERMINED, `degraded=true`). The customer
+calls and `Probe` are operator calls: they need `authorization: Bearer <admin_token>`,
+or, without a configured token, a loopback listener (as penaltyd's admin API); store
+trouble there is `UNAVAILABLE` (an operator wants to know), a relay network that is
+another customer's is `ALREADY_EXISTS`, an unknown customer `NOT_FOUND`, a probe target
+outside `probe_allowed_networks` `PERMISSION_DENIED`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from relaycheck.chain import Judgement
+from relaycheck.customers import Customer
+from relaycheck.engine import Classified, Engine, ProbeRefused
+from relaycheck.headers import Hop
+from relaycheck.probe import ProbeReport
+from relaycheck.store.base import NetworkConflict, StoreError
+from relaycheck.v1 import relaycheck_pb2 as pb
+from relaycheck.v1 import relaycheck_pb2_grpc as pbg
+from relaycheck.validation import BadField, BadMessage, Validator
+
+R = TypeVar("R")
+
+
+def hop_message(hop: Hop) -> pb.Hop:
+    return pb.Hop(
+        index=hop.index,
+        from_helo=hop.from_helo,
+        from_rdns=hop.from_rdns,
+        from_ip=str(hop.from_ip) if hop.from_ip is not None else "",
+        by_host=hop.by_host,
+        protocol=hop.protocol,
+        for_address=hop.for_address,
+        authenticated=hop.authenticated,
+        local_submission=hop.local_submission or hop.forwarded,
+        mta=hop.mta,
+        raw=hop.raw,
+    )
+
+
+def classification(c: Classified) -> pb.Classification:
+    j: Judgement = c.judgement
+    out = pb.Classification(
+        verdict=pb.Verdict.ValueType(int(j.verdict)),
+        origin_ip=str(j.origin_ip) if j.origin_ip is not None else "",
+        evidence=[
+            pb.Evidence(hop=e.hop, rule=e.rule, detail=e.detail, weak=e.weak) for e in j.evidence
+        ],
+        customer_id=c.customer_id,
+        degraded=c.degraded,
+        leaning=pb.Verdict.ValueType(int(j.leaning)),
+        reported=c.reported,
+        hops=j.hops,
+    )
+    if j.entry_hop is not None:
+        out.entry_hop.CopyFrom(hop_message(j.entry_hop))
+    return out
+
+
+def customer_message(c: Customer) -> pb.Customer:
+    return pb.Customer(
+        id=c.id,
+        relay_networks=c.relay_networks,
+        internal_networks=c.internal_networks,
+        domains=c.domains,
+        note=c.note,
+        updated_at_unix_ms=c.updated_at_ms,
+        expires_at_unix_ms=c.expires_at_ms,
+    )
+
+
+def probe_message(r: ProbeReport) -> pb.ProbeResult:
+    return pb.ProbeResult(
+        host=r.host,
+        port=r.port,
+        relaying=r.relaying,
+        tests=[
+            pb.ProbeTest(
+                name=t.name,
+                mail_from=t.mail_from,
+                rcpt_to=t.rcpt_to,
+                mail_code=t.mail_code,
+                rcpt_code=t.rcpt_code,
+                reply=t.reply,
+                result=pb.ProbeTest.Result.ValueType(int(t.result)),
+                elapsed_ms=t.elapsed_ms,
+            )
+            for t in r.tests
+        ],
+        banner=r.banner,
+        elapsed_ms=r.elapsed_ms,
+        budget_exhausted=r.budget_exhausted,
+        error=r.error,
+        local_domain=r.local_domain,
+    )
+
+
+async def _invalid(
+    context: grpc.aio.ServicerContext, err: BadField | BadMessage, engine: Engine
+) -> NoReturn:
+    engine.metrics.invalid_requests.inc()
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err.message}")
+    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+
+
+AdminMethod = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def admin(method: AdminMethod[R]) -> AdminMethod[R]:
+    """Authorize, refuse undecodable requests, map BadField and store errors: once."""
+
+    @functools.wraps(method)
+    async def wrapper(self: RelayCheck, request: Any, context: grpc.aio.ServicerContext) -> R:
+        await self.authorize(context)
+        if isinstance(request, BadMessage):
+            await _invalid(context, request, self.engine)
+        try:
+            return await method(self, request, context)
+        except BadField as err:
+            await _invalid(context, err, self.engine)
+        except NetworkConflict as exc:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"relay_networks[{exc.index}]: {exc}"
+            )
+        except ProbeRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"host: {exc}")
+        except (StoreError, TimeoutError) as exc:
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if isinstance(exc, TimeoutError)
+                else grpc.StatusCode.UNAVAILABLE
+            )
+            await context.abort(code, f"store: {exc or type(exc).__name__}")
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    return wrapper
+
+
+class RelayCheck(pbg.RelayCheckServicer):
+    def __init__(self, engine: Engine, validator: Validator) -> None:
+        self.engine = engine
+        self.validator = validator
+        token = engine.settings.admin_token.get_secret_value()
+        self._expected = f"Bearer {token}".encode() if token else None
+        host = engine.settings.listen.rpartition(":")[0].strip("[]")
+        try:
+            self._loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            self._loopback = False
+
+    async def authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self._expected is None:
+            if not self._loopback:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "operator API disabled: set admin_token (RELAYCHECK_ADMIN_TOKEN) to enable it",
+                )
+            return
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else value
+                if hmac.compare_digest(got, self._expected):
+                    return
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "operator calls need authorization: Bearer <admin_token>",
+        )
+
+    async def Classify(
+        self, request: pb.ClassifyRequest | BadMessage, context: grpc.aio.ServicerContext
+    ) -> pb.Classification:
+        if isinstance(request, BadMessage):
+            await _invalid(context, request, self.engine)
+        try:
+            valid = self.validator.classify(request)
+        except BadField as err:
+            await _invalid(context, err, self.engine)
+        return classification(await self.engine.classify(valid))
+
+    @admin
+    async def UpsertCustomer(
+        self, request: pb.Customer, context: grpc.aio.ServicerContext
+    ) -> pb.Customer:
+        return customer_message(await self.engine.upsert(self.validator.customer(request)))
+
+    @admin
+    async def GetCustomer(
+        self, request: pb.GetCustomerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Customer:
+        customer_id, ip = self.validator.get_customer(request)
+        found = await self.engine.get(customer_id, ip)
+        if found is None:
+            what = f"id {customer_id}" if customer_id else f"a relay network containing {ip}"
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no customer with {what}")
+        assert found is not None
+        return customer_message(found)
+
+    @admin
+    async def DeleteCustomer(
+        self, request: pb.DeleteCustomerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteCustomerResponse:
+        customer_id = self.validator.customer_id(request.id)
+        return pb.DeleteCustomerResponse(deleted=await self.engine.delete(customer_id))
+
+    @admin
+    async def Probe(
+        self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ProbeResult:
+        return probe_message(await self.engine.probe(self.validator.probe(request)))

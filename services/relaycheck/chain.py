@@ -1,0 +1,378 @@
+"""The Received-chain walker: whose mail is this? (DESIGN.md section 9; pure, no I/O)
+
+The smart relay knows one fact for certain: which customer relay connected (its
+address, `client_ip`). Every `Received:` line that relay wrote is the customer's word,
+and so is every line written by a machine the customer's own lines say handed the
+message over from inside its networks. The walk goes from the newest line down through
+those, to the **entry hop**: the line where the message came into the customer's
+network. Everything below it was written by whoever sent the message and proves
+nothing. The entry hop is judged by the first rule that applies:
+
+======================== ============================================== ===============
+rule                     the entry hop says                             verdict
+======================== ============================================== ===============
+authenticated_submission ESMTPA/ESMTPSA/LMTPA (RFC 3848), Exim esmtpsa,  ORIGINATED
+                         Postfix "(Authenticated sender: ...)",
+                         Sendmail "(authenticated bits=...)", Exchange
+                         "with mapi"
+local_submission         Postfix pickup "(Postfix, from userid N)",     ORIGINATED
+                         Sendmail "(from user@localhost)", Exim "with
+                         local", qmail "invoked by uid N"
+forwarded                qmail "invoked by alias"                       ORIGINATED
+internal_client          the oldest trusted line's client is inside     ORIGINATED
+                         the customer's networks or a private range
+own_recipient            external client, "for <x@customer-domain>"     ORIGINATED
+delivered_to_own         external client, a Delivered-To/X-Original-To  ORIGINATED
+                         of a customer domain *above* the entry line
+foreign_recipient        external client, "for <x@foreign>"             RELAYED
+foreign_envelope         external client, no "for", every envelope      RELAYED
+                         recipient at the smart relay is foreign
+======================== ============================================== ===============
+
+Anything else (no Received line from the relay, a line without a client address, an
+unreadable line in the trusted part, more lines than the limit) is UNDETERMINED: the
+chain does not say, and mail flows. The envelope sender, From and Message-ID domains are
+forgeable: they are listed as weak evidence and only set `leaning` on an UNDETERMINED
+answer; they never decide.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from relaycheck.customers import Customer, PrivateNetworks
+from relaycheck.headers import (
+    HeaderBlock,
+    Hop,
+    IPAddress,
+    Limits,
+    address_domain,
+    parse_address,
+    parse_hops,
+    split_header_block,
+)
+
+
+class Verdict(enum.IntEnum):
+    """Mirrors relaycheck.v1.Verdict (same numbers)."""
+
+    UNSPECIFIED = 0
+    ORIGINATED_BY_CUSTOMER = 1
+    RELAYED_THIRD_PARTY = 2
+    NOT_A_CUSTOMER = 3
+    UNDETERMINED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    hop: int  # Hop.index, -1 for none
+    rule: str
+    detail: str
+    weak: bool = False
+
+
+@dataclass
+class Judgement:
+    verdict: Verdict
+    origin_ip: IPAddress | None = None
+    entry_hop: Hop | None = None
+    evidence: list[Evidence] = field(default_factory=list)
+    leaning: Verdict = Verdict.UNSPECIFIED
+    hops: int = 0
+    rule: str = ""  # the deciding rule (metrics label)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the smart relay saw of the connection and the envelope."""
+
+    client_ip: IPAddress | None = None
+    helo: str = ""
+    mail_from: str = ""
+    rcpt_to: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    private: PrivateNetworks = field(default_factory=PrivateNetworks)
+    own_hostnames: tuple[str, ...] = ()  # our smart relays; ".example.net" matches subdomains
+    limits: Limits = field(default_factory=Limits)
+
+
+def _is_own(hop: Hop, names: tuple[str, ...]) -> bool:
+    host = hop.by_host.lower().rstrip(".")
+    if not host:
+        return False
+    for name in names:
+        n = name.lower().rstrip(".")
+        if (n.startswith(".") and host.endswith(n)) or host == n:
+            return True
+    return False
+
+
+def _describe(hop: Hop) -> str:
+    client = hop.from_word or "?"
+    if hop.from_ip is not None:
+        client += f" [{hop.from_ip}]"
+    return f"Received line {hop.index} (by {hop.by_host or '?'} from {client})"
+
+
+class _Walk:
+    def __init__(
+        self,
+        customer: Customer,
+        block: HeaderBlock,
+        hops: list[Hop],
+        envelope: Envelope,
+        options: WalkOptions,
+    ) -> None:
+        self.customer = customer
+        self.block = block
+        self.hops = hops
+        self.envelope = envelope
+        self.options = options
+        self.evidence: list[Evidence] = []
+
+    def note(self, hop: Hop | None, rule: str, detail: str, weak: bool = False) -> None:
+        self.evidence.append(Evidence(hop.index if hop else -1, rule, detail, weak))
+
+    def done(
+        self, verdict: Verdict, rule: str, entry: Hop | None, origin: IPAddress | None = None
+    ) -> Judgement:
+        return Judgement(
+            verdict,
+            origin if origin is not None else (entry.from_ip if entry else None),
+            entry,
+            self.evidence,
+            hops=len(self.hops),
+            rule=rule,
+        )
+
+    def inside(self, addr: IPAddress) -> str | None:
+        """Why `addr` is the customer's ("relay network 192.0.2.0/24"), or None."""
+        hit = self.customer.networks.match(addr)
+        if hit is not None:
+            return f"{hit[1]} network {hit[0]}"
+        private = self.options.private.match(addr)
+        return f"private range {private}" if private else None
+
+    def run(self) -> Judgement:
+        hops = self.hops
+        if self.block.truncated:
+            self.note(None, "truncated", "the header block was cut at the size limit")
+        i = 0
+        last_own: Hop | None = None
+        while i < len(hops) and _is_own(hops[i], self.options.own_hostnames):
+            last_own = hops[i]
+            self.note(hops[i], "own_hop", f"{_describe(hops[i])} was written by our smart relay")
+            i += 1
+        client = self.envelope.client_ip
+        if client is None and last_own is not None:
+            client = last_own.from_ip
+        if client is not None and i < len(hops) and hops[i].from_ip == client:
+            # Our own line, recorded with the customer relay as its client.
+            self.note(
+                hops[i],
+                "own_hop",
+                f"{_describe(hops[i])} records the customer relay {client}: ours",
+            )
+            i += 1
+        if client is not None:
+            self.note(
+                None,
+                "customer_relay",
+                f"the message came from customer {self.customer.id}'s relay {client}",
+            )
+        else:
+            self.note(
+                None,
+                "customer_relay",
+                f"the newest Received line is taken as customer {self.customer.id}'s relay's",
+            )
+        if i >= len(hops):
+            self.note(None, "no_received", "no Received line written by the customer's relay")
+            return self.done(Verdict.UNDETERMINED, "no_received", None)
+        last_inside: Hop | None = None
+        for hop in hops[i:]:
+            if hop.authenticated:
+                self.note(
+                    hop,
+                    "authenticated_submission",
+                    f"{_describe(hop)}: authenticated submission ({hop.auth_detail})",
+                )
+                return self.done(Verdict.ORIGINATED_BY_CUSTOMER, "authenticated_submission", hop)
+            if hop.local_submission:
+                self.note(
+                    hop,
+                    "local_submission",
+                    f"{_describe(hop)}: local submission ({hop.local_submission})",
+                )
+                return self.done(Verdict.ORIGINATED_BY_CUSTOMER, "local_submission", hop)
+            if hop.forwarded:
+                self.note(
+                    hop,
+                    "forwarded",
+                    f"{_describe(hop)}: delivered to a local alias and forwarded ({hop.forwarded})",
+                )
+                return self.done(Verdict.ORIGINATED_BY_CUSTOMER, "forwarded", hop)
+            if hop.neutral:
+                self.note(
+                    hop,
+                    "neutral_hop",
+                    f"Received line {hop.index} names no client (a hand-over on one machine)",
+                )
+                continue
+            if not hop.understood:
+                self.note(
+                    hop,
+                    "unreadable_hop",
+                    f"customer-written Received line {hop.index} is unreadable: {hop.raw[:120]!r}",
+                )
+                return self.done(Verdict.UNDETERMINED, "unreadable_hop", hop)
+            if hop.from_ip is None:
+                if not hop.has_client:
+                    # "by host ... id ..." with no client: an internal hand-over.
+                    self.note(hop, "neutral_hop", f"Received line {hop.index} names no client")
+                    continue
+                self.note(hop, "no_client_address", f"{_describe(hop)} records no client address")
+                return self.done(Verdict.UNDETERMINED, "no_client_address", hop)
+            why = self.inside(hop.from_ip)
+            if why is not None:
+                self.note(
+                    hop,
+                    "customer_hop",
+                    f"{_describe(hop)}: client inside the customer ({why}); trusting the next",
+                )
+                last_inside = hop
+                continue
+            return self.judge_external(hop)
+        if self.block.received_total > len(self.block.received) or self.block.truncated:
+            self.note(None, "too_many_hops", "the entry lies beyond the Received lines read")
+            return self.done(Verdict.UNDETERMINED, "too_many_hops", None)
+        if last_inside is not None:
+            self.note(
+                last_inside,
+                "internal_client",
+                f"the message started at {last_inside.from_ip}, inside the customer",
+            )
+            return self.done(Verdict.ORIGINATED_BY_CUSTOMER, "internal_client", last_inside)
+        self.note(None, "no_entry", "no line says where the message came from")
+        return self.done(Verdict.UNDETERMINED, "no_entry", None)
+
+    def trusted_recipients(self, entry: Hop) -> list[tuple[str, str]]:
+        """Delivered-To / X-Original-To written above the entry line (by the customer)."""
+        return [
+            (f.name, f.value)
+            for f in self.block.fields
+            if f.name in ("delivered-to", "x-original-to") and f.position < entry.position
+        ]
+
+    def judge_external(self, hop: Hop) -> Judgement:
+        c = self.customer
+        self.note(
+            hop,
+            "entry_hop",
+            f"{_describe(hop)}: entered the customer here from {hop.from_ip}, unauthenticated",
+        )
+        if hop.for_address:
+            domain = address_domain(hop.for_address)
+            if domain and c.owns_domain(domain):
+                self.note(
+                    hop,
+                    "own_recipient",
+                    f"accepted for the customer's own {hop.for_address[:120]}, then forwarded",
+                )
+                return self.done(Verdict.ORIGINATED_BY_CUSTOMER, "own_recipient", hop)
+        for name, value in self.trusted_recipients(hop):
+            domain = address_domain(value)
+            if domain and c.owns_domain(domain):
+                self.note(
+                    hop,
+                    "delivered_to_own",
+                    f"{name.title()} {value[:120]} above the entry line: delivered, then forwarded",
+                )
+                return self.done(Verdict.ORIGINATED_BY_CUSTOMER, "delivered_to_own", hop)
+        if hop.for_address:
+            self.note(
+                hop,
+                "foreign_recipient",
+                f"handed over for the foreign recipient {hop.for_address[:120]}: relayed",
+            )
+            return self.done(Verdict.RELAYED_THIRD_PARTY, "foreign_recipient", hop)
+        rcpts = list(self.envelope.rcpt_to)
+        if rcpts and not any(c.owns_domain(address_domain(r)) for r in rcpts):
+            self.note(
+                hop,
+                "foreign_envelope",
+                f"no recipient at the entry; all {len(rcpts)} envelope recipients foreign: relayed",
+            )
+            return self.done(Verdict.RELAYED_THIRD_PARTY, "foreign_envelope", hop)
+        if rcpts:
+            self.note(
+                hop,
+                "own_envelope_recipient",
+                "an envelope recipient is the customer's own: no relaying, and not its mail either",
+            )
+        else:
+            self.note(
+                hop, "no_recipients", "neither the entry line nor the envelope names a recipient"
+            )
+        return self.done(Verdict.UNDETERMINED, "external_unknown_recipient", hop)
+
+
+def _weak(customer: Customer, block: HeaderBlock, envelope: Envelope) -> list[Evidence]:
+    """Forgeable claims: envelope sender, From, Message-ID. Listed, never deciding."""
+    out: list[Evidence] = []
+    claims: list[tuple[str, str]] = []
+    if envelope.mail_from:
+        claims.append(("envelope sender", envelope.mail_from))
+    for name, label in (("from", "From"), ("message-id", "Message-ID")):
+        f = block.first(name)
+        if f is not None:
+            claims.append((label, f.value))
+    for label, value in claims:
+        domain = address_domain(value)
+        if not domain:
+            continue
+        own = customer.owns_domain(domain)
+        out.append(
+            Evidence(
+                -1,
+                "weak_own_domain" if own else "weak_foreign_domain",
+                f"{label} claims {domain}: {'' if own else 'not '}a customer domain (forgeable)",
+                weak=True,
+            )
+        )
+    return out
+
+
+def _leaning(weak: list[Evidence]) -> Verdict:
+    rules = {e.rule for e in weak}
+    if rules == {"weak_own_domain"}:
+        return Verdict.ORIGINATED_BY_CUSTOMER
+    if rules == {"weak_foreign_domain"}:
+        return Verdict.RELAYED_THIRD_PARTY
+    return Verdict.UNSPECIFIED
+
+
+def classify_headers(
+    customer: Customer,
+    headers: bytes | str,
+    envelope: Envelope = Envelope(),
+    options: WalkOptions = WalkOptions(),
+) -> Judgement:
+    """Judge one message for `customer`. Bounded work, never raises on any input."""
+    block = split_header_block(headers, options.limits)
+    hops = parse_hops(block)
+    judgement = _Walk(customer, block, hops, envelope, options).run()
+    weak = _weak(customer, block, envelope)
+    judgement.evidence.extend(weak)
+    if judgement.verdict == Verdict.UNDETERMINED:
+        judgement.leaning = _leaning(weak)
+    return judgement
+
+
+def parse_client_ip(text: str) -> IPAddress | None:
+    return parse_address(text) if text else None

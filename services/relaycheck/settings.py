@@ -1,0 +1,208 @@
+"""Typed settings: one object, every knob with a default and a one-line comment.
+
+Sources, strongest first: command-line flags, `RELAYCHECK_*` environment variables, a
+TOML file (`--config` or `RELAYCHECK_CONFIG`), then the defaults below. `relaycheck serve
+--print-config` shows the result. Unknown keys are refused, so typos do not pass.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from penalty.identity import InvalidAddress, parse_network
+from penalty.v1 import penalty_pb2
+from relaycheck.customers import DEFAULT_PRIVATE_NETWORKS, normalise_domain
+
+# penaltyd outcomes a relayed verdict may be reported as (DESIGN.md s. 6 names).
+OUTCOMES: dict[str, int] = {
+    name.removeprefix("OUTCOME_").lower(): value
+    for name, value in penalty_pb2.Outcome.items()
+    if value != penalty_pb2.OUTCOME_UNSPECIFIED
+}
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT")
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything relaycheck can be told. Defaults suit one node on the embedded store."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELAYCHECK_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    # --- serving
+    listen: str = "127.0.0.1:50061"  # gRPC HOST:PORT ([::1]:50061 for IPv6)
+    metrics_listen: str = ""  # Prometheus /metrics HOST:PORT; empty disables it
+    grace_seconds: float = Field(5.0, ge=0, le=120)  # SIGTERM drain time for in-flight calls
+    max_message_bytes: int = Field(2 << 20, ge=4096, le=16 << 20)  # request size; larger: refused
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # log threshold
+    admin_token: SecretStr = SecretStr("")  # bearer token for customer and probe calls
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the listener speaks TLS
+    tls_key_file: str = ""  # PEM private key
+
+    # --- classification
+    max_header_bytes: int = Field(1 << 20, ge=1024, le=8 << 20)  # larger `headers`: refused
+    max_received: int = Field(64, ge=4, le=1000)  # Received lines parsed (newest first)
+    max_line: int = Field(2000, ge=200, le=100_000)  # characters kept of one header value
+    max_rcpt: int = Field(1000, ge=1, le=100_000)  # envelope recipients in one request
+    own_hostnames: list[str] = Field(default_factory=list)  # our smart relays (".x" = subdomains)
+    private_networks: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PRIVATE_NETWORKS)
+    )  # clients here are inside every customer
+
+    # --- customer store
+    redis_url: str = ""  # redis://HOST:PORT/DB; empty selects the embedded memory store
+    key_prefix: str = Field("rc", pattern=r"^[A-Za-z0-9_.-]{1,16}$")  # namespace of every key
+    redis_max_connections: int = Field(16, ge=1, le=1024)  # pool size per replica
+    store_timeout_ms: int = Field(
+        100, ge=1, le=10_000
+    )  # customer lookup deadline, then UNDETERMINED
+    admin_timeout_ms: int = Field(2000, ge=1, le=60_000)  # store deadline for customer calls
+    customer_ttl_days: int = Field(
+        400, ge=1, le=3650
+    )  # a record not upserted for this long expires
+    relay_min_prefix_v4: int = Field(16, ge=0, le=32)  # broader IPv4 relay networks are refused
+    relay_min_prefix_v6: int = Field(32, ge=0, le=128)  # broader IPv6 relay networks are refused
+
+    # --- reporting relayed mail to penaltyd
+    penaltyd: str = ""  # penaltyd HOST:PORT[,...] or dns:///name:port; empty: no reports
+    report_outcome: str = "relay_denied"  # the penaltyd outcome a relayed origin is reported as
+    report_queue: int = Field(10_000, ge=1, le=1_000_000)  # reports held while penaltyd is away
+
+    # --- Probe (RFC 2505 battery)
+    probe_step_timeout_ms: int = Field(5000, ge=10, le=120_000)  # default per SMTP command
+    probe_budget_ms: int = Field(60_000, ge=100, le=600_000)  # default for the whole battery
+    probe_max_budget_ms: int = Field(300_000, ge=100, le=3_600_000)  # longest a caller may ask
+    probe_helo: str = "relaycheck.invalid"  # our EHLO name
+    probe_foreign_domain: str = "relay-test.invalid"  # where test mail must not be relayed to
+    probe_allowed_networks: list[str] = Field(default_factory=list)  # targets allowed; empty: any
+    probe_max_concurrent: int = Field(4, ge=1, le=256)  # batteries running at once
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return _host_port(value)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics(cls, value: str) -> str:
+        return _host_port(value) if value else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL (or empty)")
+        return value
+
+    @field_validator("private_networks", "probe_allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        out = []
+        for cidr in value:
+            try:
+                out.append(str(parse_network(cidr)))
+            except InvalidAddress as exc:
+                raise ValueError(str(exc)) from exc
+        return out
+
+    @field_validator("own_hostnames")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        out = []
+        for name in value:
+            dot = name.startswith(".")
+            out.append(("." if dot else "") + normalise_domain(name.lstrip(".")))
+        return out
+
+    @field_validator("probe_helo", "probe_foreign_domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        return normalise_domain(value)
+
+    @field_validator("report_outcome")
+    @classmethod
+    def _outcome(cls, value: str) -> str:
+        name = value.lower().removeprefix("outcome_")
+        if name not in OUTCOMES or name == "accepted":
+            raise ValueError(f"must be one of {sorted(set(OUTCOMES) - {'accepted'})}")
+        return name
+
+    @field_validator("penaltyd")
+    @classmethod
+    def _penaltyd(cls, value: str) -> str:
+        for part in value.split(","):
+            part = part.strip()
+            if part and "://" not in part:
+                _host_port(part)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.probe_budget_ms > self.probe_max_budget_ms:
+            raise ValueError("probe_budget_ms must not exceed probe_max_budget_ms")
+        if self.max_header_bytes > self.max_message_bytes:
+            raise ValueError("max_header_bytes must not exceed max_message_bytes")
+        return self
+
+    @property
+    def store_kind(self) -> str:
+        return "redis" if self.redis_url else "memory"
+
+    @property
+    def report_outcome_value(self) -> int:
+        return OUTCOMES[self.report_outcome]
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration with secrets masked, for --print-config and logs."""
+        data = self.model_dump(mode="json")
+        data["admin_token"] = "***" if self.admin_token.get_secret_value() else ""
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            if parts.password:
+                netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+                data["redis_url"] = urlunsplit(parts._replace(netloc=netloc))
+        return data
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from flags (`overrides`), environment, TOML file and defaults.
+
+    Raises `pydantic.ValidationError` naming the offending knob, or `OSError` /
+    `tomllib.TOMLDecodeError` for an unreadable file.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, "rb") as fh:
+            file_values = tomllib.load(fh)
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(title="relaycheck settings")
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            from pydantic_settings import InitSettingsSource
+
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    return _FromFile(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1 @@
+"""Customer stores: `base` (the protocol and errors), `memory` (embedded), `redis` (fleet)."""

@@ -1,0 +1,149 @@
+"""The fleet customer store: Redis, one Lua script and one round trip per operation.
+
+Key scheme (`{cust}` is the Redis Cluster hash tag: every script touches one slot)::
+
+    <p>:{cust}:rec    hash  customer id -> "<updated_ms>:<expires_ms>:<config json>"
+    <p>:{cust}:relay  hash  relay cidr  -> customer id (longest-prefix lookup by HMGET)
+
+Customers are configuration, not traffic, yet DESIGN.md wants every key to expire. A
+hash field cannot expire on its own before Redis 7.4, so each record carries its own
+expiry (`customer_ttl_days` after its last upsert, enforced on every read and swept
+when met) and each hash expires with its newest record (`PEXPIRE` renewed by every
+upsert). A provisioning system re-upserting its customers keeps them; one that stops
+leaves nothing behind. Times come from Redis (`TIME`): one clock for the fleet.
+
+Lookup by address sends every network containing the address, most specific first, to
+one `HMGET`, so the answer is the longest match in a single round trip however many
+customers there are. As in penaltyd, redis-py's per-read socket timeout is off
+(DESIGN.md s. 12a); the caller enforces one deadline per operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+
+from penalty.identity import IPAddress
+from relaycheck.customers import Customer
+from relaycheck.store.base import (
+    NetworkConflict,
+    StoreMisconfigured,
+    StoreUnavailable,
+    candidate_networks,
+)
+
+_SCRIPT_NAMES = ("upsert", "lookup", "delete")
+
+
+def _load_scripts() -> dict[str, tuple[str, str]]:
+    """name -> (sha1, source); the SHA is computed locally so EVALSHA needs no round trip."""
+    out = {}
+    for name in _SCRIPT_NAMES:
+        src = resources.files("relaycheck.store").joinpath(f"lua/{name}.lua").read_text()
+        out[name] = (hashlib.sha1(src.encode()).hexdigest(), src)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _mapped_errors() -> AsyncIterator[None]:
+    """Map redis-py's exceptions to the store's, once."""
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise StoreMisconfigured(f"redis refused our credentials: {exc}") from exc
+    except (RedisError, OSError) as exc:
+        if isinstance(exc, ResponseError) and not str(exc).startswith(("LOADING", "BUSY")):
+            raise StoreMisconfigured(f"redis error: {exc}") from exc
+        raise StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
+
+
+def _decode(value: bytes | None) -> Customer | None:
+    if not value:
+        return None
+    updated, expires, config = value.decode().split(":", 2)
+    return Customer.from_json(config, int(updated), int(expires))
+
+
+class RedisStore:
+    """`CustomerStore` on Redis (one node; the scripts touch one slot, Cluster-ready)."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "rc",
+        ttl_ms: int = 400 * 86_400_000,
+        relay_min_prefix_v4: int = 16,
+        relay_min_prefix_v6: int = 32,
+        max_connections: int = 16,
+    ) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=None,
+            socket_timeout=None,
+            socket_connect_timeout=0.5,
+            health_check_interval=0,
+            decode_responses=False,
+        )
+        # One retry covers the stale pooled connection after a Redis restart.
+        self._client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
+        self._keys = (f"{key_prefix}:{{cust}}:rec", f"{key_prefix}:{{cust}}:relay")
+        self.ttl_ms = ttl_ms
+        self._min_prefix = {4: relay_min_prefix_v4, 6: relay_min_prefix_v6}
+        self._scripts = _load_scripts()
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        return self._keys
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        async with _mapped_errors():
+            await self._client.ping()
+
+    async def _evalsha(self, name: str, args: Sequence[Any]) -> Any:
+        sha, src = self._scripts[name]
+        async with _mapped_errors():
+            try:
+                return await self._client.evalsha(sha, 2, *self._keys, *args)
+            except NoScriptError:
+                return await self._client.eval(src, 2, *self._keys, *args)
+
+    async def get(self, customer_id: str) -> Customer | None:
+        value, _, _ = await self._evalsha("lookup", ("id", customer_id))
+        return _decode(value)
+
+    async def find_by_ip(self, addr: IPAddress) -> Customer | None:
+        candidates = candidate_networks(addr, self._min_prefix[addr.version])
+        value, _, _ = await self._evalsha("lookup", ("ip", *candidates))
+        return _decode(value)
+
+    async def upsert(self, customer: Customer) -> Customer:
+        result = await self._evalsha(
+            "upsert",
+            (customer.id, customer.config_json(), self.ttl_ms, *customer.relay_networks),
+        )
+        if result[0] == b"conflict":
+            raise NetworkConflict(int(result[1]), result[2].decode(), result[3].decode())
+        stored = _decode(result[1])
+        assert stored is not None
+        return stored
+
+    async def delete(self, customer_id: str) -> bool:
+        return bool(await self._evalsha("delete", (customer_id,)))
