@@ -146,6 +146,25 @@ async def _watch_store(engine: Engine, health: HealthServicer) -> None:
         await asyncio.sleep(1.0)
 
 
+async def _first_ping(engine: Engine) -> None:
+    """Say at start-up, in one log line naming the problem, if the store cannot serve.
+
+    penaltyd starts anyway and answers fail-open: a crash loop would take checks down with
+    it, while a degraded replica keeps mail flowing and recovers when the store does.
+    """
+    try:
+        async with asyncio.timeout(2.0):
+            await engine.store.ping()
+    except (StoreError, TimeoutError) as exc:
+        engine.failed("startup", exc)
+        log.error(
+            "store_unreachable_at_startup",
+            store=engine.store.kind,
+            error=str(exc) or type(exc).__name__,
+            hint="answering fail-open (no penalty, degraded) until the store answers",
+        )
+
+
 async def start_server(
     settings: Settings, *, store: Store | None = None, metrics: Metrics | None = None
 ) -> Running:
@@ -199,6 +218,7 @@ async def start_server(
     for name in _SERVICE_NAMES:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
+    await _first_ping(engine)
     running = Running(server, port, engine, health, settings)
     running._tasks.append(asyncio.create_task(_watch_store(engine, health), name="store-health"))
     if settings.metrics_listen:

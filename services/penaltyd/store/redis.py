@@ -42,7 +42,13 @@ from importlib import resources
 from typing import Any, cast
 
 import structlog
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from penalty.identity import IPAddress, address_of
 from penaltyd.detector import N_OUTCOMES
@@ -94,6 +100,8 @@ async def _mapped_errors() -> AsyncIterator[None]:
         yield
     except AuthenticationError as exc:
         raise StoreMisconfigured(f"redis refused our credentials: {exc}") from exc
+    except RedisClusterException as exc:  # not a RedisError: "slots not covered", no nodes
+        raise StoreUnavailable(f"redis cluster unavailable: {exc}") from exc
     except (RedisError, OSError) as exc:
         transient = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
         if isinstance(exc, ResponseError) and not str(exc).startswith(transient):
