@@ -20,10 +20,9 @@ def test_malformed_url_is_refused_at_startup_naming_the_setting() -> None:
         ("redis+cluster://127.0.0.1:7000/0", "no database number"),
         ("http://127.0.0.1:6379", "unknown redis URL scheme"),
     ]:
-        out = subprocess.run(
-            [sys.executable, "-m", "penaltyd", "--redis-url", url, "--listen", f"127.0.0.1:{free_port()}"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+        cmd = [sys.executable, "-m", "penaltyd", "--redis-url", url]
+        cmd += ["--listen", f"127.0.0.1:{free_port()}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         assert out.returncode == 2
         assert "redis_url" in out.stderr
         assert words in out.stderr
