@@ -40,9 +40,10 @@ import pydantic
 
 from bench import scenarios
 from bench.scenarios import ACCEPTED, LOST, Scenario, Sender
+from penalty import logs
 from penalty.identity import address_of
 from penalty.v1 import penalty_pb2 as pb
-from penaltyd import logs, reasons
+from penaltyd import reasons
 from penaltyd.detector import Baseline
 from penaltyd.engine import Answer, Engine
 from penaltyd.feed import SHARED, STARTED, FeedEvent

@@ -1,7 +1,7 @@
 """Fixtures: real servers, never mocks.
 
 - `redis_server`: one real redis-server per test session on a free loopback port
-  (`penaltyd.testing.RedisServer`); `redis_url` hands each test a flushed database.
+  (`penalty.testing.RedisServer`); `redis_url` hands each test a flushed database.
 - `serve`: a factory that starts an in-process penaltyd (bound to port 0) on a given
   store and cleans up after the test, in the style of httpx's and redis-py's conftests.
 
@@ -19,11 +19,11 @@ import grpc
 import pytest
 import redis
 
+from penalty.testing import RedisServer
 from penalty.v1 import penalty_pb2_grpc
 from penaltyd.server import Running, start_server
 from penaltyd.settings import Settings
 from penaltyd.store.base import Store
-from penaltyd.testing import RedisServer
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -535,7 +535,7 @@ class _ToStructlog(logging.Handler):
 
 
 def _configure_logs(level: str) -> None:
-    from penaltyd import logs
+    from penalty import logs
 
     logs.configure(level)
     root = logging.getLogger()

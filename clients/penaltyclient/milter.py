@@ -33,16 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import signal
-import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import Any
 
 import structlog
 
@@ -52,10 +49,8 @@ from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter
 from penaltyclient.channel import grpc_target
 from penaltyclient.milter_protocol import (
     ACCEPT,
-    COMMAND_NAMES,
     CONTINUE,
     MAX_FRAME,
-    NO_REPLY,
     SMFIA_INET,
     SMFIA_INET6,
     SMFIC_ABORT,
@@ -86,10 +81,10 @@ from penaltyclient.milter_protocol import (
     parse_macros,
     parse_optneg,
     parse_unknown,
-    read_frame,
     reply_code,
     strip_brackets,
 )
+from penaltyclient.milter_server import MilterServer, parse_listen
 
 log = structlog.get_logger("penalty.milter")
 
@@ -386,7 +381,7 @@ class MilterSession:
             stats.reports_queued += 1
 
 
-class PenaltyMilter:
+class PenaltyMilter(MilterServer):
     """The milter server: one task per connection, shared reporter, stats and options."""
 
     def __init__(
@@ -395,58 +390,17 @@ class PenaltyMilter:
         checker: AsyncPenaltyClient | None = None,
         options: MilterOptions | None = None,
     ) -> None:
-        self.options = options or MilterOptions()
+        super().__init__()
+        self.options: MilterOptions = options or MilterOptions()
         if self.options.tempfail_at_rcpt and checker is None:
             raise ValueError("tempfail_at_rcpt needs a client to check with")
         self.reporter = reporter
         self.checker = checker
-        self.stats = MilterStats()
-        self._server: asyncio.Server | None = None
-        self._unix_path: str | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stats: MilterStats = MilterStats()
         self._warned_rcpt_rej = False
 
-    async def start(self, listen: str) -> str:
-        """Listen on `HOST:PORT` or `unix:/path`; returns the bound address (port 0 works)."""
-        kind, host, port = parse_listen(listen)
-        if kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(host).st_mode):
-                    os.unlink(host)  # a stale socket from an earlier run
-            self._server = await asyncio.start_unix_server(self._on_connection, host)
-            self._unix_path = host
-            # Postfix's smtpd (user postfix) must be able to connect: as open as 127.0.0.1.
-            os.chmod(host, 0o666)
-            return f"unix:{host}"
-        self._server = await asyncio.start_server(self._on_connection, host or None, port)
-        sockname = self._server.sockets[0].getsockname()
-        bound = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
-        return f"{bound}:{sockname[1]}"
-
-    @property
-    def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("not listening")
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self, drain: float = 5.0) -> None:
-        """Stop listening, give open connections `drain` seconds to finish, close the rest.
-
-        Postfix treats a milter that goes away as `milter_default_action` (accept), so
-        cutting the stragglers loses no mail, only their remaining reports."""
-        if self._server is not None:
-            self._server.close()
-        tasks = set(self._tasks)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=drain)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-        if self._unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._unix_path)
+    def session(self, peer: str) -> MilterSession:
+        return MilterSession(self, peer)
 
     def warn_no_rcpt_rej(self, negotiation: Negotiation) -> None:
         if not self._warned_rcpt_rej:
@@ -457,56 +411,6 @@ class PenaltyMilter:
                 note="the MTA does not offer SMFIP_RCPT_REJ (milter_protocol = 6 needed): "
                 "only accepted recipients and unknown commands are reported",
             )
-
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        peer = _peer(writer)
-        self.stats.connections += 1
-        self.stats.active += 1
-        session = MilterSession(self, peer)
-        try:
-            while not session.done:
-                async with asyncio.timeout(self.options.idle_timeout):
-                    frame = await read_frame(reader, self.options.max_frame)
-                if frame is None:
-                    break
-                reply = await self._dispatch(session, frame)
-                if reply:
-                    writer.write(reply)
-                    await writer.drain()
-        except ProtocolError as exc:
-            self.stats.protocol_errors += 1
-            log.warning("milter_protocol_error", peer=peer, ip=session.ip, error=str(exc))
-        except TimeoutError:
-            log.info("milter_idle_timeout", peer=peer, seconds=self.options.idle_timeout)
-        except OSError as exc:  # the MTA went away mid-reply
-            log.info("milter_connection_lost", peer=peer, error=str(exc))
-        finally:
-            self.stats.active -= 1
-            if task is not None:
-                self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def _dispatch(self, session: MilterSession, frame: Frame) -> bytes | None:
-        """`session.handle`, with the safe default: a bug answers "continue", not a crash."""
-        try:
-            return await session.handle(frame)
-        except ProtocolError:
-            raise
-        except Exception:
-            if frame.cmd == SMFIC_OPTNEG:
-                raise ProtocolError("option negotiation failed") from None
-            self.stats.handler_errors += 1
-            log.exception(
-                "milter_handler_error", command=COMMAND_NAMES.get(frame.cmd, repr(frame.cmd))
-            )
-            return None if frame.cmd in NO_REPLY else CONTINUE
 
     def stats_fields(self) -> dict[str, object]:
         s, r = self.stats, self.reporter
@@ -534,26 +438,6 @@ class PenaltyMilter:
         while True:
             await asyncio.sleep(every)
             log.info("milter_stats", **self.stats_fields())
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer or "unix")
-
-
-def parse_listen(text: str) -> tuple[str, str, int]:
-    """`unix:/path` -> ("unix", path, 0); `[inet:]HOST:PORT` -> ("inet", host, port)."""
-    if text.startswith("unix:"):
-        path = text.removeprefix("unix:")
-        if not path:
-            raise ValueError("unix: needs a socket path")
-        return "unix", path, 0
-    host, sep, port = text.removeprefix("inet:").rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen: not HOST:PORT or unix:/path: {text!r}")
-    return "inet", host.strip("[]"), int(port)
 
 
 # --- the command line
@@ -721,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvloop
 
-    from penaltyd import logs
+    from penalty import logs
 
     logs.configure(args.log_level)
 

@@ -291,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from penaltyd import logs
+    from penalty import logs
 
     logs.configure(args.log_level)
     stages = {s.strip().upper() for s in args.stage.split(",") if s.strip()}

@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
-import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import lru_cache
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from penalty.grpc_support import (
+    AdminGate,
+    BadField,
+    BadMessage,
+    abort_invalid,
+    abort_store_error,
+)
 from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import reasons
 from penaltyd.detector import Decision
 from penaltyd.engine import END_WATCH, Answer, Engine, Explained
 from penaltyd.feed import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, SHARED, STARTED, FeedEvent
 from penaltyd.store.base import AllowEntry, PageCursor, Penalty, StoreError
-from penaltyd.validation import BadField, BadMessage, Validator
+from penaltyd.validation import Validator
 
 Verdict = penalty_pb2.Verdict
 Kind = penalty_pb2.PenaltyEvent.Kind
@@ -83,9 +88,7 @@ def allow_entry(e: AllowEntry) -> penalty_pb2.AllowEntry:
 async def _invalid(
     context: grpc.aio.ServicerContext, err: BadField | BadMessage, engine: Engine
 ) -> NoReturn:
-    engine.metrics.invalid_requests.inc()
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err.message}")
-    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+    await abort_invalid(context, err, engine.metrics.invalid_requests)
 
 
 class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):
@@ -219,7 +222,7 @@ def admin(method: AdminMethod[R]) -> AdminMethod[R]:
 
     @functools.wraps(method)
     async def wrapper(self: PenaltyAdmin, request: Any, context: grpc.aio.ServicerContext) -> R:
-        await self.authorize(context)
+        await self.gate.authorize(context)
         if isinstance(request, BadMessage):
             await _invalid(context, request, self.engine)
         try:
@@ -227,12 +230,7 @@ def admin(method: AdminMethod[R]) -> AdminMethod[R]:
         except BadField as err:
             await _invalid(context, err, self.engine)
         except (StoreError, TimeoutError) as exc:
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if isinstance(exc, TimeoutError)
-                else grpc.StatusCode.UNAVAILABLE
-            )
-            await context.abort(code, f"store: {exc or type(exc).__name__}")
+            await abort_store_error(context, exc)
         raise AssertionError("abort returned")  # pragma: no cover
 
     return wrapper
@@ -243,29 +241,11 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         self.engine = engine
         self.validator = validator
         self.replies = replies
-        token = engine.settings.admin_token.get_secret_value()
-        self._expected = f"Bearer {token}".encode() if token else None
-        host = engine.settings.listen.rpartition(":")[0].strip("[]")
-        try:
-            self._loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            self._loopback = False
-
-    async def authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self._expected is None:
-            if not self._loopback:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "admin API disabled: set admin_token (PENALTYD_ADMIN_TOKEN) to enable it",
-                )
-            return
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(got, self._expected):
-                    return
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, "admin calls need authorization: Bearer <admin_token>"
+        self.gate = AdminGate(
+            engine.settings.admin_token.get_secret_value(),
+            engine.settings.listen,
+            api="admin",
+            env_var="PENALTYD_ADMIN_TOKEN",
         )
 
     def _decision(

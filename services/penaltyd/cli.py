@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvloop
 
-    from penaltyd import logs
+    from penalty import logs
     from penaltyd.server import serve
 
     logs.configure(settings.log_level)

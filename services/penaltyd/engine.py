@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from penalty.identity import NetworkSet, parse_network
+from penalty.logs import RateLimitedLog
 from penaltyd import reasons
 from penaltyd.batching import Coalescer
 from penaltyd.detector import Baseline, Decision, Detector
 from penaltyd.feed import RESYNC, FeedEvent
-from penaltyd.logs import RateLimitedLog
 from penaltyd.metrics import Metrics
 from penaltyd.settings import Settings
 from penaltyd.store.base import (

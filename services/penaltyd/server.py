@@ -9,18 +9,12 @@ reflects whether the store answered its last ping, for alerting and dashboards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
+from penalty import grpc_support
 from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import __version__
 from penaltyd.api import PenaltyAdmin, PenaltyService, Replies
@@ -30,7 +24,7 @@ from penaltyd.settings import Settings
 from penaltyd.store.base import Store, StoreError
 from penaltyd.store.memory import MemoryStore
 from penaltyd.store.redis import RedisStore
-from penaltyd.validation import Validator, guarded_deserializer
+from penaltyd.validation import Validator
 
 log = structlog.get_logger("penaltyd.server")
 
@@ -62,88 +56,17 @@ def make_store(settings: Settings) -> Store:
     )
 
 
-def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS (and mutual TLS with a client CA) when configured; None for plaintext."""
-    if not settings.tls_cert_file:
-        return None
-    with open(settings.tls_key_file, "rb") as key, open(settings.tls_cert_file, "rb") as cert:
-        pair = (key.read(), cert.read())
-    ca = None
-    if settings.tls_client_ca_file:
-        with open(settings.tls_client_ca_file, "rb") as fh:
-            ca = fh.read()
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=ca, require_client_auth=ca is not None
-    )
+Running = grpc_support.Running[Engine]
 
 
-class _Capture:
-    """Stands in for a server to collect the generated code's method handlers."""
+def _store_failed(engine: Engine) -> Callable[[BaseException | None], None]:
+    """A failed ping is a store failure like any other (degraded mode, rate-limited log)."""
 
-    def __init__(self) -> None:
-        self.service = ""
-        self.handlers: dict[str, Any] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        return None
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.service, self.handlers = service, handlers
-
-
-def _register(
-    add: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, max_bytes: int
-) -> None:
-    """Register generated handlers with deserializers that never raise on garbage.
-
-    grpc answers a request its deserializer cannot parse with INTERNAL; bad input must
-    get INVALID_ARGUMENT (DESIGN.md s. 6), so the servicer receives a `BadMessage`.
-    """
-    cap = _Capture()
-    add(servicer, cap)
-    wrapped = {
-        name: h._replace(
-            request_deserializer=guarded_deserializer(h.request_deserializer, name, max_bytes)
-        )
-        for name, h in cap.handlers.items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.service, wrapped),))
-    server.add_registered_method_handlers(cap.service, wrapped)
-
-
-@dataclass
-class Running:
-    server: grpc.aio.Server
-    port: int
-    engine: Engine
-    health: HealthServicer
-    settings: Settings
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop taking calls, drain in-flight ones for `grace` seconds, release the store."""
-        await self.health.enter_graceful_shutdown()
-        for t in self._tasks:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
-        await self.engine.close()
-
-
-async def _watch_store(engine: Engine, health: HealthServicer) -> None:
-    """Keep the store's health component current (a ping a second)."""
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    while True:
-        try:
-            async with asyncio.timeout(1.0):
-                await engine.store.ping()
-            await health.set(STORE_HEALTH, serving)
-        except (StoreError, TimeoutError) as exc:
-            await health.set(STORE_HEALTH, not_serving)
+    def on_result(exc: BaseException | None) -> None:
+        if exc is not None:
             engine.failed("ping", exc)
-        await asyncio.sleep(1.0)
+
+    return on_result
 
 
 async def _first_ping(engine: Engine) -> None:
@@ -172,43 +95,31 @@ async def start_server(
     engine = Engine(settings, store or make_store(settings), metrics)
     validator = Validator(settings)
     replies = Replies(settings.smtp_reply)
-    server = grpc.aio.server(
-        options=[
-            # Above this grpc itself answers RESOURCE_EXHAUSTED; between max_message_bytes
-            # and this, we answer INVALID_ARGUMENT naming the limit.
-            ("grpc.max_receive_message_length", 2 * settings.max_message_bytes + 1024),
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-            # Clients re-resolve DNS only when a connection ends: recycling connections
-            # lets replicas added by the autoscaler take their share of calls.
-            ("grpc.max_connection_age_ms", 300_000),
-            ("grpc.max_connection_age_grace_ms", 30_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
+    server = grpc_support.grpc_server(
+        settings.max_message_bytes,
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients re-resolve DNS only when a connection ends: recycling connections
+        # lets replicas added by the autoscaler take their share of calls.
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     )
-    _register(
+    grpc_support.register_guarded(
         penalty_pb2_grpc.add_PenaltyServiceServicer_to_server,
         PenaltyService(engine, validator, replies),
         server,
         settings.max_message_bytes,
     )
-    _register(
+    grpc_support.register_guarded(
         penalty_pb2_grpc.add_PenaltyAdminServicer_to_server,
         PenaltyAdmin(engine, validator, replies),
         server,
         settings.max_message_bytes,
     )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            *_SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    health = grpc_support.add_health_and_reflection(server, _SERVICE_NAMES)
+    credentials = grpc_support.server_credentials(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     )
-    credentials = _credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(settings.listen)
     else:
@@ -219,8 +130,11 @@ async def start_server(
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     await _first_ping(engine)
-    running = Running(server, port, engine, health, settings)
-    running._tasks.append(asyncio.create_task(_watch_store(engine, health), name="store-health"))
+    running = Running(server, port, engine, health, settings.grace_seconds)
+    watch = grpc_support.watch_component(
+        health, STORE_HEALTH, engine.store.ping, (StoreError,), _store_failed(engine)
+    )
+    running.beside(watch, "store-health")
     if settings.metrics_listen:
         metrics.serve(settings.metrics_listen)
     log.info(
@@ -238,12 +152,4 @@ async def start_server(
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and exit cleanly."""
-    running = await start_server(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("penaltyd_stopping", grace_seconds=settings.grace_seconds)
-    await running.stop()
-    log.info("penaltyd_stopped")
+    await grpc_support.serve_until_signalled(await start_server(settings), log, "penaltyd")

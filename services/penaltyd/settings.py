@@ -7,14 +7,13 @@ Sources, strongest first: command-line flags, `PENALTYD_*` environment variables
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from penalty import config
 from penalty.identity import InvalidAddress, parse_network
 
 
@@ -193,14 +192,7 @@ class Settings(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration with secrets masked, for --print-config and logs."""
-        data = self.model_dump(mode="json")
-        data["admin_token"] = "***" if self.admin_token.get_secret_value() else ""
-        if self.redis_url:
-            parts = urlsplit(self.redis_url)
-            if parts.password:
-                netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-                data["redis_url"] = urlunsplit(parts._replace(netloc=netloc))
-        return data
+        return config.redacted(self.model_dump(mode="json"), self.admin_token, self.redis_url)
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -209,25 +201,4 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     Raises `pydantic.ValidationError` naming the offending knob, or `OSError` /
     `tomllib.TOMLDecodeError` for an unreadable file.
     """
-    file_values: dict[str, Any] = {}
-    if config_file:
-        with open(config_file, "rb") as fh:
-            file_values = tomllib.load(fh)
-
-    class _FromFile(Settings):
-        model_config = SettingsConfigDict(title="penaltyd settings")
-
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            from pydantic_settings import InitSettingsSource
-
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
-
-    return _FromFile(**{k: v for k, v in overrides.items() if v is not None})
+    return config.load_settings(Settings, "penaltyd settings", config_file, overrides)

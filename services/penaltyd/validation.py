@@ -1,19 +1,17 @@
 """Request validation: every bad input is refused with the field named, nothing stored.
 
-`BadField` carries the protobuf field path (e.g. ``reports[3].counts[0].n``); the API
-maps it to `INVALID_ARGUMENT` once. `BadMessage` stands in for a request the
-deserializer could not (or must not) decode, so garbage never reaches a servicer as an
-exception grpc would turn into `INTERNAL`.
+`BadField` (`penalty.grpc_support`, shared with relaycheck) carries the protobuf field
+path (e.g. ``reports[3].counts[0].n``); the API maps it to `INVALID_ARGUMENT` once.
+Undecodable requests never get here: the guarded deserializer hands the servicer a
+`BadMessage` instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
+from penalty.grpc_support import BadField
 from penalty.identity import (
     IdentityRules,
     InvalidAddress,
@@ -42,35 +40,6 @@ class ClientRef:
     @property
     def sub_identity(self) -> str:
         return sub_identity(self.identity, self.fingerprint)
-
-
-class BadField(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class BadMessage:
-    """What the guarded deserializer returns instead of raising."""
-
-    field: str
-    message: str
-
-
-def guarded_deserializer(
-    deserialize: Callable[[bytes], Any], type_name: str, max_bytes: int
-) -> Callable[[bytes], Any]:
-    def guarded(raw: bytes) -> Any:
-        if len(raw) > max_bytes:
-            return BadMessage("message", f"{len(raw)} bytes exceeds the limit of {max_bytes}")
-        try:
-            return deserialize(raw)
-        except DecodeError as exc:
-            return BadMessage("message", f"not a valid {type_name}: {exc}")
-
-    return guarded
 
 
 class Validator:

@@ -12,13 +12,18 @@ outside `probe_allowed_networks` `PERMISSION_DENIED`.
 from __future__ import annotations
 
 import functools
-import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from penalty.grpc_support import (
+    AdminGate,
+    BadField,
+    BadMessage,
+    abort_invalid,
+    abort_store_error,
+)
 from relaycheck.chain import Judgement
 from relaycheck.customers import Customer
 from relaycheck.engine import Classified, Engine, ProbeRefused
@@ -27,7 +32,7 @@ from relaycheck.probe import ProbeReport
 from relaycheck.store.base import NetworkConflict, StoreError
 from relaycheck.v1 import relaycheck_pb2 as pb
 from relaycheck.v1 import relaycheck_pb2_grpc as pbg
-from relaycheck.validation import BadField, BadMessage, Validator
+from relaycheck.validation import Validator
 
 R = TypeVar("R")
 
@@ -108,9 +113,7 @@ def probe_message(r: ProbeReport) -> pb.ProbeResult:
 async def _invalid(
     context: grpc.aio.ServicerContext, err: BadField | BadMessage, engine: Engine
 ) -> NoReturn:
-    engine.metrics.invalid_requests.inc()
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err.message}")
-    raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+    await abort_invalid(context, err, engine.metrics.invalid_requests)
 
 
 AdminMethod = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
@@ -121,7 +124,7 @@ def admin(method: AdminMethod[R]) -> AdminMethod[R]:
 
     @functools.wraps(method)
     async def wrapper(self: RelayCheck, request: Any, context: grpc.aio.ServicerContext) -> R:
-        await self.authorize(context)
+        await self.gate.authorize(context)
         if isinstance(request, BadMessage):
             await _invalid(context, request, self.engine)
         try:
@@ -135,12 +138,7 @@ def admin(method: AdminMethod[R]) -> AdminMethod[R]:
         except ProbeRefused as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"host: {exc}")
         except (StoreError, TimeoutError) as exc:
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED
-                if isinstance(exc, TimeoutError)
-                else grpc.StatusCode.UNAVAILABLE
-            )
-            await context.abort(code, f"store: {exc or type(exc).__name__}")
+            await abort_store_error(context, exc)
         raise AssertionError("abort returned")  # pragma: no cover
 
     return wrapper
@@ -150,30 +148,11 @@ class RelayCheck(pbg.RelayCheckServicer):
     def __init__(self, engine: Engine, validator: Validator) -> None:
         self.engine = engine
         self.validator = validator
-        token = engine.settings.admin_token.get_secret_value()
-        self._expected = f"Bearer {token}".encode() if token else None
-        host = engine.settings.listen.rpartition(":")[0].strip("[]")
-        try:
-            self._loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            self._loopback = False
-
-    async def authorize(self, context: grpc.aio.ServicerContext) -> None:
-        if self._expected is None:
-            if not self._loopback:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "operator API disabled: set admin_token (RELAYCHECK_ADMIN_TOKEN) to enable it",
-                )
-            return
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(got, self._expected):
-                    return
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "operator calls need authorization: Bearer <admin_token>",
+        self.gate = AdminGate(
+            engine.settings.admin_token.get_secret_value(),
+            engine.settings.listen,
+            api="operator",
+            env_var="RELAYCHECK_ADMIN_TOKEN",
         )
 
     async def Classify(

@@ -399,7 +399,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from relaycheck import logs
+    from penalty import logs
     from relaycheck.server import serve
 
     logs.configure(settings.log_level)

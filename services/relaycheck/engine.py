@@ -19,6 +19,7 @@ from typing import TypeVar
 import structlog
 
 from penalty.identity import IPAddress, NetworkSet, parse_network
+from penalty.logs import RateLimitedLog
 from relaycheck.chain import (
     Envelope,
     Evidence,
@@ -29,7 +30,6 @@ from relaycheck.chain import (
 )
 from relaycheck.customers import Customer, PrivateNetworks
 from relaycheck.headers import Limits, parse_address
-from relaycheck.logs import RateLimitedLog
 from relaycheck.metrics import Metrics
 from relaycheck.probe import ProbeReport, run_battery
 from relaycheck.report import PenaltyReporter

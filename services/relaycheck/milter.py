@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import signal
-import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +40,8 @@ import structlog
 from penalty.identity import InvalidAddress, parse_ip
 from penaltyclient.milter_protocol import (
     ACCEPT,
-    COMMAND_NAMES,
     CONTINUE,
     MAX_FRAME,
-    NO_REPLY,
     SMFIA_INET,
     SMFIA_INET6,
     SMFIC_ABORT,
@@ -76,10 +72,10 @@ from penaltyclient.milter_protocol import (
     parse_helo,
     parse_macros,
     parse_optneg,
-    read_frame,
     reply_code,
     strip_brackets,
 )
+from penaltyclient.milter_server import MilterServer, parse_listen
 from relaycheck.v1 import relaycheck_pb2 as pb
 from relaycheck.v1 import relaycheck_pb2_grpc as pbg
 
@@ -269,20 +265,26 @@ class MilterSession:
         return reply_code(text)
 
 
-class RelayMilter:
+class RelayMilter(MilterServer):
     """The milter server: one task per connection, one gRPC channel to relaycheck."""
 
+    log: Any = structlog.get_logger("relaycheck.milter")
+
     def __init__(self, target: str, options: MilterOptions | None = None) -> None:
-        self.options = options or MilterOptions()
+        super().__init__()
+        self.options: MilterOptions = options or MilterOptions()
         check_reply(self.options.reply)
         self.target = target
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pbg.RelayCheckStub(self.channel)
-        self.stats = MilterStats()
-        self._server: asyncio.Server | None = None
-        self._unix_path: str | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stats: MilterStats = MilterStats()
         self._last_warning = -1e9
+
+    def session(self, peer: str) -> MilterSession:
+        return MilterSession(self)
+
+    async def on_close(self) -> None:
+        await self.channel.close()
 
     def warn(self, exc: grpc.aio.AioRpcError) -> None:
         now = asyncio.get_running_loop().time()
@@ -294,108 +296,6 @@ class RelayMilter:
                 error=exc.details(),
                 failed_open=self.stats.failed_open,
             )
-
-    async def start(self, listen: str) -> str:
-        """Listen on `HOST:PORT` or `unix:/path`; returns the bound address (port 0 works)."""
-        kind, host, port = parse_listen(listen)
-        if kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.stat(host).st_mode):
-                    os.unlink(host)  # a stale socket from an earlier run
-            self._server = await asyncio.start_unix_server(self._on_connection, host)
-            self._unix_path = host
-            os.chmod(host, 0o666)  # Postfix's smtpd runs as another user
-            return f"unix:{host}"
-        self._server = await asyncio.start_server(self._on_connection, host or None, port)
-        sockname = self._server.sockets[0].getsockname()
-        bound = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
-        return f"{bound}:{sockname[1]}"
-
-    @property
-    def port(self) -> int:
-        if self._server is None or not self._server.sockets:
-            raise RuntimeError("not listening")
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self, drain: float = 5.0) -> None:
-        """Stop listening, let open connections finish for `drain` seconds, close the rest
-        (Postfix then applies milter_default_action: nothing is lost)."""
-        if self._server is not None:
-            self._server.close()
-        tasks = set(self._tasks)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=drain)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-        if self._unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._unix_path)
-        await self.channel.close()
-
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self.stats.connections += 1
-        self.stats.active += 1
-        session = MilterSession(self)
-        try:
-            while not session.done:
-                async with asyncio.timeout(self.options.idle_timeout):
-                    frame = await read_frame(reader, self.options.max_frame)
-                if frame is None:
-                    break
-                reply = await self._dispatch(session, frame)
-                if reply:
-                    writer.write(reply)
-                    await writer.drain()
-        except ProtocolError as exc:
-            self.stats.protocol_errors += 1
-            log.warning("milter_protocol_error", ip=session.ip, error=str(exc))
-        except TimeoutError:
-            log.info("milter_idle_timeout", seconds=self.options.idle_timeout)
-        except OSError as exc:
-            log.info("milter_connection_lost", error=str(exc))
-        finally:
-            self.stats.active -= 1
-            if task is not None:
-                self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    async def _dispatch(self, session: MilterSession, frame: Frame) -> bytes | None:
-        """`session.handle`, with the safe default: a bug answers "continue", not a crash."""
-        try:
-            return await session.handle(frame)
-        except ProtocolError:
-            raise
-        except Exception:
-            if frame.cmd == SMFIC_OPTNEG:
-                raise ProtocolError("option negotiation failed") from None
-            self.stats.handler_errors += 1
-            log.exception(
-                "milter_handler_error", command=COMMAND_NAMES.get(frame.cmd, repr(frame.cmd))
-            )
-            return None if frame.cmd in NO_REPLY else CONTINUE
-
-
-def parse_listen(text: str) -> tuple[str, str, int]:
-    """`unix:/path` -> ("unix", path, 0); `[inet:]HOST:PORT` -> ("inet", host, port)."""
-    if text.startswith("unix:"):
-        path = text.removeprefix("unix:")
-        if not path:
-            raise ValueError("unix: needs a socket path")
-        return "unix", path, 0
-    host, sep, port = text.removeprefix("inet:").rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen: not HOST:PORT or unix:/path: {text!r}")
-    return "inet", host.strip("[]"), int(port)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -474,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvloop
 
-    from relaycheck import logs
+    from penalty import logs
 
     logs.configure(args.log_level)
     return int(uvloop.run(run(args)))

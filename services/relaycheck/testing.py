@@ -1,55 +1,27 @@
 """Real servers for tests: an in-process relaycheck and a `relaycheck serve` process.
 
 Tests talk to a real grpc.aio server bound to port 0 (never a mock), started and
-stopped here so every test file uses one implementation. Nothing here is imported by
-the service itself.
+stopped here so every test file uses one implementation. Free ports, redis-servers and
+the child-process mechanics are shared with penaltyd in `penalty.testing`. Nothing here
+is imported by the service itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 
+from penalty.testing import ServiceProcess
 from relaycheck.metrics import Metrics
 from relaycheck.report import PenaltyReporter
 from relaycheck.server import Running, start_server
 from relaycheck.settings import Settings
 from relaycheck.store.base import CustomerStore
 from relaycheck.v1 import relaycheck_pb2_grpc as pbg
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on `host`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(
-    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Block until something accepts connections on host:port (or the process died):
-    a child process has no other way to say it is listening."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
 @dataclass
@@ -83,48 +55,8 @@ async def serving(
         await running.stop(grace=0)
 
 
-class RelaycheckProcess:
+class RelaycheckProcess(ServiceProcess):
     """`relaycheck serve` as a child process (the real CLI), for signal tests."""
 
     def __init__(self, *args: str, port: int, env: dict[str, str] | None = None) -> None:
-        self.port = port
-        self.address = f"127.0.0.1:{port}"
-        self.args = ["serve", "--listen", self.address, *args]
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        fd, self.log_path = tempfile.mkstemp(prefix="relaycheck-", suffix=".log")
-        os.close(fd)
-
-    def start(self) -> RelaycheckProcess:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relaycheck", *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-        wait_port("127.0.0.1", self.port, proc=self.proc)
-        return self
-
-    def output(self) -> str:
-        return Path(self.log_path).read_text()
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> RelaycheckProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        with contextlib.suppress(OSError):
-            os.unlink(self.log_path)
+        super().__init__("relaycheck", ["serve", "--listen", f"127.0.0.1:{port}", *args], port, env)

@@ -1,21 +1,18 @@
 """Request validation: every bad input is refused with the field named, nothing stored.
 
-`BadField` carries the protobuf field path (e.g. ``relay_networks[2]``); the API maps
-it to `INVALID_ARGUMENT` once. `BadMessage` stands in for a request the deserializer
-could not (or must not) decode, so garbage never reaches a servicer as an exception
-grpc would turn into `INTERNAL`. The header bytes themselves are never refused for
+`BadField` (`penalty.grpc_support`, shared with penaltyd) carries the protobuf field
+path (e.g. ``relay_networks[2]``); the API maps it to `INVALID_ARGUMENT` once.
+Undecodable requests never get here: the guarded deserializer hands the servicer a
+`BadMessage` instead. The header bytes themselves are never refused for
 their content (that is the walker's job, which answers UNDETERMINED), only for size.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from google.protobuf.message import DecodeError
-
+from penalty.grpc_support import BadField
 from penalty.identity import InvalidAddress, IPAddress, parse_ip
 from relaycheck.customers import (
     ID_PATTERN,
@@ -31,35 +28,6 @@ from relaycheck.v1 import relaycheck_pb2 as pb
 
 _LIMITS = {"helo": 255, "mail_from": 512}
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
-
-
-class BadField(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class BadMessage:
-    """What the guarded deserializer returns instead of raising."""
-
-    field: str
-    message: str
-
-
-def guarded_deserializer(
-    deserialize: Callable[[bytes], Any], type_name: str, max_bytes: int
-) -> Callable[[bytes], Any]:
-    def guarded(raw: bytes) -> Any:
-        if len(raw) > max_bytes:
-            return BadMessage("message", f"{len(raw)} bytes exceeds the limit of {max_bytes}")
-        try:
-            return deserialize(raw)
-        except DecodeError as exc:
-            return BadMessage("message", f"not a valid {type_name}: {exc}")
-
-    return guarded
 
 
 @dataclass(frozen=True, slots=True)

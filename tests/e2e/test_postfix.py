@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from penaltyd.testing import PenaltydProcess, free_port, wait_port
+from penalty.testing import free_port, wait_port
+from penaltyd.testing import PenaltydProcess
 from tests.e2e.postfix import Postfix
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
+from penalty.testing import RedisClusterServers, RedisSentinelServers, RedisServer
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd.store.redis import RedisStore
-from penaltyd.testing import RedisClusterServers, RedisSentinelServers, RedisServer
 from tests.conftest import Served, ServeFactory
 from tests.helpers import ACCEPTED, UNKNOWN, check, eventually, report
 

@@ -11,10 +11,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from penalty.testing import RedisServer
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
 from penaltyd.store.redis import RedisStore
-from penaltyd.testing import PenaltydProcess, RedisServer
+from penaltyd.testing import PenaltydProcess
 from tests.conftest import ServeFactory
 from tests.helpers import ACCEPTED, UNKNOWN, check, eventually, report
 

@@ -22,10 +22,11 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from structlog.testing import capture_logs
 
+from penalty.testing import free_port
 from relaycheck.cli import main as cli_main
 from relaycheck.probe import TEST_NAMES, Result, run_battery
 from relaycheck.store.memory import MemoryStore
-from relaycheck.testing import free_port, serving
+from relaycheck.testing import serving
 from relaycheck.v1 import relaycheck_pb2 as pb
 
 

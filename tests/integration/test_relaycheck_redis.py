@@ -18,15 +18,15 @@ import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from penalty.testing import RedisServer, free_port
 from penalty.v1 import penalty_pb2 as ppb
 from penaltyd.store.redis import RedisStore as PenaltyRedisStore
-from penaltyd.testing import RedisServer
 from relaycheck.customers import build_customer
 from relaycheck.report import PenaltyReporter
 from relaycheck.settings import OUTCOMES
 from relaycheck.store.base import NetworkConflict
 from relaycheck.store.redis import RedisStore
-from relaycheck.testing import free_port, serving
+from relaycheck.testing import serving
 from relaycheck.v1 import relaycheck_pb2 as pb
 from tests.conftest import ServeFactory
 from tests.helpers import eventually

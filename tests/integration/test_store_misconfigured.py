@@ -9,8 +9,9 @@ import sys
 
 import grpc
 
+from penalty.testing import RedisServer, free_port, free_ports
 from penalty.v1 import penalty_pb2_grpc as pbg
-from penaltyd.testing import PenaltydProcess, RedisServer, free_port, free_ports
+from penaltyd.testing import PenaltydProcess
 from tests.helpers import check, eventually
 
 

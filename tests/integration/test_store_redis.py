@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from penalty.testing import RedisServer
 from penaltyd.feed import FeedEvent
 from penaltyd.store.base import LiftRecord
 from penaltyd.store.redis import RedisStore
-from penaltyd.testing import RedisServer
 from tests.helpers import ACCEPTED, UNKNOWN, eventually
 from tests.store_contract import K, StoreContract, item
 

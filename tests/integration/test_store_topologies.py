@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from penaltyd.testing import RedisClusterServers, RedisSentinelServers
+from penalty.testing import RedisClusterServers, RedisSentinelServers
 from tests.integration.test_store_redis import RedisContract
 
 

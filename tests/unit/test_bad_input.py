@@ -7,10 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from penalty.grpc_support import BadField
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd.settings import Settings
 from penaltyd.store.memory import MemoryStore
-from penaltyd.validation import BadField, Validator
+from penaltyd.validation import Validator
 from tests.conftest import Served, ServeFactory
 from tests.helpers import UNKNOWN, check, client, report
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from penalty.testing import free_port
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient import AsyncPenaltyClient, PenaltyClient, PenaltydError
 from penaltyclient.channel import grpc_target
 from penaltyd.store.memory import MemoryStore
-from penaltyd.testing import free_port
 from tests.conftest import ServeFactory
 from tests.helpers import eventually
 

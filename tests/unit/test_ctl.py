@@ -20,10 +20,10 @@ import structlog
 import typer
 from typer.testing import CliRunner, Result
 
+from penalty.testing import free_port
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.ctl import Code, app, parse_outcome, parse_ttl
 from penaltyd.store.memory import MemoryStore
-from penaltyd.testing import free_port
 from tests.conftest import Served, ServeFactory
 from tests.helpers import UNKNOWN, report
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from penalty.testing import free_port
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.logpatterns import (
     ACCEPTED,
@@ -42,7 +43,6 @@ from penaltyclient.logpatterns import (
 )
 from penaltyclient.logwatch import FileFollower, LogWatch, Options, main, parser
 from penaltyd.store.memory import MemoryStore
-from penaltyd.testing import free_port
 from tests.conftest import ServeFactory
 from tests.helpers import eventually
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from penalty.testing import free_port
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient
 from penaltyclient.milter import (
@@ -33,7 +34,6 @@ from penaltyclient.milter import (
     tempfail_reply,
 )
 from penaltyd.store.memory import MemoryStore
-from penaltyd.testing import free_port
 from tests.conftest import Served, ServeFactory
 from tests.helpers import eventually
 

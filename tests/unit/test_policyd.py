@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import pytest
 from structlog.testing import capture_logs
 
+from penalty.testing import free_port
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient
 from penaltyclient.policyd import MAX_LINE, PolicyServer
 from penaltyd.store.memory import MemoryStore
-from penaltyd.testing import free_port
 from tests.conftest import ServeFactory
 from tests.helpers import eventually
 

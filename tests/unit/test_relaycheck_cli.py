@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from penalty.testing import free_port
 from relaycheck.cli import main
 from relaycheck.store.memory import MemoryStore
-from relaycheck.testing import Served, free_port, serving
+from relaycheck.testing import Served, serving
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "relaycheck"
 SPAM = str(DATA / "relay-postfix-forged-chain.eml")

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from penalty.testing import free_port
 from relaycheck.milter import MilterOptions, RelayMilter, check_reply, main
 from relaycheck.store.memory import MemoryStore
-from relaycheck.testing import Served, free_port, serving
+from relaycheck.testing import Served, serving
 from relaycheck.v1 import relaycheck_pb2 as pb
 
 POSTFIX_ACTIONS = 0x1FF

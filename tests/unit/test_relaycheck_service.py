@@ -25,13 +25,14 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
+from penalty.testing import free_port
 from relaycheck.cli import main as cli_main
 from relaycheck.customers import build_customer
 from relaycheck.probe import TEST_NAMES
 from relaycheck.settings import Settings, load_settings
 from relaycheck.store.base import NetworkConflict, StoreUnavailable, candidate_networks
 from relaycheck.store.memory import MemoryStore
-from relaycheck.testing import RelaycheckProcess, Served, free_port, serving
+from relaycheck.testing import RelaycheckProcess, Served, serving
 from relaycheck.v1 import relaycheck_pb2 as pb
 
 ACME = pb.Customer(

@@ -1,8 +1,11 @@
-"""structlog JSON logs: one event per line, and rate limiting for storms.
+"""structlog JSON logs for every program here: one event per line, and rate limiting.
 
-The same shape as penaltyd's logs (one JSON object per line, ISO timestamps, fields
-bound with contextvars) so one log pipeline reads both; services do not import each
-other, so the few lines live here too.
+penaltyd, relaycheck and the MX clients log in one shape (one JSON object per line, ISO
+timestamps, request-scoped fields bound with contextvars) so one log pipeline reads them
+all; that is why the configuration lives once, beside the contract, and not per service.
+
+When Redis dies every check would log; `RateLimitedLog` says it once per interval with
+the number of suppressed repeats, so the log stays readable and cheap.
 """
 
 from __future__ import annotations
@@ -32,8 +35,7 @@ def configure(level: str = "info") -> None:
 
 
 class RateLimitedLog:
-    """Emit an event at most once per `interval` seconds, counting what was suppressed:
-    when Redis dies every Classify would log, and the log must stay readable."""
+    """Emit an event at most once per `interval` seconds, counting what was suppressed."""
 
     def __init__(self, logger: Any, interval: float = 5.0) -> None:
         self._log = logger
