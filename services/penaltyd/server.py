@@ -83,7 +83,8 @@ async def _first_ping(engine: Engine) -> None:
         log.error(
             "store_unreachable_at_startup",
             store=engine.store.kind,
-            error=str(exc) or type(exc).__name__,
+            target=engine.settings.redacted()["redis_url"],
+            error=str(exc) or "no answer within 2 s",
             hint="answering fail-open (no penalty, degraded) until the store answers",
         )
 
