@@ -223,14 +223,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             name = r["floor_key"].split("/", 1)[1]
             floor = f"{r['x_floor_p50']:.1f}x ({name} {_ms(r['floor_p50_ms'])})"
         unit = _UNITS.get(r["unit"], r["unit"])
-        result = r["verdict"] if r["target"] or r["verdict"] in ("INVALID", "FAIL") else ""
-        if result and len(r.get("runs", [])) > 1:
+        result = r["verdict"]
+        if len(r.get("runs", [])) > 1 and set(r["runs"]) != {"n.a."}:
             result += f" (runs: {' '.join(r['runs'])})"
         cells = [
             f"{r['label']:<33} {r['in_flight']:>6} {r['rate']:>9,.0f} {unit:<8}",
             f"{_ms(r['p50_ms']):>7} {_ms(r['p99_ms']):>7} {_us(r['server_cpu_us_per_call']):>6}"
             f" {x_echo:>6} {by_cpu:>6}  {floor:<24}",
-            f"{r['target']:<16} {result}",
+            f"{r['target'] or '-':<16} {result}",
         ]
         lines.append(" ".join(cells).rstrip())
         for failed in r["failed_checks"]:
