@@ -9,6 +9,7 @@ reflects whether the store answered its last ping, for alerting and dashboards.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 
 import structlog
@@ -151,6 +152,19 @@ async def start_server(
     return running
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper garbage collections: a replica holds ~200k long-lived objects (caches,
+    the penalty view) and full collections over them paused every call for 20-70 ms about
+    once a second under Session load (measured). Start-up objects are frozen out of the
+    collector and young generations collected less often; reference counting still frees
+    almost everything at once."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and exit cleanly."""
-    await grpc_support.serve_until_signalled(await start_server(settings), log, "penaltyd")
+    running = await start_server(settings)
+    _tune_gc()  # after start-up, so what start-up built is frozen too
+    await grpc_support.serve_until_signalled(running, log, "penaltyd")

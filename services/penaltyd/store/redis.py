@@ -519,12 +519,6 @@ class RedisStore:
                 ("HINCRBYFLOAT", (key,), ("e", delta.weighted_errors)),
                 ("PEXPIRE", (key,), (self._window_ms + self._bucket_ms,)),
             ]
-        by_shard: dict[int, list[str]] = {}
-        for identity in delta.identities:
-            by_shard.setdefault(_shard(identity, self._shards), []).append(identity)
-        for shard, members in by_shard.items():
-            key = f"{self._p}:{{trk{shard}}}:{gen}"
-            calls += [("PFADD", (key,), members), ("PEXPIRE", (key,), (2 * self._window_ms,))]
         if delta.degraded:
             key = f"{self._p}:{{rep}}:degraded"
             calls += [
@@ -534,6 +528,23 @@ class RedisStore:
             ]
         if calls:
             await self._pipeline(calls)
+        # Identities seen go to their shards' HyperLogLogs in slices that yield to the
+        # event loop: at Session rates a flush holds ~100k identities, and doing them in
+        # one go stalled every call on this replica for ~90 ms (measured with py-spy).
+        identities = list(delta.identities)
+        for start in range(0, len(identities), 2000):
+            by_shard: dict[int, list[str]] = {}
+            for identity in identities[start : start + 2000]:
+                by_shard.setdefault(_shard(identity, self._shards), []).append(identity)
+            hll = [
+                call
+                for shard, members in by_shard.items()
+                for call in (
+                    ("PFADD", (f"{self._p}:{{trk{shard}}}:{gen}",), members),
+                    ("PEXPIRE", (f"{self._p}:{{trk{shard}}}:{gen}",), (2 * self._window_ms,)),
+                )
+            ]
+            await self._pipeline(hll)
 
     async def fleet_stats(self) -> FleetStats:
         now = await self._store_now_ms()
