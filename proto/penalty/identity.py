@@ -160,18 +160,22 @@ class NetworkSet(Generic[V]):
 
     def __init__(self) -> None:
         self._by_len: dict[tuple[int, int], dict[int, tuple[str, V]]] = {}
+        self._count = 0
 
     def __len__(self) -> int:
-        return sum(len(d) for d in self._by_len.values())
+        return self._count  # asked on every check (is there an allowlist at all?)
 
     def add(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network, value: V) -> None:
-        key = (net.version, net.prefixlen)
-        self._by_len.setdefault(key, {})[int(net.network_address)] = (str(net), value)
+        bucket = self._by_len.setdefault((net.version, net.prefixlen), {})
+        address = int(net.network_address)
+        self._count += address not in bucket
+        bucket[address] = (str(net), value)
 
     def remove(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
         bucket = self._by_len.get((net.version, net.prefixlen))
         if bucket is None or bucket.pop(int(net.network_address), None) is None:
             return False
+        self._count -= 1
         if not bucket:
             del self._by_len[(net.version, net.prefixlen)]
         return True

@@ -25,7 +25,8 @@ from penalty.v1 import penalty_pb2
 from penaltyd.settings import Settings
 
 _VALID_OUTCOMES = frozenset(penalty_pb2.Outcome.values()) - {penalty_pb2.OUTCOME_UNSPECIFIED}
-_LIMITS = {"helo": 255, "mail_from": 512, "fingerprint": 128}
+_MAX_HELO, _MAX_MAIL_FROM, _MAX_FINGERPRINT = 255, 512, 128
+_LIMITS = {"helo": _MAX_HELO, "mail_from": _MAX_MAIL_FROM, "fingerprint": _MAX_FINGERPRINT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +54,14 @@ class Validator:
         self.allow_max_ttl = settings.allow_max_ttl_seconds
 
     def client(self, client: penalty_pb2.Client, field: str) -> ClientRef:
-        for name, limit in _LIMITS.items():
-            if len(getattr(client, name)) > limit:
-                raise BadField(f"{field}.{name}", f"longer than {limit} characters")
+        if (
+            len(client.helo) > _MAX_HELO
+            or len(client.mail_from) > _MAX_MAIL_FROM
+            or len(client.fingerprint) > _MAX_FINGERPRINT
+        ):
+            for name, limit in _LIMITS.items():  # the rare path: say which field
+                if len(getattr(client, name)) > limit:
+                    raise BadField(f"{field}.{name}", f"longer than {limit} characters")
         if not client.ip:
             raise BadField(f"{field}.ip", "required")
         try:
