@@ -202,18 +202,20 @@ class Engine:
         return [a for a in answers if a is not None]
 
     async def _check_store(self, refs: Sequence[ClientRef]) -> list[Answer]:
-        ids = [i for r in refs for i in (r.identity, r.sub_identity)]
+        # One read per distinct identity: the address, and the client behind it when the
+        # MX told us who that is (no fingerprint: the two are the same key).
+        ids = list(dict.fromkeys(i for r in refs for i in (r.identity, r.sub_identity)))
         try:
             async with asyncio.timeout(self._check_timeout):
-                found = await self.store.penalties(ids)
+                found = dict(zip(ids, await self.store.penalties(ids), strict=True))
         except (StoreError, TimeoutError) as exc:
             self.failed("check", exc)
             self.metrics.check_degraded.inc(len(refs))
             return [Answer(r.identity, None, degraded=True) for r in refs]
         out = []
-        for k, ref in enumerate(refs):
-            whole, sub = found[2 * k], found[2 * k + 1]
-            if whole is None and sub is not None and ref.fingerprint:
+        for ref in refs:
+            whole, sub = found[ref.identity], found[ref.sub_identity]
+            if whole is None and sub is not None:
                 out.append(self._count_check(Answer(ref.sub_identity, sub)))
             else:
                 out.append(self._count_check(Answer(ref.identity, whole)))
