@@ -314,7 +314,11 @@ class RedisClusterServers:
             node.stop()
 
     def __enter__(self) -> RedisClusterServers:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # a start that failed part-way must not leave servers behind
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -368,7 +372,11 @@ class RedisSentinelServers:
             node.stop()
 
     def __enter__(self) -> RedisSentinelServers:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # a start that failed part-way must not leave servers behind
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
