@@ -125,7 +125,7 @@ class Engine:
     async def start(self) -> None:
         self.store.listen(self._on_event)
         await self.store.start()
-        self._reports = Coalescer(self._report_refs)
+        self._reports = Coalescer(self.report_many)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="engine-housekeeping"))
         self._tasks.append(asyncio.create_task(self._stats_loop(), name="engine-stats"))
 
@@ -227,11 +227,6 @@ class Engine:
         """One report; concurrent callers share a store round trip."""
         assert self._reports is not None, "Engine.start() was not awaited"
         return await self._reports.submit((ref, counts))
-
-    async def _report_refs(
-        self, batch: Sequence[tuple[ClientRef, Sequence[tuple[int, int]]]]
-    ) -> list[Answer]:
-        return await self.report_many(batch)
 
     async def report_many(
         self, batch: Sequence[tuple[ClientRef, Sequence[tuple[int, int]]]]

@@ -173,7 +173,6 @@ class RedisStore:
         self._use_view = use_view
         self._listener: Listener | None = None
         self._follower: asyncio.Task[None] | None = None
-        self.feed_resyncs = 0
 
     # --- keys
 
@@ -434,11 +433,12 @@ class RedisStore:
             return [f"{self._p}:{{idx{n}}}:active" for n in range(self._shards)]
         return [f"{self._p}:{{sh{n}}}:shared" for n in range(self._shards)]
 
+    def _live(self, kind: str, now: int) -> list[tuple[str, Sequence[str], Sequence[Any]]]:
+        """ZCOUNTs of the members of every shard of an index that expire after `now`."""
+        return [("ZCOUNT", (k,), (f"({now}", "+inf")) for k in self._shard_keys(kind)]
+
     async def count_penalties(self) -> int:
-        now = await self._store_now_ms()
-        replies = await self._pipeline(
-            [("ZCOUNT", (k,), (f"({now}", "+inf")) for k in self._shard_keys("active")]
-        )
+        replies = await self._pipeline(self._live("active", await self._store_now_ms()))
         return sum(int(n) for n in replies)
 
     async def _index_page(self, key: str, lo: int, offset: int, num: int) -> list[tuple[str, int]]:
@@ -551,8 +551,7 @@ class RedisStore:
         bucket, gen = now // self._bucket_ms, now // self._window_ms
         n = self._shards
         calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
-        calls += [("ZCOUNT", (k,), (f"({now}", "+inf")) for k in self._shard_keys("active")]
-        calls += [("ZCOUNT", (k,), (f"({now}", "+inf")) for k in self._shard_keys("shared")]
+        calls += self._live("active", now) + self._live("shared", now)
         calls += [
             ("PFCOUNT", (f"{self._p}:{{trk{s}}}:{gen}", f"{self._p}:{{trk{s}}}:{gen - 1}"), ())
             for s in range(n)
@@ -647,7 +646,6 @@ class RedisStore:
                     self.clock.calibrate(now, (time.monotonic() - t0) * 1000)
                     self.view.replace(*await self._snapshot())
                     self.view.synced = True
-                    self.feed_resyncs += 1
                     backoff = 0.05
                     log.info("feed_synced", active_penalties=len(self.view))
                     await self._consume(pubsub)
