@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from penalty.testing import RedisServer, free_port, wait_port
+from penalty.testing import RedisServer, ServiceProcess, free_port, wait_port
 from penaltyd.testing import PenaltydProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,41 +27,12 @@ def child_env() -> dict[str, str]:
     return env
 
 
-class EchoProcess:
+class EchoProcess(ServiceProcess):
     """`bench.echo_server` as a child process on a free loopback port."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        fd, name = tempfile.mkstemp(prefix="bench-echo-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(name)
-
-    def start(self) -> EchoProcess:
-        with self.log_path.open("wb") as log:  # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.echo_server", "--listen", self.address],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env(),
-                cwd=REPO_ROOT,
-            )
-        wait_port("127.0.0.1", self.port, proc=self.proc)
-        return self
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log_path.unlink(missing_ok=True)
+        port = free_port()
+        super().__init__("bench.echo_server", ["--listen", f"127.0.0.1:{port}"], port, child_env())
 
 
 class Servers:
@@ -95,7 +62,7 @@ class Servers:
                 wait_port("127.0.0.1", metrics_port, proc=pd.proc)
             if self._want_echo:
                 echo = EchoProcess()
-                self._stack.callback(echo.stop)
+                self._stack.callback(echo.__exit__, None, None, None)
                 self.echo = echo.start()
         except BaseException:
             self._stack.close()

@@ -226,7 +226,27 @@ def _pairs(flat: Any) -> dict[bytes, Any]:
     return flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-class RedisClusterServers:
+class _ServerGroup:
+    """Several servers started as one: a start that fails part-way stops what it started."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisClusterServers(_ServerGroup):
     """A real Redis Cluster on loopback: `masters` masters with one replica each."""
 
     def __init__(self, masters: int = 3) -> None:
@@ -243,7 +263,7 @@ class RedisClusterServers:
             f"127.0.0.1:{n.port}" for n in self.nodes[: self.masters]
         )
 
-    def start(self) -> RedisClusterServers:
+    def start(self) -> Self:
         for node in self.nodes:
             node.start()
         subprocess.run(
@@ -313,18 +333,8 @@ class RedisClusterServers:
         for node in self.nodes:
             node.stop()
 
-    def __enter__(self) -> RedisClusterServers:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()  # a start that failed part-way must not leave servers behind
-            raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class RedisSentinelServers:
+class RedisSentinelServers(_ServerGroup):
     """A master, a replica and three sentinels watching them, on loopback."""
 
     def __init__(self, service: str = "penaltyd") -> None:
@@ -339,7 +349,7 @@ class RedisSentinelServers:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         return f"redis+sentinel://{hosts}/{self.service}/0"
 
-    def start(self) -> RedisSentinelServers:
+    def start(self) -> Self:
         self.master.start()
         self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
         self.replica.start()
@@ -370,13 +380,3 @@ class RedisSentinelServers:
     def stop(self) -> None:
         for node in [*self.sentinels, self.replica, self.master]:
             node.stop()
-
-    def __enter__(self) -> RedisSentinelServers:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()  # a start that failed part-way must not leave servers behind
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
