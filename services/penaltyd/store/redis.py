@@ -34,23 +34,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 import zlib
-from collections.abc import AsyncIterator, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from typing import Any, cast
 
 import structlog
 from redis.exceptions import (
-    AuthenticationError,
     NoScriptError,
-    RedisClusterException,
     RedisError,
-    ResponseError,
 )
 
 from penalty.identity import IPAddress, address_of
+from penalty.redis_support import error_mapper, load_scripts
 from penaltyd.detector import N_OUTCOMES
 from penaltyd.feed import (
     ALLOW_ADDED,
@@ -84,29 +80,8 @@ log = structlog.get_logger("penaltyd.store.redis")
 _SCRIPT_NAMES = ("record", "peek", "start_penalty", "index_add", "lift")
 
 
-def _load_scripts() -> dict[str, tuple[str, str]]:
-    """name -> (sha1, source); the SHA is computed locally so EVALSHA needs no round trip."""
-    out = {}
-    for name in _SCRIPT_NAMES:
-        src = resources.files("penaltyd.store").joinpath(f"lua/{name}.lua").read_text()
-        out[name] = (hashlib.sha1(src.encode()).hexdigest(), src)
-    return out
-
-
-@contextlib.asynccontextmanager
-async def _mapped_errors() -> AsyncIterator[None]:
-    """Map redis-py's exceptions to the store's, once (httpx-style)."""
-    try:
-        yield
-    except AuthenticationError as exc:
-        raise StoreMisconfigured(f"redis refused our credentials: {exc}") from exc
-    except RedisClusterException as exc:  # not a RedisError: "slots not covered", no nodes
-        raise StoreUnavailable(f"redis cluster unavailable: {exc}") from exc
-    except (RedisError, OSError) as exc:
-        transient = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
-        if isinstance(exc, ResponseError) and not str(exc).startswith(transient):
-            raise StoreMisconfigured(f"redis error: {exc}") from exc
-        raise StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
+_SCRIPTS = load_scripts("penaltyd.store", _SCRIPT_NAMES)
+_mapped_errors = error_mapper(StoreUnavailable, StoreMisconfigured)
 
 
 def _penalty(identity: str, pttl: int, reason: bytes | None, now_ms: int) -> Penalty | None:
@@ -166,7 +141,7 @@ class RedisStore:
         self._window_ms = window_seconds * 1000
         self._k = shared_min_sub_identities
         self._shared_ttl_ms = shared_ttl_seconds * 1000
-        self._scripts = _load_scripts()
+        self._scripts = _SCRIPTS
         self._channel = f"{key_prefix}:feed"
         self.clock = StoreClock()
         self.view = PenaltyView(self.clock)

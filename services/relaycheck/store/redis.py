@@ -20,18 +20,16 @@ customers there are. As in penaltyd, redis-py's per-read socket timeout is off
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from collections.abc import AsyncIterator, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError
 
 from penalty.identity import IPAddress
+from penalty.redis_support import error_mapper, load_scripts
 from relaycheck.customers import Customer
 from relaycheck.store.base import (
     NetworkConflict,
@@ -43,26 +41,8 @@ from relaycheck.store.base import (
 _SCRIPT_NAMES = ("upsert", "lookup", "delete")
 
 
-def _load_scripts() -> dict[str, tuple[str, str]]:
-    """name -> (sha1, source); the SHA is computed locally so EVALSHA needs no round trip."""
-    out = {}
-    for name in _SCRIPT_NAMES:
-        src = resources.files("relaycheck.store").joinpath(f"lua/{name}.lua").read_text()
-        out[name] = (hashlib.sha1(src.encode()).hexdigest(), src)
-    return out
-
-
-@contextlib.asynccontextmanager
-async def _mapped_errors() -> AsyncIterator[None]:
-    """Map redis-py's exceptions to the store's, once."""
-    try:
-        yield
-    except AuthenticationError as exc:
-        raise StoreMisconfigured(f"redis refused our credentials: {exc}") from exc
-    except (RedisError, OSError) as exc:
-        if isinstance(exc, ResponseError) and not str(exc).startswith(("LOADING", "BUSY")):
-            raise StoreMisconfigured(f"redis error: {exc}") from exc
-        raise StoreUnavailable(f"redis unavailable: {exc or type(exc).__name__}") from exc
+_SCRIPTS = load_scripts("relaycheck.store", _SCRIPT_NAMES)
+_mapped_errors = error_mapper(StoreUnavailable, StoreMisconfigured)
 
 
 def _decode(value: bytes | None) -> Customer | None:
@@ -101,7 +81,7 @@ class RedisStore:
         self._keys = (f"{key_prefix}:{{cust}}:rec", f"{key_prefix}:{{cust}}:relay")
         self.ttl_ms = ttl_ms
         self._min_prefix = {4: relay_min_prefix_v4, 6: relay_min_prefix_v6}
-        self._scripts = _load_scripts()
+        self._scripts = _SCRIPTS
 
     @property
     def keys(self) -> tuple[str, str]:
