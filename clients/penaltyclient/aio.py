@@ -18,22 +18,20 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 
-from penalty.identity import IdentityRules
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
+from penaltyclient.base import ClientBase
 from penaltyclient.channel import aio_channel
-from penaltyclient.replica import ReplicaState
 
 log = logging.getLogger("penaltyclient")
 T = TypeVar("T")
 # Outcome numbers (ints or the generated enum values) to counts.
 Counts = Mapping[Any, int] | Iterable[tuple[Any, int]]
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 class PenaltydError(Exception):
@@ -54,32 +52,9 @@ def client_msg(ip: str, helo: str = "", mail_from: str = "", fingerprint: str = 
     return pb.Client(ip=ip, helo=helo, mail_from=mail_from, fingerprint=fingerprint)
 
 
-class AsyncPenaltyClient:
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        deadline: float = 0.2,
-        retries: int = 2,
-        backoff: float = 0.01,
-        credentials: grpc.ChannelCredentials | None = None,
-        admin_token: str = "",
-        admin_deadline: float = 5.0,
-        live_replica: bool = False,
-        rules: IdentityRules | None = None,
-    ) -> None:
-        self.channel = aio_channel(target, credentials)
-        self.service = pbg.PenaltyServiceStub(self.channel)
-        self.admin = pbg.PenaltyAdminStub(self.channel)
-        self.deadline = deadline
-        self.retries = retries
-        self.backoff = backoff
-        self.admin_deadline = admin_deadline
-        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
-        self.replica = ReplicaState(rules) if live_replica else None
-        self._follower: asyncio.Task[None] | None = None
-        self.degraded_answers = 0
-        self._last_warning = 0.0
+class AsyncPenaltyClient(ClientBase):
+    _make_channel = staticmethod(aio_channel)
+    _follower: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AsyncPenaltyClient:
         self.start()
@@ -112,20 +87,13 @@ class AsyncPenaltyClient:
                 return await method(request, timeout=max(left, 0.001))
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
-                pause = self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
-                if (
-                    exc.code() not in RETRYABLE
-                    or attempt > self.retries
-                    or time.monotonic() + pause >= end
-                ):
+                pause = self._retry_pause(exc.code(), attempt, end)
+                if pause is None:
                     raise
                 await asyncio.sleep(pause)
 
     def _fail_open(self, what: str, ip: str, exc: grpc.aio.AioRpcError) -> pb.Verdict:
-        self.degraded_answers += 1
-        now = time.monotonic()
-        if now - self._last_warning > 5:
-            self._last_warning = now
+        if self._warn_once_in_a_while():
             log.warning(
                 "penaltyd %s failed (%s: %s): answering no penalty",
                 what,

@@ -11,47 +11,25 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
-from penalty.identity import IdentityRules
 from penalty.v1 import penalty_pb2 as pb
-from penalty.v1 import penalty_pb2_grpc as pbg
-from penaltyclient.aio import RETRYABLE, Counts, PenaltydError, client_msg, outcome_counts
+from penaltyclient.aio import Counts, PenaltydError, client_msg, outcome_counts
+from penaltyclient.base import ClientBase
 from penaltyclient.channel import sync_channel
-from penaltyclient.replica import ReplicaState
 
 log = logging.getLogger("penaltyclient")
 
 
-class PenaltyClient:
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        deadline: float = 0.2,
-        retries: int = 2,
-        backoff: float = 0.01,
-        credentials: grpc.ChannelCredentials | None = None,
-        admin_token: str = "",
-        admin_deadline: float = 5.0,
-        live_replica: bool = False,
-        rules: IdentityRules | None = None,
-    ) -> None:
-        self.channel = sync_channel(target, credentials)
-        self.service = pbg.PenaltyServiceStub(self.channel)
-        self.admin = pbg.PenaltyAdminStub(self.channel)
-        self.deadline = deadline
-        self.retries = retries
-        self.backoff = backoff
-        self.admin_deadline = admin_deadline
-        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
-        self.replica = ReplicaState(rules) if live_replica else None
+class PenaltyClient(ClientBase):
+    _make_channel = staticmethod(sync_channel)
+    _watch: Any = None
+
+    def _started(self) -> None:
         self._closed = threading.Event()
-        self._watch: Any = None
-        self.degraded_answers = 0
         if self.replica is not None:
             threading.Thread(target=self._follow, name="penalty-live-replica", daemon=True).start()
 
@@ -75,12 +53,8 @@ class PenaltyClient:
                 return method(request, timeout=max(end - time.monotonic(), 0.001))
             except grpc.RpcError as exc:
                 attempt += 1
-                pause = self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
-                if (
-                    exc.code() not in RETRYABLE
-                    or attempt > self.retries
-                    or time.monotonic() + pause >= end
-                ):
+                pause = self._retry_pause(exc.code(), attempt, end)
+                if pause is None:
                     raise
                 time.sleep(pause)
 
@@ -90,8 +64,8 @@ class PenaltyClient:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise PenaltydError(exc.code(), exc.details() or "") from exc
-            self.degraded_answers += 1
-            log.warning("penaltyd %s failed (%s): answering no penalty", what, exc.code().name)
+            if self._warn_once_in_a_while():
+                log.warning("penaltyd %s failed (%s): answering no penalty", what, exc.code().name)
             return pb.Verdict(degraded=True)
         return verdict
 

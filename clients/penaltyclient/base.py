@@ -1,0 +1,71 @@
+"""What the asyncio and the blocking client share: configuration, stubs, the live
+replica's state and the retry rule. Each subclass only brings its transport (a grpc.aio
+or a blocking channel) and how it follows the watch stream (a task or a thread)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from penalty.identity import IdentityRules
+from penalty.v1 import penalty_pb2_grpc as pbg
+from penaltyclient.replica import ReplicaState
+
+#: Only a refused or dropped connection is worth another try inside the deadline.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+class ClientBase:
+    _make_channel: Callable[[str | Sequence[str], grpc.ChannelCredentials | None], Any]
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        deadline: float = 0.2,
+        retries: int = 2,
+        backoff: float = 0.01,
+        credentials: grpc.ChannelCredentials | None = None,
+        admin_token: str = "",
+        admin_deadline: float = 5.0,
+        live_replica: bool = False,
+        rules: IdentityRules | None = None,
+    ) -> None:
+        self.channel = type(self)._make_channel(target, credentials)
+        self.service = pbg.PenaltyServiceStub(self.channel)
+        self.admin = pbg.PenaltyAdminStub(self.channel)
+        self.deadline = deadline
+        self.retries = retries
+        self.backoff = backoff
+        self.admin_deadline = admin_deadline
+        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self.replica = ReplicaState(rules) if live_replica else None
+        self.degraded_answers = 0
+        self._last_warning = 0.0
+        self._started()
+
+    def _started(self) -> None:
+        """Hook for what a transport starts at construction (the sync client's thread)."""
+
+    def _retry_pause(self, code: grpc.StatusCode, attempt: int, end: float) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None: give up (re-raise).
+
+        Exponential backoff with jitter, only for `UNAVAILABLE`, only while the pause
+        still ends inside the caller's deadline (`end`, monotonic)."""
+        pause: float = self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+        if code not in RETRYABLE or attempt > self.retries or time.monotonic() + pause >= end:
+            return None
+        return pause
+
+    def _warn_once_in_a_while(self) -> bool:
+        """Rate-limit the fail-open warning: one line every 5 s at most."""
+        self.degraded_answers += 1
+        now = time.monotonic()
+        if now - self._last_warning > 5:
+            self._last_warning = now
+            return True
+        return False
