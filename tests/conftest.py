@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hypothesis
 import pytest
 import redis
 
@@ -24,6 +25,18 @@ from penalty.v1 import penalty_pb2_grpc
 from penaltyd.server import Running, start_server
 from penaltyd.settings import Settings
 from penaltyd.store.base import Store
+
+
+# One Hypothesis profile for the whole suite: examples are bounded by count, never by
+# wall-clock time, so a busy machine (CI sharing two cores) makes tests slower, not red.
+# Each test's own @settings still chooses its number of examples.
+hypothesis.settings.register_profile(
+    "penaltyd",
+    deadline=None,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+    print_blob=True,
+)
+hypothesis.settings.load_profile("penaltyd")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

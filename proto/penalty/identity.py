@@ -7,13 +7,25 @@ penaltyd, the policy sidecar and the live replica in `clients/` agree to the byt
 - IPv4: the address itself (a /32 by default; shorter prefixes are configurable).
 - IPv6: the /64 by default, because one host commonly owns a whole /64 and a spammer
   rotating through it must be one identity.
-- IPv4-mapped IPv6 (``::ffff:192.0.2.1``) is folded to IPv4 before anything else.
+- IPv4 carried in IPv6 is folded to the IPv4 address before anything else: IPv4-mapped
+  (``::ffff:192.0.2.1``, ``::ffff:0:0/96``), SIIT's IPv4-translated form
+  (``::ffff:0:192.0.2.1``, ``::ffff:0:0:0/96``, RFC 2765), the NAT64 well-known
+  prefix (``64:ff9b::192.0.2.1``, RFC 6052) and any local NAT64 prefixes configured
+  (RFC 6052 lengths /32 to /96). Otherwise every IPv4 sender behind a translator would
+  share the translator's /64, and one spammer would defer all of them.
 - Behind a *shared* address (NAT, CGNAT), a *sub-identity* tells its clients apart:
   ``<identity>#<fingerprint>``, the fingerprint hashing HELO name, envelope-sender
   domain and the MX's optional client fingerprint.
 
 Parsing is strict (`ipaddress`): leading zeros, scope ids, surrounding blanks and
 prefix notation are refused with `InvalidAddress`, never guessed at.
+
+Everything else an SMTP client chooses (HELO name, envelope sender, the MX's client
+fingerprint, counts taken from logs) is *bounded at the edge* here, once, by every client
+and by the service alike (`bound_client`, `bound_count`): a value that is too long is
+replaced by a prefix and a digest of the whole, so the same client keeps the same
+sub-identity, the result is idempotent (bounding twice changes nothing), and no crafted
+field can make a check or a batch of other clients' reports fail.
 """
 
 from __future__ import annotations
@@ -32,22 +44,76 @@ class InvalidAddress(ValueError):
     """The text is not a single, plain IPv4 or IPv6 address."""
 
 
+#: RFC 6052 prefix lengths of an IPv4-embedded IPv6 address.
+NAT64_LENGTHS = (32, 40, 48, 56, 64, 96)
+#: The NAT64 well-known prefix (RFC 6052), always folded.
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+# IPv4-translated addresses of SIIT (RFC 2765 s. 2.1): ::ffff:0:a.b.c.d. (The IPv4-mapped
+# prefix, ::ffff:0:0/96, is `ipv4_mapped`.)
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityRules:
-    """Prefix lengths that turn an address into an identity."""
+    """Prefix lengths that turn an address into an identity, and local NAT64 prefixes."""
 
     ipv4_prefix: int = 32
     ipv6_prefix: int = 64
+    nat64_prefixes: tuple[str, ...] = ()  # local NAT64 prefixes (RFC 6052), e.g. 64:ff9b:1::/96
 
     def __post_init__(self) -> None:
         if not 8 <= self.ipv4_prefix <= 32:
             raise ValueError("ipv4_prefix must be between 8 and 32")
         if not 16 <= self.ipv6_prefix <= 128:
             raise ValueError("ipv6_prefix must be between 16 and 128")
+        for text in self.nat64_prefixes:
+            nat64_network(text)
 
 
-def parse_ip(text: str) -> IPAddress:
-    """Parse one client address strictly, folding IPv4-mapped IPv6 to IPv4."""
+def nat64_network(text: str) -> ipaddress.IPv6Network:
+    """A NAT64 prefix as configured; raises ValueError unless it is an RFC 6052 one."""
+    try:
+        net = ipaddress.IPv6Network(text, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not an IPv6 prefix: {text[:64]!r} ({exc})") from exc
+    if net.prefixlen not in NAT64_LENGTHS:
+        raise ValueError(f"NAT64 prefix {text!r}: length must be one of {NAT64_LENGTHS}")
+    return net
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address, net: ipaddress.IPv6Network) -> IPAddress:
+    """The IPv4 address RFC 6052 embeds after `net` (skipping the u-octet, bits 64-71)."""
+    value = int(addr)
+    length = net.prefixlen
+    if length == 96:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    octets = value.to_bytes(16, "big")
+    start = length // 8
+    carried = [b for i, b in enumerate(octets[start:], start) if i != 8][:4]
+    return ipaddress.IPv4Address(bytes(carried))
+
+
+@lru_cache(maxsize=64)
+def _nat64_networks(prefixes: tuple[str, ...]) -> tuple[ipaddress.IPv6Network, ...]:
+    return (NAT64_WELL_KNOWN, *(nat64_network(p) for p in prefixes))
+
+
+def fold_ipv4(addr: IPAddress, nat64_prefixes: tuple[str, ...] = ()) -> IPAddress:
+    """IPv4 carried in IPv6 (mapped, SIIT, NAT64) as the IPv4 address; others unchanged."""
+    if isinstance(addr, ipaddress.IPv4Address):
+        return addr
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr in _SIIT:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    for net in _nat64_networks(nat64_prefixes):
+        if addr in net:
+            return _embedded_ipv4(addr, net)
+    return addr
+
+
+def parse_ip(text: str, nat64_prefixes: tuple[str, ...] = ()) -> IPAddress:
+    """Parse one client address strictly, folding IPv4 carried in IPv6 to IPv4."""
     if not text:
         raise InvalidAddress("empty address")
     if len(text) > 45 or text.strip() != text or "%" in text or "/" in text:
@@ -56,9 +122,7 @@ def parse_ip(text: str) -> IPAddress:
         addr = ipaddress.ip_address(text)
     except ValueError as exc:
         raise InvalidAddress(f"not an IP address: {text[:64]!r}") from exc
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return fold_ipv4(addr, nat64_prefixes)
 
 
 def identity_of(addr: IPAddress, rules: IdentityRules) -> str:
@@ -79,17 +143,20 @@ def identity_of(addr: IPAddress, rules: IdentityRules) -> str:
 
 
 @lru_cache(maxsize=65536)
-def _cached(text: str, ipv4_prefix: int, ipv6_prefix: int) -> tuple[IPAddress, str]:
+def _cached(
+    text: str, ipv4_prefix: int, ipv6_prefix: int, nat64: tuple[str, ...]
+) -> tuple[IPAddress, str]:
     # Checks repeat the same few thousand addresses; parsing dominates the check path
-    # once the store answers from memory, so the pure function is memoised.
-    addr = parse_ip(text)
-    return addr, identity_of(addr, IdentityRules(ipv4_prefix, ipv6_prefix))
+    # once the store answers from memory, so the pure function is memoised (on plain
+    # arguments: hashing them is C code, hashing the dataclass would be Python).
+    addr = parse_ip(text, nat64)
+    return addr, identity_of(addr, IdentityRules(ipv4_prefix, ipv6_prefix, nat64))
 
 
 def address_and_identity(text: str, rules: IdentityRules | None = None) -> tuple[IPAddress, str]:
     """Parse `text` once: the address and its identity; raises `InvalidAddress`."""
     r = rules or _DEFAULT_RULES
-    return _cached(text, r.ipv4_prefix, r.ipv6_prefix)
+    return _cached(text, r.ipv4_prefix, r.ipv6_prefix, r.nat64_prefixes)
 
 
 def identity_for(text: str, rules: IdentityRules | None = None) -> str:
@@ -98,6 +165,68 @@ def identity_for(text: str, rules: IdentityRules | None = None) -> str:
 
 
 _DEFAULT_RULES = IdentityRules()
+
+
+# --- what the SMTP client chooses, bounded at the edge (the same in every component)
+
+MAX_HELO = 255  # characters of a HELO/EHLO name (a domain is at most 253 octets)
+MAX_MAIL_FROM = 512  # characters of an envelope sender (RFC 5321 paths are <= 256 octets)
+MAX_DOMAIN = 255  # characters of the sender's domain kept whole when a sender is cut
+MAX_FINGERPRINT = 128  # characters of the MX's optional client fingerprint
+MAX_COUNT = 100_000  # events in one outcome count (a log's commands=N summary, say)
+_DIGEST_CHARS = 16
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` if it fits in `limit` characters, else a prefix, "~" and a digest of the whole.
+
+    Deterministic (the same input always gives the same output, in every process) and
+    idempotent (the result fits, so bounding it again changes nothing); text that cannot
+    be encoded (lone surrogates) has them replaced, so it can always be sent.
+    """
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    digest = hashlib.blake2b(text.encode(), digest_size=_DIGEST_CHARS // 2).hexdigest()
+    return f"{text[: limit - _DIGEST_CHARS - 1]}~{digest}"
+
+
+def bound_mail_from(mail_from: str) -> str:
+    """An envelope sender bounded like `bounded`, keeping its domain whole when it can
+    (the domain is what tells clients behind one address apart)."""
+    if len(mail_from) <= MAX_MAIL_FROM and mail_from.isascii():
+        return mail_from
+    local, at, domain = mail_from.rpartition("@")
+    if at and len(domain) <= MAX_DOMAIN:
+        domain = bounded(domain, MAX_DOMAIN)
+        return f"{bounded(local, MAX_MAIL_FROM - 1 - len(domain))}@{domain}"
+    return bounded(mail_from, MAX_MAIL_FROM)
+
+
+def bound_client(helo: str, mail_from: str, fingerprint: str = "") -> tuple[str, str, str]:
+    """(helo, mail_from, fingerprint) bounded at the edge; cheap when nothing is long."""
+    if (
+        helo.isascii()
+        and mail_from.isascii()
+        and fingerprint.isascii()
+        and (
+            len(helo) <= MAX_HELO
+            and len(mail_from) <= MAX_MAIL_FROM
+            and len(fingerprint) <= MAX_FINGERPRINT
+        )
+    ):
+        return helo, mail_from, fingerprint
+    return (
+        bounded(helo, MAX_HELO),
+        bound_mail_from(mail_from),
+        bounded(fingerprint, MAX_FINGERPRINT),
+    )
+
+
+def bound_count(n: int) -> int:
+    """An event count from the internet (a log line, a milter) clamped to 0..MAX_COUNT."""
+    return 0 if n < 0 else min(n, MAX_COUNT)
 
 
 # --- sub-identities: one client among many behind a shared (NAT, CGNAT) address
@@ -119,6 +248,7 @@ def client_fingerprint(helo: str, mail_from: str, fingerprint: str) -> str:
     """
     if not (helo or mail_from or fingerprint):
         return ""
+    helo, mail_from, fingerprint = bound_client(helo, mail_from, fingerprint)
     material = f"{helo.strip().lower()}\0{sender_domain(mail_from)}\0{fingerprint}"
     return hashlib.blake2b(material.encode(), digest_size=5).hexdigest()
 
