@@ -26,7 +26,6 @@ from penaltyd.server import Running, start_server
 from penaltyd.settings import Settings
 from penaltyd.store.base import Store
 
-
 # One Hypothesis profile for the whole suite: examples are bounded by count, never by
 # wall-clock time, so a busy machine (CI sharing two cores) makes tests slower, not red.
 # Each test's own @settings still chooses its number of examples.
