@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from penalty.identity import bound_client, bound_count
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
 from penaltyclient.base import ClientBase
@@ -43,13 +45,20 @@ class PenaltydError(Exception):
         self.details = details
 
 
-def outcome_counts(counts: Counts) -> list[pb.OutcomeCount]:
+def outcome_counts(counts: Counts, *, bound: bool = False) -> list[pb.OutcomeCount]:
+    """OutcomeCount messages; with `bound`, counts that came from the internet (logs,
+    milters) are clamped to what penaltyd accepts and zero counts are left out."""
     pairs = counts.items() if isinstance(counts, Mapping) else counts
+    if bound:
+        pairs = [(o, bound_count(n)) for o, n in pairs]
+        return [pb.OutcomeCount(outcome=o, n=n) for o, n in pairs if n]
     return [pb.OutcomeCount(outcome=o, n=n) for o, n in pairs]
 
 
 def client_msg(ip: str, helo: str = "", mail_from: str = "", fingerprint: str = "") -> pb.Client:
-    return pb.Client(ip=ip, helo=helo, mail_from=mail_from, fingerprint=fingerprint)
+    """A Client message with what the SMTP client chose bounded at the edge."""
+    helo, mail_from, fingerprint = bound_client(helo, mail_from, fingerprint)
+    return pb.Client(ip=ip[:64], helo=helo, mail_from=mail_from, fingerprint=fingerprint)
 
 
 class AsyncPenaltyClient(ClientBase):
@@ -230,13 +239,23 @@ class AsyncPenaltyClient(ClientBase):
             raise PenaltydError(exc.code(), exc.details() or "") from exc
 
 
+#: The index of the refused report in a Session error's field path: "reports[26].client.ip".
+_REFUSED_ITEM = re.compile(r"reports\[(\d{1,6})\]")
+
+
 class SessionReporter:
     """Batches reports over one `Session` stream; never blocks the caller.
 
-    `report()` queues (bounded: beyond `max_queue` reports are dropped and counted);
-    a writer sends up to `max_batch` reports per message at least every `interval`
-    seconds; a batch not yet acknowledged when the stream breaks is queued again (at
-    least once), and the stream reconnects with backoff.
+    `report()` bounds what the SMTP client chose (`penalty.identity.bound_client`, counts
+    clamped) and queues (bounded: beyond `max_queue` reports are dropped and counted); a
+    writer sends up to `max_batch` reports per message at least every `interval` seconds;
+    a batch not yet acknowledged when the stream breaks is queued again (at least once),
+    and the stream reconnects with backoff.
+
+    penaltyd validates a message whole: one refused report refuses its message. A refused
+    batch is never counted as delivered: the report the error names (or, if it names
+    none, each half of the batch in turn) is taken out, counted in `rejected` and logged,
+    and the rest is sent again, so one crafted client never costs its neighbours' reports.
     """
 
     def __init__(
@@ -246,40 +265,66 @@ class SessionReporter:
         max_batch: int = 200,
         interval: float = 0.02,
         max_queue: int = 50_000,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self._service = service
         self.max_batch = max_batch
         self.interval = interval
         self.max_queue = max_queue
+        self._metadata = metadata
         self._queue: deque[pb.ReportRequest] = deque()
+        # Batches to send exactly as they are (halves of a refused batch), before the queue.
+        self._retry: deque[list[pb.ReportRequest]] = deque()
+        self._inflight: dict[int, list[pb.ReportRequest]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.sent = 0
-        self.acked = 0
-        self.dropped = 0
-        self.rejected = 0
+        self.sent = 0  # reports written and not given back to the queue
+        self.acked = 0  # reports penaltyd stored (delivered)
+        self.dropped = 0  # reports lost to a full queue
+        self.rejected = 0  # reports penaltyd refused (bad input), logged one by one
         self.reconnects = 0
         self.tempfails: deque[pb.Verdict] = deque(maxlen=1000)
 
     def report(
         self, ip: str, counts: Counts, helo: str = "", mail_from: str = "", fingerprint: str = ""
     ) -> bool:
-        """Queue a report; False if it was dropped because the queue is full."""
+        """Queue a report; False if it was dropped (queue full, or no count left above 0)."""
+        bounded_counts = outcome_counts(counts, bound=True)
+        if not bounded_counts:
+            return False
+        return self.enqueue(
+            pb.ReportRequest(
+                client=client_msg(ip, helo, mail_from, fingerprint), counts=bounded_counts
+            )
+        )
+
+    def enqueue(self, request: pb.ReportRequest) -> bool:
+        """Queue a report as it is (e.g. one kept across a restart); False if dropped."""
         if len(self._queue) >= self.max_queue:
             self.dropped += 1
             return False
-        self._queue.append(
-            pb.ReportRequest(
-                client=client_msg(ip, helo, mail_from, fingerprint), counts=outcome_counts(counts)
-            )
-        )
+        self._queue.append(request)
         if len(self._queue) >= self.max_batch:
             self._wakeup.set()
         return True
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Reports not yet acknowledged: queued, set aside for a resend, or in flight."""
+        return (
+            len(self._queue)
+            + sum(len(b) for b in self._retry)
+            + sum(len(b) for b in self._inflight.values())
+        )
+
+    def pending_requests(self) -> list[pb.ReportRequest]:
+        """Everything not yet acknowledged (in flight first, then waiting), e.g. to keep it
+        across a restart. A report in flight may still be stored by penaltyd: keeping it
+        means at least once."""
+        out = [r for b in self._inflight.values() for r in b]
+        out += [r for b in self._retry for r in b]
+        out += self._queue
+        return out
 
     def start(self) -> None:
         if self._task is None:
@@ -289,7 +334,7 @@ class SessionReporter:
         """Wait until everything queued has been acknowledged (or `within` seconds)."""
         end = time.monotonic() + within
         self._wakeup.set()
-        while self._queue or self.acked < self.sent:
+        while self.pending:
             if time.monotonic() > end:
                 return False
             await asyncio.sleep(0.005)
@@ -301,28 +346,39 @@ class SessionReporter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        self._give_back()
+
+    def _next_batch(self) -> list[pb.ReportRequest]:
+        if self._retry:
+            return self._retry.popleft()
+        return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+
+    def _give_back(self) -> None:
+        """In-flight batches go back in front of the queue (at least once)."""
+        for batch in reversed(list(self._inflight.values())):
+            self.sent -= len(batch)
+            self._retry.appendleft(batch)
+        self._inflight.clear()
 
     async def _run(self) -> None:
         backoff = 0.05
         next_id = 0
         while True:
-            inflight: dict[int, list[pb.ReportRequest]] = {}
-            call = self._service.Session()
-            reader = asyncio.create_task(self._read(call, inflight))
+            call = self._service.Session(metadata=self._metadata or None)
+            reader = asyncio.create_task(self._read(call))
             try:
                 while not reader.done():
-                    if not self._queue:
+                    if not (self._queue or self._retry):
                         # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(self.interval):
                                 await self._wakeup.wait()
                         self._wakeup.clear()
                         continue
-                    batch = [
-                        self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))
-                    ]
+                    batch = self._next_batch()
                     next_id += 1
-                    inflight[next_id] = batch
+                    self._inflight[next_id] = batch
                     self.sent += len(batch)  # before the write: a failed write re-queues it
                     await call.write(pb.SessionRequest(id=next_id, reports=batch))
                     backoff = 0.05
@@ -333,24 +389,52 @@ class SessionReporter:
             finally:
                 reader.cancel()
                 call.cancel()
-            for batch in reversed(list(inflight.values())):  # at least once
-                self.sent -= len(batch)
-                room = self.max_queue - len(self._queue)
-                self._queue.extendleft(reversed(batch[:room]))
-                self.dropped += max(0, len(batch) - room)
+                self._give_back()
+            self._trim()
             self.reconnects += 1
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 2.0)
 
-    async def _read(self, call: Any, inflight: dict[int, list[pb.ReportRequest]]) -> None:
+    def _trim(self) -> None:
+        """Keep what waits within `max_queue` after batches came back; count the rest."""
+        excess = self.pending - self.max_queue
+        while excess > 0 and self._queue:
+            self._queue.pop()
+            self.dropped += 1
+            excess -= 1
+
+    async def _read(self, call: Any) -> None:
         async for response in call:
-            batch = inflight.pop(response.id, [])
+            batch = self._inflight.pop(response.id, [])
+            self.sent -= len(batch)
             if response.HasField("error"):
-                self.rejected += len(batch)
-                log.warning(
-                    "penaltyd rejected a report batch: %s: %s",
-                    response.error.field,
-                    response.error.message,
-                )
+                self._refused(batch, response.error.field, response.error.message)
+                self._wakeup.set()
+                continue
             self.acked += len(batch)
             self.tempfails.extend(v for v in response.reports if v.tempfail)
+
+    def _refused(self, batch: list[pb.ReportRequest], field: str, message: str) -> None:
+        """Take the refused report out of `batch` and send the rest again."""
+        m = _REFUSED_ITEM.match(field)
+        index = int(m.group(1)) if m else -1
+        if 0 <= index < len(batch):
+            bad = batch[index]
+            self.rejected += 1
+            log.warning(
+                "penaltyd refused a report (%s: %s) from client %r; the rest of its batch "
+                "is sent again",
+                field.partition(".")[2] or field,
+                message,
+                bad.client.ip[:64],
+            )
+            rest = batch[:index] + batch[index + 1 :]
+            if rest:
+                self._retry.appendleft(rest)
+        elif len(batch) > 1:  # the error names no report: find it by halves
+            half = len(batch) // 2
+            self._retry.appendleft(batch[half:])
+            self._retry.appendleft(batch[:half])
+        elif batch:
+            self.rejected += 1
+            log.warning("penaltyd refused a report (%s: %s)", field, message)
