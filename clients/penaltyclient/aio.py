@@ -93,7 +93,9 @@ class AsyncPenaltyClient(ClientBase):
         while True:
             left = end - time.monotonic()
             try:
-                return await method(request, timeout=max(left, 0.001))
+                return await method(
+                    request, timeout=max(left, 0.001), metadata=self._service_metadata or None
+                )
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
                 pause = self._retry_pause(exc.code(), attempt, end)
@@ -144,6 +146,7 @@ class AsyncPenaltyClient(ClientBase):
         return verdict
 
     def reporter(self, **kw: Any) -> SessionReporter:
+        kw.setdefault("metadata", self._service_metadata)
         return SessionReporter(self.service, **kw)
 
     # --- the live replica
@@ -154,7 +157,9 @@ class AsyncPenaltyClient(ClientBase):
         while True:
             self.replica.reset()
             try:
-                stream = self.service.WatchPenalties(pb.WatchRequest())
+                stream = self.service.WatchPenalties(
+                    pb.WatchRequest(chunked_snapshot=True), metadata=self._service_metadata or None
+                )
                 async for event in stream:
                     self.replica.apply(event)
                     backoff = 0.05
@@ -233,7 +238,9 @@ class AsyncPenaltyClient(ClientBase):
     async def watch(self) -> AsyncIterator[pb.PenaltyEvent]:
         """The raw WatchPenalties stream (snapshot, SNAPSHOT_DONE, then changes)."""
         try:
-            async for event in self.service.WatchPenalties(pb.WatchRequest()):
+            async for event in self.service.WatchPenalties(
+                pb.WatchRequest(), metadata=self._service_metadata or None
+            ):
                 yield event
         except grpc.aio.AioRpcError as exc:
             raise PenaltydError(exc.code(), exc.details() or "") from exc

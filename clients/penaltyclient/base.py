@@ -4,6 +4,7 @@ or a blocking channel) and how it follows the watch stream (a task or a thread).
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,18 @@ import grpc
 from penalty.identity import IdentityRules
 from penalty.v1 import penalty_pb2_grpc as pbg
 from penaltyclient.replica import ReplicaState
+
+
+def service_token_from_env() -> str:
+    """The MX's PenaltyService token: `PENALTYD_TOKEN`, or the first line of the file
+    named by `PENALTYD_TOKEN_FILE` (so every sidecar picks it up without a flag)."""
+    token = os.environ.get("PENALTYD_TOKEN", "")
+    path = os.environ.get("PENALTYD_TOKEN_FILE", "")
+    if not token and path:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.readline().strip()
+    return token
+
 
 #: Only a refused or dropped connection is worth another try inside the deadline.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -32,6 +45,7 @@ class ClientBase:
         credentials: grpc.ChannelCredentials | None = None,
         admin_token: str = "",
         admin_deadline: float = 5.0,
+        service_token: str | None = None,
         live_replica: bool = False,
         rules: IdentityRules | None = None,
     ) -> None:
@@ -43,6 +57,9 @@ class ClientBase:
         self.backoff = backoff
         self.admin_deadline = admin_deadline
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        token = service_token if service_token is not None else service_token_from_env()
+        # Sent with every PenaltyService call when penaltyd requires it (`service_auth`).
+        self._service_metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.replica = ReplicaState(rules) if live_replica else None
         self.degraded_answers = 0
         self._last_warning = 0.0

@@ -73,9 +73,18 @@ class ReplicaState:
             self._allow.add(parse_network(event.allow.cidr), event.allow.expires_at_unix_ms)
         elif kind == Kind.KIND_ALLOW_REMOVED:
             self._allow.remove(parse_network(event.allow.cidr))
+        elif kind == Kind.KIND_SNAPSHOT_CHUNK:
+            for p in event.penalties:
+                target[p.identity] = (p.expires_at_unix_ms, p.reason)
+            for entry in event.allow_entries:
+                self._allow.add(parse_network(entry.cidr), entry.expires_at_unix_ms)
         elif kind == Kind.KIND_SNAPSHOT_DONE:
             if event.smtp_reply_template:
                 self.template = event.smtp_reply_template
+            if event.HasField("identity_rules"):
+                r = event.identity_rules
+                # Key checks exactly as the server does (prefix lengths, NAT64 prefixes).
+                self.rules = IdentityRules(r.ipv4_prefix, r.ipv6_prefix, tuple(r.nat64_prefixes))
             if self._building is not None:
                 self._penalties = self._building
                 self._building = None

@@ -50,7 +50,11 @@ class PenaltyClient(ClientBase):
         attempt = 0
         while True:
             try:
-                return method(request, timeout=max(end - time.monotonic(), 0.001))
+                return method(
+                    request,
+                    timeout=max(end - time.monotonic(), 0.001),
+                    metadata=self._service_metadata or None,
+                )
             except grpc.RpcError as exc:
                 attempt += 1
                 pause = self._retry_pause(exc.code(), attempt, end)
@@ -104,7 +108,9 @@ class PenaltyClient(ClientBase):
         while not self._closed.is_set():
             self.replica.reset()
             try:
-                self._watch = self.service.WatchPenalties(pb.WatchRequest())
+                self._watch = self.service.WatchPenalties(
+                    pb.WatchRequest(chunked_snapshot=True), metadata=self._service_metadata or None
+                )
                 for event in self._watch:
                     self.replica.apply(event)
                     backoff = 0.05
@@ -181,6 +187,8 @@ class PenaltyClient(ClientBase):
 
     def watch(self) -> Iterator[pb.PenaltyEvent]:
         try:
-            yield from self.service.WatchPenalties(pb.WatchRequest())
+            yield from self.service.WatchPenalties(
+                pb.WatchRequest(), metadata=self._service_metadata or None
+            )
         except grpc.RpcError as exc:
             raise PenaltydError(exc.code(), exc.details() or "") from exc

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +43,57 @@ class BadField(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class BadMessage:
-    """What the guarded deserializer returns instead of raising."""
+    """What the guarded deserializer returns instead of raising.
+
+    `id` is field 1 of the undecodable message when it could be read (a stream's request
+    id, so a stream can answer that one message and go on)."""
 
     field: str
     message: str
+    id: int = 0
+
+
+def leading_varint_field(raw: bytes, number: int = 1, scan: int = 64) -> int:
+    """The value of varint field `number` if it is among the first fields of `raw`.
+
+    Reads protobuf wire format by hand, only far enough to find it (at most `scan`
+    fields, each skipped in O(1)): linear, and safe on any bytes. 0 when not found.
+    """
+    pos, end = 0, len(raw)
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while pos < end and shift < 64:
+            byte = raw[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+        raise ValueError("truncated varint")
+
+    try:
+        for _ in range(scan):
+            if pos >= end:
+                return 0
+            key = varint()
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value = varint()
+                if field == number:
+                    return value
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                pos += varint()
+            elif wire == 5:
+                pos += 4
+            else:
+                return 0
+    except ValueError:
+        return 0
+    return 0
 
 
 def guarded_deserializer(
@@ -59,9 +107,21 @@ def guarded_deserializer(
         try:
             return deserialize(raw)
         except DecodeError as exc:
-            return BadMessage("message", f"not a valid {type_name}: {exc}")
+            # Invalid UTF-8 in a string field is the usual cause; say so plainly.
+            return BadMessage(
+                "message", f"not a valid {type_name}: {exc}", leading_varint_field(raw)
+            )
 
     return guarded
+
+
+def _bytes_or(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that passes bytes through (events serialized once, shared)."""
+
+    def serializer(message: Any) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+
+    return serializer
 
 
 class _Capture:
@@ -79,18 +139,26 @@ class _Capture:
 
 
 def register_guarded(
-    add: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, max_bytes: int
+    add: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    max_bytes: int,
+    raw_responses: Sequence[str] = (),
 ) -> None:
     """Register generated handlers (`add_XServicer_to_server`) with guarded deserializers.
 
     grpc answers a request its deserializer cannot parse with INTERNAL; bad input must
     get INVALID_ARGUMENT (DESIGN.md s. 6), so the servicer receives a `BadMessage`.
+    Methods named in `raw_responses` may also answer with already serialized bytes.
     """
     cap = _Capture()
     add(servicer, cap)
     wrapped = {
         name: h._replace(
-            request_deserializer=guarded_deserializer(h.request_deserializer, name, max_bytes)
+            request_deserializer=guarded_deserializer(h.request_deserializer, name, max_bytes),
+            response_serializer=(
+                _bytes_or(h.response_serializer) if name in raw_responses else h.response_serializer
+            ),
         )
         for name, h in cap.handlers.items()
     }
@@ -161,6 +229,53 @@ class AdminGate:
             grpc.StatusCode.UNAUTHENTICATED,
             f"{self._api} calls need authorization: Bearer <admin_token>",
         )
+
+
+class CallerGate:
+    """Who may use a service API: bearer tokens per caller (an MX each) and/or mTLS.
+
+    `tokens` maps a caller's name to its token. A presented token is looked up by its
+    keyed digest (HMAC with a per-process random key), so the lookup reveals nothing
+    about tokens through timing, however many there are. With `mtls`, the TLS layer has
+    already demanded a certificate from the configured CA: every caller is authenticated
+    and named by its certificate's common name.
+    """
+
+    def __init__(self, tokens: dict[str, str], *, mtls: bool = False) -> None:
+        self._key = os.urandom(32)
+        self._names = {self._digest(f"Bearer {t}".encode()): n for n, t in tokens.items() if t}
+        self._mtls = mtls
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._names) or self._mtls
+
+    def _digest(self, presented: bytes) -> bytes:
+        return hmac.new(self._key, presented, "sha256").digest()
+
+    def caller(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The authenticated caller's name, or None."""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else value
+                name = self._names.get(self._digest(got))
+                if name is not None:
+                    return name
+        if self._mtls:
+            names = (context.auth_context() or {}).get("x509_common_name") or [b"mtls"]
+            return bytes(names[0]).decode("utf-8", "replace")
+        return None
+
+    async def authorize(self, context: grpc.aio.ServicerContext, what: str) -> str:
+        """The caller's name, or end the call with UNAUTHENTICATED."""
+        name = self.caller(context)
+        if name is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{what} needs authorization: Bearer <token> (a service token of this MX)",
+            )
+            raise AssertionError("abort returned")  # pragma: no cover
+        return name
 
 
 def grpc_server(max_message_bytes: int, *options: tuple[str, Any]) -> grpc.aio.Server:

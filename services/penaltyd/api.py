@@ -19,21 +19,25 @@ from functools import lru_cache
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import structlog
 
 from penalty.grpc_support import (
     AdminGate,
     BadField,
     BadMessage,
+    CallerGate,
     abort_invalid,
     abort_store_error,
 )
 from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import reasons
 from penaltyd.detector import Decision
-from penaltyd.engine import END_WATCH, Answer, Engine, Explained
-from penaltyd.feed import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, SHARED, STARTED, FeedEvent
-from penaltyd.store.base import AllowEntry, PageCursor, Penalty, StoreError
+from penaltyd.engine import Answer, Engine, Explained
+from penaltyd.store.base import PageCursor, Penalty, StoreError
 from penaltyd.validation import Validator
+from penaltyd.watch import WatchEnded, allow_message
+
+log = structlog.get_logger("penaltyd.api")
 
 Verdict = penalty_pb2.Verdict
 Kind = penalty_pb2.PenaltyEvent.Kind
@@ -75,14 +79,7 @@ class Replies:
         )
 
 
-def allow_entry(e: AllowEntry) -> penalty_pb2.AllowEntry:
-    return penalty_pb2.AllowEntry(
-        cidr=e.cidr,
-        expires_at_unix_ms=e.expires_at_ms,
-        note=e.note,
-        actor=e.actor,
-        created_at_unix_ms=e.created_at_ms,
-    )
+allow_entry = allow_message
 
 
 async def _invalid(
@@ -92,14 +89,26 @@ async def _invalid(
 
 
 class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):
-    def __init__(self, engine: Engine, validator: Validator, replies: Replies) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        validator: Validator,
+        replies: Replies,
+        gate: CallerGate | None = None,
+    ) -> None:
         self.engine = engine
         self.validator = validator
         self.replies = replies
+        mode = engine.settings.service_auth
+        # `service_auth`: who may report (and, with "all", check and watch).
+        self._gate_reports = gate if gate is not None and mode != "none" else None
+        self._gate_reads = gate if gate is not None and mode == "all" else None
 
     async def Check(
         self, request: penalty_pb2.CheckRequest | BadMessage, context: grpc.aio.ServicerContext
     ) -> penalty_pb2.Verdict:
+        if self._gate_reads is not None:
+            await self._gate_reads.authorize(context, "Check")
         if isinstance(request, BadMessage):
             await _invalid(context, request, self.engine)
         try:
@@ -111,6 +120,8 @@ class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):
     async def Report(
         self, request: penalty_pb2.ReportRequest | BadMessage, context: grpc.aio.ServicerContext
     ) -> penalty_pb2.Verdict:
+        if self._gate_reports is not None:
+            await self._gate_reports.authorize(context, "Report")
         if isinstance(request, BadMessage):
             await _invalid(context, request, self.engine)
         try:
@@ -124,94 +135,95 @@ class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):
         request_iterator: AsyncIterator[penalty_pb2.SessionRequest | BadMessage],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[penalty_pb2.SessionResponse]:
-        """Each message is validated whole; a bad one is answered with `error` and skipped."""
+        """Each message is validated whole; a bad one is answered with `error` and skipped.
+
+        A message that cannot even be decoded (invalid UTF-8 in a string, say) is answered
+        the same way, with its id when it could be read: one crafted message never ends
+        the stream of the sidecar that relayed it. Large messages take the engine's bulk
+        lane (`Engine.bulk`): one at a time, in slices that let checks run in between.
+        """
+        if self._gate_reports is not None:
+            await self._gate_reports.authorize(context, "Session")
         async for request in request_iterator:
             if isinstance(request, BadMessage):
-                await _invalid(context, request, self.engine)
-            try:
-                checks, reports = self.validator.session(request)
-            except BadField as err:
                 self.engine.metrics.invalid_requests.inc()
                 yield penalty_pb2.SessionResponse(
                     id=request.id,
-                    error=penalty_pb2.FieldError(field=err.field, message=err.message),
+                    error=penalty_pb2.FieldError(field=request.field, message=request.message),
                 )
                 continue
-            report_answers = await self.engine.report_many(reports) if reports else []
-            check_answers = await self.engine.check_many(checks) if checks else []
-            verdict = self.replies.verdict
-            yield penalty_pb2.SessionResponse(
-                id=request.id,
-                reports=[
-                    verdict(a, r.ip) for a, (r, _) in zip(report_answers, reports, strict=True)
-                ],
-                checks=[verdict(a, c.ip) for a, c in zip(check_answers, checks, strict=True)],
-            )
+            size = len(request.checks) + len(request.reports)
+            if size > self.engine.slice_size:
+                async with self.engine.bulk():
+                    yield await self._session_message(request, sliced=True)
+            else:
+                yield await self._session_message(request, sliced=False)
 
-    async def WatchPenalties(
+    async def _session_message(
+        self, request: penalty_pb2.SessionRequest, *, sliced: bool
+    ) -> penalty_pb2.SessionResponse:
+        try:
+            if sliced:
+                checks, reports = await self.validator.session_sliced(
+                    request, self.engine.slice_size
+                )
+            else:
+                checks, reports = self.validator.session(request)
+        except BadField as err:
+            self.engine.metrics.invalid_requests.inc()
+            return penalty_pb2.SessionResponse(
+                id=request.id, error=penalty_pb2.FieldError(field=err.field, message=err.message)
+            )
+        engine, verdict = self.engine, self.replies.verdict
+        response = penalty_pb2.SessionResponse(id=request.id)
+        step = engine.slice_size if sliced else max(1, len(reports))
+        for start in range(0, len(reports), step):
+            part = reports[start : start + step]
+            answers = await engine.report_many(part)
+            response.reports.extend(
+                verdict(a, r.ip) for a, (r, _) in zip(answers, part, strict=True)
+            )
+            if sliced:
+                await asyncio.sleep(0)  # checks queued behind this message go first
+        if checks:
+            answers = await engine.check_many(checks)
+            response.checks.extend(verdict(a, c.ip) for a, c in zip(answers, checks, strict=True))
+        return response
+
+    async def WatchPenalties(  # type: ignore[override]  # writes with context.write (a deadline per write) instead of yielding
         self, request: penalty_pb2.WatchRequest | BadMessage, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[penalty_pb2.PenaltyEvent]:
-        """Snapshot (ending with SNAPSHOT_DONE), then live changes until the feed is lost."""
+    ) -> None:
+        """Snapshot (ending with SNAPSHOT_DONE), then live changes until the feed is lost.
+
+        Serialized events come from the engine's `WatchHub` (shared by every watcher);
+        each write must complete within `watch_stall_seconds` or the stream ends with
+        RESOURCE_EXHAUSTED: a reader that stops reading costs a bounded buffer, never more.
+        """
+        if self._gate_reads is not None:
+            await self._gate_reads.authorize(context, "WatchPenalties")
         if isinstance(request, BadMessage):
             await _invalid(context, request, self.engine)
-        store = self.engine.store
-        if not store.feed_exact:
+        hub = self.engine.hub
+        if not self.engine.store.feed_exact:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "penalty feed not synced; retry")
-        queue = self.engine.watch()
-        event_type = penalty_pb2.PenaltyEvent
+        if hub.watchers >= self.engine.settings.max_watchers:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {self.engine.settings.max_watchers} watchers; retry later",
+            )
         try:
-            penalties, shared, allow = store.snapshot()
-            now = store.now_ms()
-            for p in penalties:
-                penalty = self.replies.penalty(p)
-                yield event_type(
-                    kind=Kind.KIND_PENALTY_STARTED, penalty=penalty, store_now_unix_ms=now
-                )
-            for address, _ in shared:
-                yield event_type(
-                    kind=Kind.KIND_SHARED_MARKED, address=address, store_now_unix_ms=now
-                )
-            for entry in allow:
-                allowed = allow_entry(entry)
-                yield event_type(kind=Kind.KIND_ALLOW_ADDED, allow=allowed, store_now_unix_ms=now)
-            yield event_type(
-                kind=Kind.KIND_SNAPSHOT_DONE,
-                store_now_unix_ms=store.now_ms(),
-                smtp_reply_template=self.engine.settings.smtp_reply,
+            async for chunk in hub.stream(request.chunked_snapshot):
+                async with asyncio.timeout(hub.stall_seconds):
+                    await context.write(chunk)
+        except TimeoutError:
+            hub.ended_slow += 1
+            log.info("watcher_too_slow", peer=context.peer(), stall_seconds=hub.stall_seconds)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"watcher did not read for {hub.stall_seconds:g} s; watch again",
             )
-            while True:
-                event = await queue.get()
-                if event is END_WATCH:
-                    await context.abort(
-                        grpc.StatusCode.UNAVAILABLE, "penalty feed resynced; watch again"
-                    )
-                out = self._event(event)
-                out.store_now_unix_ms = store.now_ms()
-                yield out
-        finally:
-            self.engine.unwatch(queue)
-
-    def _event(self, event: FeedEvent) -> penalty_pb2.PenaltyEvent:
-        if event.kind == STARTED:
-            now = self.engine.store.local_penalty(event.identity)[1]
-            penalty = now or Penalty(event.identity, 0, event.expires_at_ms, event.reason)
-            return penalty_pb2.PenaltyEvent(
-                kind=Kind.KIND_PENALTY_STARTED, penalty=self.replies.penalty(penalty)
-            )
-        if event.kind == LIFTED:
-            return penalty_pb2.PenaltyEvent(
-                kind=Kind.KIND_PENALTY_LIFTED, penalty=penalty_pb2.Penalty(identity=event.identity)
-            )
-        if event.kind == SHARED:
-            return penalty_pb2.PenaltyEvent(kind=Kind.KIND_SHARED_MARKED, address=event.identity)
-        if event.kind == ALLOW_ADDED:
-            return penalty_pb2.PenaltyEvent(
-                kind=Kind.KIND_ALLOW_ADDED, allow=allow_entry(AllowEntry.decode(event.reason))
-            )
-        assert event.kind == ALLOW_REMOVED, event
-        return penalty_pb2.PenaltyEvent(
-            kind=Kind.KIND_ALLOW_REMOVED, allow=penalty_pb2.AllowEntry(cidr=event.identity)
-        )
+        except WatchEnded as end:
+            await context.abort(getattr(grpc.StatusCode, end.code), end.message)
 
 
 AdminMethod = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]

@@ -23,19 +23,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import structlog
 
 from penalty.identity import NetworkSet, parse_network
 from penalty.logs import RateLimitedLog
+from penalty.v1 import penalty_pb2 as pb
 from penaltyd import reasons
 from penaltyd.batching import Coalescer
 from penaltyd.detector import Baseline, Decision, Detector
-from penaltyd.feed import RESYNC, FeedEvent
+from penaltyd.feed import FeedEvent
 from penaltyd.metrics import Metrics
 from penaltyd.settings import Settings
 from penaltyd.store.base import (
@@ -45,6 +48,7 @@ from penaltyd.store.base import (
     LiftRecord,
     PageCursor,
     Penalty,
+    RawSnapshot,
     ReportItem,
     StatsDelta,
     Store,
@@ -52,11 +56,17 @@ from penaltyd.store.base import (
     Window,
 )
 from penaltyd.validation import ClientRef
+from penaltyd.watch import WatchHub
 
 log = structlog.get_logger("penaltyd.engine")
 
-#: Put on watcher queues to end the stream: the watcher must take a new snapshot.
-END_WATCH = FeedEvent(RESYNC, "end")
+
+def _raw_snapshot(store: Store) -> RawSnapshot:
+    raw = getattr(store, "snapshot_raw", None)
+    if raw is not None:
+        return cast(RawSnapshot, raw())
+    penalties, shared, allow = store.snapshot()
+    return {p.identity: (p.expires_at_ms, p.reason) for p in penalties}, dict(shared), allow
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +127,28 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._reports: Coalescer[tuple[ClientRef, Sequence[tuple[int, int]]], Answer] | None = None
         self._agg = _Aggregates()
-        self._watchers: set[asyncio.Queue[FeedEvent]] = set()
+        # The bulk lane: large Session messages are processed one at a time, in slices of
+        # `slice_size` items with a yield between, so checks never wait behind a flood.
+        self.slice_size = settings.bulk_slice
+        self._bulk = asyncio.Semaphore(settings.bulk_lanes)
+        rules = settings.identity_rules
+        done = pb.PenaltyEvent(
+            kind=pb.PenaltyEvent.Kind.KIND_SNAPSHOT_DONE,
+            smtp_reply_template=settings.smtp_reply,
+            identity_rules=pb.IdentityRules(
+                ipv4_prefix=rules.ipv4_prefix,
+                ipv6_prefix=rules.ipv6_prefix,
+                nat64_prefixes=rules.nat64_prefixes,
+            ),
+        )
+        self.hub = WatchHub(
+            lambda: _raw_snapshot(self.store),
+            store.now_ms,
+            functools.lru_cache(maxsize=4096)(reasons.render),
+            done,
+            log_size=settings.watch_log_events,
+            stall_seconds=settings.watch_stall_seconds,
+        )
         self.degraded_until = 0.0
         self.fleet = FleetStats(0, 0, 0, 0, 0, 0.0)
         self.baseline = Baseline(0, 0.0)
@@ -136,8 +167,7 @@ class Engine:
                 await task
         if self._reports:
             await self._reports.close()
-        for q in list(self._watchers):
-            self._end_watch(q)
+        self.hub.close()
         self.store.listen(None)
         await self.store.close()
 
@@ -222,6 +252,10 @@ class Engine:
         return out
 
     # --- reports
+
+    def bulk(self) -> asyncio.Semaphore:
+        """Hold while processing a large message (see `slice_size`)."""
+        return self._bulk
 
     async def report(self, ref: ClientRef, counts: Sequence[tuple[int, int]]) -> Answer:
         """One report; concurrent callers share a store round trip."""
@@ -431,33 +465,8 @@ class Engine:
 
     # --- the watch hub (WatchPenalties)
 
-    def watch(self, maxsize: int = 10_000) -> asyncio.Queue[FeedEvent]:
-        """Register a watcher *before* taking the snapshot, so no change falls between."""
-        q: asyncio.Queue[FeedEvent] = asyncio.Queue(maxsize)
-        self._watchers.add(q)
-        return q
-
-    def unwatch(self, q: asyncio.Queue[FeedEvent]) -> None:
-        self._watchers.discard(q)
-
     def _on_event(self, event: FeedEvent) -> None:
-        for q in list(self._watchers):
-            if event.kind == RESYNC:
-                self._end_watch(q)  # the feed was lost: changes may be missed
-                continue
-            try:
-                q.put_nowait(event)
-            except asyncio.QueueFull:
-                self._end_watch(q)  # fell behind: must resnapshot rather than miss changes
-
-    def _end_watch(self, q: asyncio.Queue[FeedEvent]) -> None:
-        self._watchers.discard(q)
-        while True:
-            try:
-                q.put_nowait(END_WATCH)
-                return
-            except asyncio.QueueFull:
-                q.get_nowait()
+        self.hub.publish(event)
 
     # --- background
 

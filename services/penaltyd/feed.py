@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from penalty.identity import IPAddress, NetworkSet, parse_network
-from penaltyd.store.base import AllowEntry, Penalty
+from penaltyd.store.base import AllowEntry, Penalty, RawSnapshot
 
 STARTED = "S"  # identity, expires_at_ms, reason
 LIFTED = "L"  # identity
@@ -130,6 +130,10 @@ class PenaltyView:
         shared = [(a, exp) for a, exp in self._shared.items() if exp > now]
         allow = [e for _, e in self._allow.items() if e.expires_at_ms > now]
         return penalties, shared, allow
+
+    def snapshot_raw(self) -> RawSnapshot:
+        allow = [e for _, e in self._allow.items()]
+        return dict(self._entries), dict(self._shared), allow
 
     def sweep(self) -> int:
         """Drop expired entries; returns how many penalties remain."""

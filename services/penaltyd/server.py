@@ -60,6 +60,17 @@ def make_store(settings: Settings) -> Store:
 Running = grpc_support.Running[Engine]
 
 
+def _caller_gate(settings: Settings) -> grpc_support.CallerGate | None:
+    """Who may report (and check): service tokens (the admin token counts too) or mTLS."""
+    if settings.service_auth == "none":
+        return None
+    tokens = settings.caller_tokens()
+    admin = settings.admin_token.get_secret_value()
+    if admin:
+        tokens.setdefault("admin", admin)
+    return grpc_support.CallerGate(tokens, mtls=bool(settings.tls_client_ca_file))
+
+
 def _store_failed(engine: Engine) -> Callable[[BaseException | None], None]:
     """A failed ping is a store failure like any other (degraded mode, rate-limited log)."""
 
@@ -105,12 +116,18 @@ async def start_server(
         ("grpc.max_connection_age_ms", 300_000),
         ("grpc.max_connection_age_grace_ms", 30_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Bound what the server buffers per stream: with grpc's default (0) a write
+        # completes at once whatever the reader's flow control says, and a WatchPenalties
+        # reader that never reads grew the process without limit (measured: 490 MB for
+        # one stalled stream). With a bound, a write waits for the reader's window.
+        ("grpc.http2.write_buffer_size", 64 * 1024),
     )
     grpc_support.register_guarded(
         penalty_pb2_grpc.add_PenaltyServiceServicer_to_server,
-        PenaltyService(engine, validator, replies),
+        PenaltyService(engine, validator, replies, _caller_gate(settings)),
         server,
         settings.max_message_bytes,
+        raw_responses=("WatchPenalties",),
     )
     grpc_support.register_guarded(
         penalty_pb2_grpc.add_PenaltyAdminServicer_to_server,

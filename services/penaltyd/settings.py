@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from penalty import config
-from penalty.identity import InvalidAddress, parse_network
+from penalty.identity import IdentityRules, InvalidAddress, nat64_network, parse_network
 
 
 class Weights(BaseModel):
@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(1000, ge=1, le=100_000)  # checks+reports in one Session message
     max_counts_per_report: int = Field(32, ge=1, le=1024)  # OutcomeCount entries per report
     max_count: int = Field(100_000, ge=1, le=10_000_000)  # largest n in one OutcomeCount
+    bulk_slice: int = Field(100, ge=1, le=100_000)  # larger Session messages take the bulk lane
+    bulk_lanes: int = Field(1, ge=1, le=64)  # large messages processed at once (checks first)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     admin_token: SecretStr = SecretStr(
         ""
@@ -57,6 +59,12 @@ class Settings(BaseSettings):
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the listener speaks TLS
     tls_key_file: str = ""  # PEM private key
     tls_client_ca_file: str = ""  # PEM CA bundle; when set, clients must present a certificate
+    # PenaltyService callers (MX sidecars): "none" (anyone who reaches the port), "reports"
+    # (Report and Session need a token or client certificate; Check and Watch stay open)
+    # or "all".
+    service_auth: Literal["none", "reports", "all"] = "none"
+    service_tokens: dict[str, SecretStr] = Field(default_factory=dict)  # MX name -> token
+    service_tokens_file: str = ""  # lines "name token" (# comments), read at start-up
 
     # --- store
     redis_url: str = ""  # redis://HOST:PORT/DB; empty selects the embedded memory store
@@ -72,9 +80,15 @@ class Settings(BaseSettings):
     report_buffer: int = Field(10_000, ge=0, le=1_000_000)  # reports kept while the store is down
     use_penalty_view: bool = True  # answer checks from the in-process view fed by pub/sub
 
+    # --- WatchPenalties (live replicas on MX nodes)
+    max_watchers: int = Field(1000, ge=1, le=100_000)  # more concurrent watchers: refused
+    watch_log_events: int = Field(100_000, ge=100, le=10_000_000)  # changes kept for watchers
+    watch_stall_seconds: float = Field(30.0, gt=0, le=3600)  # a write stuck this long ends it
+
     # --- identities
     ipv4_prefix: int = Field(32, ge=8, le=32)  # identity prefix length for IPv4
     ipv6_prefix: int = Field(64, ge=16, le=128)  # identity prefix length for IPv6
+    nat64_prefixes: list[str] = Field(default_factory=list)  # local NAT64 prefixes (RFC 6052)
 
     # --- shared addresses (NAT, CGNAT; DESIGN.md section 3)
     shared_cidrs: list[str] = Field(default_factory=list)  # always handled per sub-identity
@@ -148,6 +162,11 @@ class Settings(BaseSettings):
                 raise ValueError(str(exc)) from exc
         return value
 
+    @field_validator("nat64_prefixes")
+    @classmethod
+    def _nat64(cls, value: list[str]) -> list[str]:
+        return [str(nat64_network(text)) for text in value]
+
     @field_validator("listen", "metrics_listen")
     @classmethod
     def _host_port(cls, value: str, info: Any) -> str:
@@ -184,7 +203,38 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.service_auth != "none" and not (
+            self.service_tokens or self.service_tokens_file or self.tls_client_ca_file
+        ):
+            raise ValueError(
+                f"service_auth={self.service_auth} needs service_tokens, service_tokens_file "
+                "or tls_client_ca_file (mutual TLS)"
+            )
         return self
+
+    def caller_tokens(self) -> dict[str, str]:
+        """Service tokens by caller name, from `service_tokens` and `service_tokens_file`.
+
+        Raises ValueError naming the file line that is not "name token"."""
+        tokens = {name: t.get_secret_value() for name, t in self.service_tokens.items()}
+        if self.service_tokens_file:
+            with open(self.service_tokens_file, encoding="utf-8") as fh:
+                for number, line in enumerate(fh, 1):
+                    text = line.strip()
+                    if not text or text.startswith("#"):
+                        continue
+                    parts = text.split()
+                    if len(parts) != 2:
+                        raise ValueError(
+                            f"{self.service_tokens_file}:{number}: expected 'name token'"
+                        )
+                    tokens[parts[0]] = parts[1]
+        return tokens
+
+    @property
+    def identity_rules(self) -> IdentityRules:
+        """How addresses become identities (`penalty.identity`), as configured."""
+        return IdentityRules(self.ipv4_prefix, self.ipv6_prefix, tuple(self.nat64_prefixes))
 
     @property
     def store_kind(self) -> str:

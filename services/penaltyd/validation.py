@@ -8,12 +8,12 @@ Undecodable requests never get here: the guarded deserializer hands the servicer
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 from penalty.grpc_support import BadField
 from penalty.identity import (
-    IdentityRules,
     InvalidAddress,
     IPAddress,
     address_and_identity,
@@ -25,8 +25,6 @@ from penalty.v1 import penalty_pb2
 from penaltyd.settings import Settings
 
 _VALID_OUTCOMES = frozenset(penalty_pb2.Outcome.values()) - {penalty_pb2.OUTCOME_UNSPECIFIED}
-_MAX_HELO, _MAX_MAIL_FROM, _MAX_FINGERPRINT = 255, 512, 128
-_LIMITS = {"helo": _MAX_HELO, "mail_from": _MAX_MAIL_FROM, "fingerprint": _MAX_FINGERPRINT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +43,7 @@ class ClientRef:
 
 class Validator:
     def __init__(self, settings: Settings) -> None:
-        self.rules = IdentityRules(settings.ipv4_prefix, settings.ipv6_prefix)
+        self.rules = settings.identity_rules
         self.max_batch = settings.max_batch
         self.max_counts = settings.max_counts_per_report
         self.max_count = settings.max_count
@@ -54,14 +52,11 @@ class Validator:
         self.allow_max_ttl = settings.allow_max_ttl_seconds
 
     def client(self, client: penalty_pb2.Client, field: str) -> ClientRef:
-        if (
-            len(client.helo) > _MAX_HELO
-            or len(client.mail_from) > _MAX_MAIL_FROM
-            or len(client.fingerprint) > _MAX_FINGERPRINT
-        ):
-            for name, limit in _LIMITS.items():  # the rare path: say which field
-                if len(getattr(client, name)) > limit:
-                    raise BadField(f"{field}.{name}", f"longer than {limit} characters")
+        """The client's address is validated strictly; what the SMTP client chose (HELO,
+        sender, fingerprint) is bounded, never refused (`penalty.identity.bound_client`,
+        inside `client_fingerprint`): a crafted HELO must not cost a check or the other
+        reports of its batch, and the same client keeps the same sub-identity whichever
+        component bounded it first."""
         if not client.ip:
             raise BadField(f"{field}.ip", "required")
         try:
@@ -123,6 +118,22 @@ class Validator:
             return str(parse_network(text))
         except InvalidAddress as exc:
             raise BadField(field, str(exc)) from exc
+
+    async def session_sliced(
+        self, request: penalty_pb2.SessionRequest, step: int
+    ) -> tuple[list[ClientRef], list[tuple[ClientRef, list[tuple[int, int]]]]]:
+        """`session` for a large message, yielding to the event loop every `step` items."""
+        if len(request.checks) + len(request.reports) > self.max_batch:
+            raise BadField(
+                "checks", f"more than {self.max_batch} checks and reports in one message"
+            )
+        reports = []
+        for i, r in enumerate(request.reports):
+            reports.append(self.report(r, f"reports[{i}]."))
+            if i % step == step - 1:
+                await asyncio.sleep(0)
+        checks = [self.check(c, f"checks[{i}].") for i, c in enumerate(request.checks)]
+        return checks, reports
 
     def session(
         self, request: penalty_pb2.SessionRequest

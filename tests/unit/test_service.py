@@ -119,15 +119,38 @@ async def test_session_rejects_a_bad_message_whole_and_keeps_the_stream(pd: Serv
     await call.done_writing()
 
 
-async def test_session_garbage_bytes_end_the_stream_with_invalid_argument(pd: Served) -> None:
-    stream = pd.channel.stream_stream("/penalty.v1.PenaltyService/Session")
+async def test_session_garbage_bytes_get_an_error_and_the_stream_goes_on(pd: Served) -> None:
+    stream = pd.channel.stream_stream(
+        "/penalty.v1.PenaltyService/Session",
+        response_deserializer=pb.SessionResponse.FromString,
+    )
     call = stream()
     await call.write(b"\x0a\xff\xff\xff\xff\x0f garbage")
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call.read()
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("message: ")
-    assert not (await pd.service.Check(check("203.0.113.7"))).tempfail  # server unaffected
+    resp = await call.read()
+    assert resp.error.field == "message"
+    assert resp.error.message.startswith("not a valid Session")
+    # Invalid UTF-8 in a HELO (crafted by an API caller): answered with the message's id.
+    good = pb.SessionRequest(id=7, reports=[report("198.51.100.9", pb.OUTCOME_ACCEPTED)])
+    bad = bytearray(good.SerializeToString())
+    bad += pb.SessionRequest(
+        reports=[pb.ReportRequest(client=client("198.51.100.9", helo="HELO"))]
+    ).SerializeToString()
+    bad[bad.index(b"HELO")] = 0xFF
+    await call.write(bytes(bad))
+    resp = await call.read()
+    assert (resp.id, resp.error.field) == (7, "message")
+    await call.write(
+        pb.SessionRequest(
+            id=8, reports=[report("198.51.100.9", pb.OUTCOME_ACCEPTED)]
+        ).SerializeToString()
+    )
+    resp = await call.read()
+    assert resp.id == 8
+    assert not resp.HasField("error")
+    assert len(resp.reports) == 1
+    await call.done_writing()
+    ex = await pd.admin.Explain(pb.ExplainRequest(client=client("198.51.100.9")))
+    assert ex.events == 1  # only the good message was stored
 
 
 async def test_lift_list_stats(pd: Served) -> None:

@@ -684,12 +684,20 @@ Global___ListAllowlistResponse: _TypeAlias = ListAllowlistResponse  # noqa: Y015
 class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CHUNKED_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    chunked_snapshot: _builtins.bool
+    """Send the snapshot as KIND_SNAPSHOT_CHUNK events of up to ~1,000 entries each instead
+    of one event per entry (what live replicas use: a 65k-penalty snapshot is then 65
+    messages, not 65,000).
+    """
     def __init__(
         self,
+        *,
+        chunked_snapshot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunked_snapshot", b"chunked_snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -697,8 +705,10 @@ Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
 
 @_typing.final
 class PenaltyEvent(_message.Message):
-    """WatchPenalties: first the snapshot (SNAPSHOT_* events ending with SNAPSHOT_DONE), then
-    live changes. Expiry is not announced: a penalty ends at expires_at_unix_ms.
+    """WatchPenalties: first the snapshot (one event per entry, or KIND_SNAPSHOT_CHUNK events
+    when asked), ending with SNAPSHOT_DONE, then live changes. Expiry is not announced: a
+    penalty ends at expires_at_unix_ms. A watcher that does not keep up is ended with
+    RESOURCE_EXHAUSTED (it watches again and gets a fresh snapshot).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -722,6 +732,8 @@ class PenaltyEvent(_message.Message):
         """allow.cidr set"""
         KIND_SNAPSHOT_DONE: PenaltyEvent._Kind.ValueType  # 6
         """everything before this was the snapshot"""
+        KIND_SNAPSHOT_CHUNK: PenaltyEvent._Kind.ValueType  # 7
+        """part of the snapshot: penalties, addresses, allow_entries"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: PenaltyEvent.Kind.ValueType  # 0
@@ -737,6 +749,8 @@ class PenaltyEvent(_message.Message):
     """allow.cidr set"""
     KIND_SNAPSHOT_DONE: PenaltyEvent.Kind.ValueType  # 6
     """everything before this was the snapshot"""
+    KIND_SNAPSHOT_CHUNK: PenaltyEvent.Kind.ValueType  # 7
+    """part of the snapshot: penalties, addresses, allow_entries"""
 
     KIND_FIELD_NUMBER: _builtins.int
     PENALTY_FIELD_NUMBER: _builtins.int
@@ -744,6 +758,10 @@ class PenaltyEvent(_message.Message):
     ALLOW_FIELD_NUMBER: _builtins.int
     STORE_NOW_UNIX_MS_FIELD_NUMBER: _builtins.int
     SMTP_REPLY_TEMPLATE_FIELD_NUMBER: _builtins.int
+    PENALTIES_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    ALLOW_ENTRIES_FIELD_NUMBER: _builtins.int
+    IDENTITY_RULES_FIELD_NUMBER: _builtins.int
     kind: Global___PenaltyEvent.Kind.ValueType
     address: _builtins.str
     store_now_unix_ms: _builtins.int
@@ -754,6 +772,22 @@ class PenaltyEvent(_message.Message):
     def penalty(self) -> Global___Penalty: ...
     @_builtins.property
     def allow(self) -> Global___AllowEntry: ...
+    @_builtins.property
+    def penalties(self) -> _containers.RepeatedCompositeFieldContainer[Global___Penalty]:
+        """on SNAPSHOT_CHUNK"""
+
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """on SNAPSHOT_CHUNK: shared addresses"""
+
+    @_builtins.property
+    def allow_entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllowEntry]:
+        """on SNAPSHOT_CHUNK"""
+
+    @_builtins.property
+    def identity_rules(self) -> Global___IdentityRules:
+        """on SNAPSHOT_DONE: how the server derives identities"""
+
     def __init__(
         self,
         *,
@@ -763,14 +797,46 @@ class PenaltyEvent(_message.Message):
         allow: Global___AllowEntry | None = ...,
         store_now_unix_ms: _builtins.int = ...,
         smtp_reply_template: _builtins.str = ...,
+        penalties: _abc.Iterable[Global___Penalty] | None = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        allow_entries: _abc.Iterable[Global___AllowEntry] | None = ...,
+        identity_rules: Global___IdentityRules | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "penalty", b"penalty"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "identity_rules", b"identity_rules", "penalty", b"penalty"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow", b"allow", "kind", b"kind", "penalty", b"penalty", "smtp_reply_template", b"smtp_reply_template", "store_now_unix_ms", b"store_now_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "allow", b"allow", "allow_entries", b"allow_entries", "identity_rules", b"identity_rules", "kind", b"kind", "penalties", b"penalties", "penalty", b"penalty", "smtp_reply_template", b"smtp_reply_template", "store_now_unix_ms", b"store_now_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PenaltyEvent: _TypeAlias = PenaltyEvent  # noqa: Y015
+
+@_typing.final
+class IdentityRules(_message.Message):
+    """How addresses become identities on the server, so a live replica keys checks the same."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IPV4_PREFIX_FIELD_NUMBER: _builtins.int
+    IPV6_PREFIX_FIELD_NUMBER: _builtins.int
+    NAT64_PREFIXES_FIELD_NUMBER: _builtins.int
+    ipv4_prefix: _builtins.int
+    ipv6_prefix: _builtins.int
+    @_builtins.property
+    def nat64_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        ipv4_prefix: _builtins.int = ...,
+        ipv6_prefix: _builtins.int = ...,
+        nat64_prefixes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ipv4_prefix", b"ipv4_prefix", "ipv6_prefix", b"ipv6_prefix", "nat64_prefixes", b"nat64_prefixes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentityRules: _TypeAlias = IdentityRules  # noqa: Y015
 
 @_typing.final
 class StatsResponse(_message.Message):

@@ -168,6 +168,11 @@ class PageCursor:
 #: Receives every change to penalties, shared marks and the allowlist (WatchPenalties).
 Listener = Callable[["FeedEvent"], None]
 
+#: A copy of what the feed describes, taken at one instant: active penalties
+#: (identity -> (expires_at_ms, compact reason)), shared addresses (address ->
+#: expires_at_ms) and the allowlist. Copies, so a caller may read them across awaits.
+RawSnapshot = tuple[dict[str, tuple[int, str]], dict[str, int], list[AllowEntry]]
+
 
 @runtime_checkable
 class Store(Protocol):

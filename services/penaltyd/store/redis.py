@@ -67,6 +67,7 @@ from penaltyd.store.base import (
     Listener,
     PageCursor,
     Penalty,
+    RawSnapshot,
     ReportItem,
     StatsDelta,
     StoreMisconfigured,
@@ -214,6 +215,9 @@ class RedisStore:
 
     def snapshot(self) -> tuple[list[Penalty], list[tuple[str, int]], list[AllowEntry]]:
         return self.view.snapshot()
+
+    def snapshot_raw(self) -> RawSnapshot:
+        return self.view.snapshot_raw()
 
     async def _evalsha(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         sha, src = self._scripts[name]

@@ -1,0 +1,291 @@
+"""The watch hub: WatchPenalties streams fed in bounded memory, whatever the readers do.
+
+MX-side live replicas follow `WatchPenalties`: a snapshot of active penalties, shared
+addresses and the allowlist, then every change. A reader is a remote party and may be
+slow, stalled or hostile, so nothing here grows with what a reader fails to read:
+
+- **One event log for all watchers.** Every change is serialized once into a ring of
+  the last `log_size` events (sequence numbered). A watcher is only a cursor into it; a
+  watcher whose cursor falls off the ring has missed changes and is ended with
+  `RESOURCE_EXHAUSTED` (it watches again and gets a fresh snapshot).
+- **One snapshot for many watchers.** A snapshot is taken at a sequence number and
+  serialized once, in chunks built in slices that yield to the event loop; watchers that
+  arrive while it is fresh (`snapshot_max_age`) and the ring still covers its sequence
+  share it, then replay the events after it. A hundred replicas re-subscribing at once
+  cost one snapshot, not a hundred.
+- **Bounded writes.** The server's HTTP/2 write buffer is bounded (`grpc.http2.
+  write_buffer_size` in `penaltyd.server`), so a write completes only when the reader's
+  flow-control window takes it; a write that does not complete within `stall_seconds`
+  ends the stream with `RESOURCE_EXHAUSTED` and a log line.
+- **Exact clocks.** Events are stored without `store_now_unix_ms`; it is appended at
+  write time (a serialized field appended to a message overrides it, protobuf merge
+  semantics), so live replicas convert expiry instants with a fresh offset.
+
+When the feed is lost (`RESYNC`) every watcher is ended with `UNAVAILABLE`: changes may
+have been missed, and a replica must re-snapshot rather than answer from a stale view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from penalty.v1 import penalty_pb2 as pb
+from penaltyd.feed import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, RESYNC, SHARED, STARTED, FeedEvent
+from penaltyd.store.base import AllowEntry, RawSnapshot
+
+log = structlog.get_logger("penaltyd.watch")
+Kind = pb.PenaltyEvent.Kind
+
+
+class WatchEnded(Exception):
+    """A watcher must stop: `code` is the gRPC status name, `message` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _now_field(now_ms: int) -> bytes:
+    """`store_now_unix_ms` (field 5, varint) serialized on its own, to append to an event."""
+    return pb.PenaltyEvent(store_now_unix_ms=now_ms).SerializeToString()
+
+
+def allow_message(e: AllowEntry) -> pb.AllowEntry:
+    return pb.AllowEntry(
+        cidr=e.cidr,
+        expires_at_unix_ms=e.expires_at_ms,
+        note=e.note,
+        actor=e.actor,
+        created_at_unix_ms=e.created_at_ms,
+    )
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    seq: int  # the log's sequence number when the snapshot was taken
+    epoch: int
+    built_at: float  # monotonic
+    chunks: list[bytes]  # KIND_SNAPSHOT_CHUNK events, serialized (store_now appended later)
+    raw: RawSnapshot  # for watchers that want one event per entry
+
+
+class WatchHub:
+    """Fans feed events out to watchers; see the module docstring."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], RawSnapshot],
+        now_ms: Callable[[], int],
+        render: Callable[[str], str],
+        done: pb.PenaltyEvent,
+        *,
+        log_size: int = 100_000,
+        chunk_size: int = 1000,
+        snapshot_max_age: float = 1.0,
+        stall_seconds: float = 30.0,
+    ) -> None:
+        self._take_snapshot = snapshot
+        self._now_ms = now_ms
+        self._render = render
+        self._done = done.SerializeToString()  # SNAPSHOT_DONE with template and rules
+        self._size = log_size
+        self._ring: list[bytes] = [b""] * log_size
+        self.seq = 0  # sequence number of the newest event
+        self.epoch = 0  # bumped on RESYNC: every watcher of an older epoch ends
+        self._chunk = chunk_size
+        self._max_age = snapshot_max_age
+        self.stall_seconds = stall_seconds
+        self._changed = asyncio.Event()
+        self._snapshot: _Snapshot | None = None
+        self._building: asyncio.Task[_Snapshot] | None = None
+        self.watchers = 0
+        self.ended_slow = 0
+        self.snapshots_built = 0
+
+    # --- input: the store's feed
+
+    def publish(self, event: FeedEvent) -> None:
+        """Called for every feed event (synchronously, from the store's listener)."""
+        if event.kind == RESYNC:
+            self.epoch += 1
+            self._snapshot = None
+            self._wake()
+            return
+        self.seq += 1
+        self._ring[self.seq % self._size] = self._encode(event)
+        self._wake()
+
+    def close(self) -> None:
+        """End every watcher (shutdown)."""
+        self.publish(FeedEvent(RESYNC, "closing"))
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _encode(self, event: FeedEvent) -> bytes:
+        kind = event.kind
+        if kind == STARTED:
+            remaining = max(0, event.expires_at_ms - self._now_ms())
+            msg = pb.PenaltyEvent(
+                kind=Kind.KIND_PENALTY_STARTED,
+                penalty=pb.Penalty(
+                    identity=event.identity,
+                    seconds_left=max(1, -(-remaining // 1000)),
+                    expires_at_unix_ms=event.expires_at_ms,
+                    reason=self._render(event.reason),
+                ),
+            )
+        elif kind == LIFTED:
+            msg = pb.PenaltyEvent(
+                kind=Kind.KIND_PENALTY_LIFTED, penalty=pb.Penalty(identity=event.identity)
+            )
+        elif kind == SHARED:
+            msg = pb.PenaltyEvent(kind=Kind.KIND_SHARED_MARKED, address=event.identity)
+        elif kind == ALLOW_ADDED:
+            entry = AllowEntry.decode(event.reason)
+            msg = pb.PenaltyEvent(kind=Kind.KIND_ALLOW_ADDED, allow=allow_message(entry))
+        else:
+            assert kind == ALLOW_REMOVED, event
+            msg = pb.PenaltyEvent(
+                kind=Kind.KIND_ALLOW_REMOVED, allow=pb.AllowEntry(cidr=event.identity)
+            )
+        return msg.SerializeToString()
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest sequence number still in the ring."""
+        return max(1, self.seq - self._size + 1)
+
+    # --- snapshots
+
+    async def _snapshot_for_new_watcher(self) -> _Snapshot:
+        snap = self._snapshot
+        if (
+            snap is not None
+            and snap.epoch == self.epoch
+            and time.monotonic() - snap.built_at <= self._max_age
+            and snap.seq >= self.first_seq - 1
+        ):
+            return snap
+        if self._building is None or self._building.done():
+            self._building = asyncio.create_task(self._build(), name="watch-snapshot")
+        return await asyncio.shield(self._building)
+
+    async def _build(self) -> _Snapshot:
+        # Taken at one instant (a copy of the view), serialized in slices that yield.
+        seq, epoch = self.seq, self.epoch
+        raw = self._take_snapshot()
+        penalties, shared, allow = raw
+        now = self._now_ms()
+        chunks: list[bytes] = []
+        entries = iter(penalties.items())  # a private copy: safe to iterate across yields
+        for _ in range(0, len(penalties), self._chunk):
+            event = pb.PenaltyEvent(kind=Kind.KIND_SNAPSHOT_CHUNK)
+            for identity, (expires, reason) in itertools.islice(entries, self._chunk):
+                if expires <= now:
+                    continue
+                event.penalties.add(
+                    identity=identity,
+                    seconds_left=max(1, -(-(expires - now) // 1000)),
+                    expires_at_unix_ms=expires,
+                    reason=self._render(reason),
+                )
+            chunks.append(event.SerializeToString())
+            await asyncio.sleep(0)
+        addresses = [a for a, exp in shared.items() if exp > now]
+        for start in range(0, len(addresses), self._chunk * 10):
+            chunks.append(
+                pb.PenaltyEvent(
+                    kind=Kind.KIND_SNAPSHOT_CHUNK,
+                    addresses=addresses[start : start + self._chunk * 10],
+                ).SerializeToString()
+            )
+        live = [e for e in allow if e.expires_at_ms > now]
+        for start in range(0, len(live), self._chunk):
+            chunks.append(
+                pb.PenaltyEvent(
+                    kind=Kind.KIND_SNAPSHOT_CHUNK,
+                    allow_entries=[allow_message(e) for e in live[start : start + self._chunk]],
+                ).SerializeToString()
+            )
+        self.snapshots_built += 1
+        snap = _Snapshot(seq, epoch, time.monotonic(), chunks, raw)
+        if epoch == self.epoch:
+            self._snapshot = snap
+        return snap
+
+    def _entries(self, raw: RawSnapshot) -> list[bytes]:
+        """One serialized event per snapshot entry (for watchers that did not ask for
+        chunks); built per watcher, lazily, from the shared copy."""
+        penalties, shared, allow = raw
+        now = self._now_ms()
+        out = [
+            pb.PenaltyEvent(
+                kind=Kind.KIND_PENALTY_STARTED,
+                penalty=pb.Penalty(
+                    identity=identity,
+                    seconds_left=max(1, -(-(exp - now) // 1000)),
+                    expires_at_unix_ms=exp,
+                    reason=self._render(reason),
+                ),
+            ).SerializeToString()
+            for identity, (exp, reason) in penalties.items()
+            if exp > now
+        ]
+        out += [
+            pb.PenaltyEvent(kind=Kind.KIND_SHARED_MARKED, address=a).SerializeToString()
+            for a, exp in shared.items()
+            if exp > now
+        ]
+        out += [
+            pb.PenaltyEvent(kind=Kind.KIND_ALLOW_ADDED, allow=allow_message(e)).SerializeToString()
+            for e in allow
+            if e.expires_at_ms > now
+        ]
+        return out
+
+    # --- output: one watcher
+
+    async def stream(self, chunked: bool) -> AsyncIterator[bytes]:
+        """The serialized events for one watcher: snapshot, SNAPSHOT_DONE, live changes.
+
+        Raises `WatchEnded` when the watcher must stop (feed lost, fell behind). The
+        caller writes each item within `stall_seconds` or ends the stream.
+        """
+        self.watchers += 1
+        try:
+            snap = await self._snapshot_for_new_watcher()
+            epoch, cursor = snap.epoch, snap.seq
+            if chunked:
+                for chunk in snap.chunks:
+                    yield chunk + _now_field(self._now_ms())
+            else:
+                for i, body in enumerate(self._entries(snap.raw)):
+                    yield body + _now_field(self._now_ms())
+                    if i % 1000 == 999:
+                        await asyncio.sleep(0)
+            yield self._done + _now_field(self._now_ms())
+            while True:
+                if self.epoch != epoch:
+                    raise WatchEnded("UNAVAILABLE", "penalty feed resynced; watch again")
+                if cursor < self.first_seq - 1:
+                    self.ended_slow += 1
+                    raise WatchEnded(
+                        "RESOURCE_EXHAUSTED",
+                        f"watcher fell more than {self._size} events behind; watch again",
+                    )
+                if cursor == self.seq:
+                    await self._changed.wait()
+                    continue
+                cursor += 1
+                yield self._ring[cursor % self._size] + _now_field(self._now_ms())
+        finally:
+            self.watchers -= 1
