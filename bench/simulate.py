@@ -10,8 +10,8 @@ is reported for it; otherwise the RCPT's outcome is reported (ACCEPTED or the er
 Legitimate senders retry deferred recipients 5-15 minutes later, as a queueing MTA does;
 attackers ignore tempfails and keep their pace. What `Engine.start()` would run on real
 time is replayed on the simulated clock instead: every `stats_flush_seconds` the
-reported totals are flushed and the adaptive baseline re-read (as `Engine._stats_loop`
-does), and the store is swept every simulated minute.
+engine's own `refresh_stats` flushes the reported totals and re-reads the adaptive
+baseline, and the store is swept every simulated minute.
 
 Run `python -m bench.simulate --help`; docs/detection.md explains the figures.
 """
@@ -44,11 +44,9 @@ from penalty import logs
 from penalty.identity import address_of
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd import reasons
-from penaltyd.detector import Baseline
 from penaltyd.engine import Answer, Engine
 from penaltyd.feed import SHARED, STARTED, FeedEvent
 from penaltyd.settings import Settings
-from penaltyd.store.base import StatsDelta
 from penaltyd.store.memory import MemoryStore
 from penaltyd.validation import ClientRef, Validator
 
@@ -145,9 +143,6 @@ class Simulation:
         self._seq = itertools.count()
         self._refs: dict[tuple[str, str, str], ClientRef] = {}
         self.owners: dict[str, set[str]] = {}  # identity or sub-identity -> sender names
-        self._agg_events = 0
-        self._agg_weighted = 0.0
-        self._agg_identities: set[str] = set()
         self.started: list[Started] = []
         self.shared_marks: list[tuple[float, str]] = []
         self.thresholds: list[float] = []  # the adaptive threshold at every stats flush
@@ -181,19 +176,8 @@ class Simulation:
     # --- what Engine.start() would run, on the simulated clock
 
     async def _stats(self) -> None:
-        """Flush the reported totals and re-read the fleet baseline (Engine._stats_loop)."""
-        delta = StatsDelta(
-            self.engine.replica,
-            self._agg_events,
-            self._agg_weighted,
-            frozenset(self._agg_identities),
-        )
-        self._agg_events, self._agg_weighted = 0, 0.0
-        self._agg_identities = set()
-        await self.store.flush_stats(delta)
-        fleet = await self.store.fleet_stats()
-        self.engine.fleet = fleet
-        self.engine.baseline = Baseline(fleet.baseline_events, fleet.baseline_errors)
+        """The engine's own stats flush (`Engine.refresh_stats`), on the simulated clock."""
+        await self.engine.refresh_stats()
         self.thresholds.append(self.engine.detector.threshold(self.engine.baseline))
         self.baseline_ratios.append(self.engine.baseline.ratio)
         # Yield to the event loop once per flush: every store call runs under an
@@ -250,9 +234,6 @@ class Simulation:
         if outcome != ACCEPTED:
             tally.errors += 1
             tally.weighted_errors += weighted
-        self._agg_events += 1
-        self._agg_weighted += weighted
-        self._agg_identities.add(ref.identity)
         if answer.penalty is not None:
             self._penalized(sender, tally, answer)
 

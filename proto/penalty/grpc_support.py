@@ -369,6 +369,11 @@ class Running(Generic[E]):
     health: HealthServicer
     grace_seconds: float
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def on_stop(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Close something (the metrics server) when the server stops."""
+        self._closers.append(close)
 
     def beside(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run a background task (e.g. `watch_component`) until the server stops."""
@@ -382,6 +387,8 @@ class Running(Generic[E]):
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.server.stop(self.grace_seconds if grace is None else grace)
+        for close in self._closers:
+            await close()
         await self.engine.close()
 
 

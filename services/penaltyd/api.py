@@ -343,7 +343,10 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
             after = PageCursor.decode(request.page_token) if request.page_token else None
         except ValueError as exc:
             raise BadField("page_token", str(exc)) from exc
-        page, cursor = await self.engine.list_penalties(after, request.page_size or 100)
+        try:
+            page, cursor = await self.engine.list_penalties(after, request.page_size or 100)
+        except ValueError as exc:  # a well-formed token that names no position of ours
+            raise BadField("page_token", str(exc)) from exc
         response = penalty_pb2.ListPenaltiesResponse(
             next_page_token=cursor.encode() if cursor else ""
         )

@@ -12,7 +12,8 @@ The store only counts; this module decides, once, for every backend. Two rules:
 
 The threshold is the larger of `threshold_floor` and `baseline_multiplier` times the
 fleet-wide baseline error ratio (once the fleet has seen `baseline_min_events` in the
-window), so a noisy internet raises the bar instead of penalizing everyone.
+window), so a noisy internet raises the bar instead of penalizing everyone; it never
+rises above `threshold_max`, so no baseline, however pushed, switches enforcement off.
 
 A *shared* address (NAT, CGNAT) is judged twice: each client behind it by the rules
 above, on its own window; the whole address by the `shared_*` rules, which ask for much
@@ -106,13 +107,17 @@ class Detector:
         }
         self.multiplier = settings.baseline_multiplier
         self.min_events = settings.baseline_min_events
+        self.threshold_max = settings.threshold_max
 
     def threshold(self, baseline: Baseline | None = None, shared: bool = False) -> float:
-        """The bar the lower bound must clear: the floor, raised by a noisy fleet."""
+        """The bar the lower bound must clear: the floor, raised by a noisy fleet, but never
+        above `threshold_max` (nor below the floor): however the baseline was pushed, a
+        client erring on nearly every command is still penalized (a pure-error client
+        clears 0.8 after 37 events at z = 3)."""
         floor = self.rules[shared][1]
         if baseline is None or baseline.events < self.min_events:
             return floor
-        return min(0.99, max(floor, self.multiplier * baseline.ratio))
+        return max(floor, min(self.threshold_max, self.multiplier * baseline.ratio))
 
     def weighted(self, counts: Sequence[tuple[int, int]]) -> float:
         """Weighted errors of (outcome, n) pairs: what a report adds to the baseline."""

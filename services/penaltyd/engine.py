@@ -60,6 +60,9 @@ from penaltyd.watch import WatchHub
 
 log = structlog.get_logger("penaltyd.engine")
 
+_IDENTITY_SLICE = 2000  # identities per stats pipeline (each with its own deadline)
+_MAX_PENDING_IDENTITIES = 2_000_000  # identities kept for the next flush after a failure
+
 
 def _raw_snapshot(store: Store) -> RawSnapshot:
     raw = getattr(store, "snapshot_raw", None)
@@ -130,6 +133,8 @@ class Engine:
         # The bulk lane: large Session messages are processed one at a time, in slices of
         # `slice_size` items with a yield between, so checks never wait behind a flood.
         self.slice_size = settings.bulk_slice
+        self._baseline_cap = settings.baseline_identity_events
+        self._stats_log = RateLimitedLog(log)
         self._bulk = asyncio.Semaphore(settings.bulk_lanes)
         rules = settings.identity_rules
         done = pb.PenaltyEvent(
@@ -306,12 +311,31 @@ class Engine:
             return [Answer(i.identity, None, degraded=True) for i in items]
         self.metrics.store_latency.labels("report").observe(time.perf_counter() - t0)
         self.metrics.reports.inc(len(items))
-        agg = self._agg
-        for item in items:
-            agg.events += sum(n for _, n in item.counts)
-            agg.weighted += self.detector.weighted(item.counts)
-            agg.identities.add(item.identity)
+        self._aggregate(items, windows)
         return answers
+
+    def _aggregate(self, items: Sequence[ReportItem], windows: Sequence[Window]) -> None:
+        """Add a batch to this replica's baseline aggregates, robustly.
+
+        No caller may move the fleet baseline far (DESIGN.md s. 4): an identity counts
+        for at most `baseline_identity_events` events per window, whatever it reports.
+        The window the store just returned says how many it already had, fleet-wide, so
+        the cap holds across replicas without any state of our own; the excess of a
+        report is dropped, its error ratio kept. One crafted Report with n=100000 thus
+        weighs like 100 events, not like the rest of the fleet together.
+        """
+        agg, cap = self._agg, self._baseline_cap
+        for item, window in zip(items, windows, strict=True):
+            agg.identities.add(item.identity)
+            events = sum(n for _, n in item.counts)
+            if not events:
+                continue
+            room = cap - (sum(window.counts) - events)
+            if room <= 0:
+                continue
+            share = 1.0 if events <= room else room / events
+            agg.events += min(events, room)
+            agg.weighted += self.detector.weighted(item.counts) * share
 
     def _plan(self, item: ReportItem, window: Window) -> Answer | tuple[str, Decision]:
         """The answer a window gives, or the penalty it starts (pure: no I/O)."""
@@ -482,24 +506,66 @@ class Engine:
                 self.metrics.degraded.set(0)
 
     async def _stats_loop(self) -> None:
-        """Flush this replica's aggregates, then read the fleet's: baseline and gauges.
+        """Flush this replica's aggregates, then read the fleet's, every few seconds.
 
         Aggregating locally and flushing every few seconds keeps the fleet-wide baseline
         free of a hot key per request.
         """
         while True:
             await asyncio.sleep(self.settings.stats_flush_seconds)
-            agg, self._agg = self._agg, _Aggregates()
-            delta = StatsDelta(
-                self.replica, agg.events, agg.weighted, frozenset(agg.identities), self.degraded
-            )
+            await self.refresh_stats()
+
+    async def refresh_stats(self) -> bool:
+        """One flush of this replica's aggregates and one read of the fleet's: baseline
+        and gauges. Returns False if the store did not take it (nothing is lost: what
+        could not be flushed is kept for the next time).
+
+        Statistics are not traffic: a slow flush never marks the replica degraded. The
+        baseline and degraded mark go in one small pipeline (a timeout there is in doubt,
+        like a report's, and not re-sent); identities seen (for Stats) go in slices, each
+        with its own deadline, and slices that fail are kept and sent next time (adding
+        to a HyperLogLog twice changes nothing). Under a flood of reports this used to
+        time out as a whole, undercounting identities and raising a false `degraded`.
+        """
+        agg, self._agg = self._agg, _Aggregates()
+        ok = True
+        try:
+            async with asyncio.timeout(self._admin_timeout):
+                await self.store.flush_stats(
+                    StatsDelta(self.replica, agg.events, agg.weighted, frozenset(), self.degraded)
+                )
+        except TimeoutError as exc:
+            ok = self._stats_failed("baseline", exc)
+        except StoreError as exc:  # not applied: keep it for the next flush
+            self._agg.events += agg.events
+            self._agg.weighted += agg.weighted
+            ok = self._stats_failed("baseline", exc)
+        identities = list(agg.identities)
+        for start in range(0, len(identities), _IDENTITY_SLICE):
+            part = identities[start : start + _IDENTITY_SLICE]
             try:
                 async with asyncio.timeout(self._admin_timeout):
-                    await self.store.flush_stats(delta)
-                    self.fleet = await self.store.fleet_stats()
+                    await self.store.flush_stats(
+                        StatsDelta(self.replica, identities=frozenset(part))
+                    )
             except (StoreError, TimeoutError) as exc:
-                self.failed("stats", exc)
-                continue
-            self.baseline = Baseline(self.fleet.baseline_events, self.fleet.baseline_errors)
-            self.metrics.active_penalties.set(self.fleet.active_penalties)
-            self.metrics.shared_addresses.set(self.fleet.shared_addresses)
+                if len(self._agg.identities) < _MAX_PENDING_IDENTITIES:
+                    self._agg.identities.update(identities[start:])
+                ok = self._stats_failed("identities", exc)
+                break
+        try:
+            async with asyncio.timeout(self._admin_timeout):
+                self.fleet = await self.store.fleet_stats()
+        except (StoreError, TimeoutError) as exc:
+            return self._stats_failed("read", exc)
+        self.baseline = Baseline(self.fleet.baseline_events, self.fleet.baseline_errors)
+        self.metrics.active_penalties.set(self.fleet.active_penalties)
+        self.metrics.shared_addresses.set(self.fleet.shared_addresses)
+        return ok
+
+    def _stats_failed(self, part: str, exc: BaseException) -> bool:
+        self.metrics.stats_flush_failures.inc()
+        self._stats_log.warning(
+            "stats_flush_failed", part=part, error=str(exc) or type(exc).__name__
+        )
+        return False

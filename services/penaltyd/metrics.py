@@ -7,7 +7,9 @@ without "duplicated timeseries" errors; `penaltyd.server` exposes it on
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from penalty.metrics_http import MetricsServer
 
 
 class Metrics:
@@ -54,10 +56,17 @@ class Metrics:
             "Reports whose store deadline expired (a slow store may still apply them)",
             registry=r,
         )
+        self.stats_flush_failures = Counter(
+            "penaltyd_stats_flush_failures",
+            "Fleet statistics flushes or reads the store did not take (retried next time)",
+            registry=r,
+        )
         self.invalid_requests = Counter(
             "penaltyd_invalid_requests", "Requests refused with INVALID_ARGUMENT", registry=r
         )
 
-    def serve(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+    async def serve(self, listen: str) -> MetricsServer:
+        """`/metrics` on `listen`, on the event loop (`penalty.metrics_http`)."""
+        server = MetricsServer(self.registry, listen)
+        await server.start()
+        return server

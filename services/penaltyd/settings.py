@@ -103,6 +103,8 @@ class Settings(BaseSettings):
         3.0, ge=0, le=100
     )  # threshold >= this x fleet baseline ratio
     baseline_min_events: int = Field(1000, ge=1)  # fleet events in the window before it applies
+    baseline_identity_events: int = Field(100, ge=1, le=1_000_000)  # one identity's weight, max
+    threshold_max: float = Field(0.8, gt=0, lt=1)  # a noisy fleet raises the bar at most to this
     stats_flush_seconds: float = Field(5.0, ge=0.1, le=300)  # replica -> store aggregate interval
     escalation_multiplier: float = Field(
         1.0, ge=1, le=10

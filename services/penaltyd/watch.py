@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -90,6 +90,7 @@ class WatchHub:
         chunk_size: int = 1000,
         snapshot_max_age: float = 1.0,
         stall_seconds: float = 30.0,
+        snapshot_senders: int = 4,
     ) -> None:
         self._take_snapshot = snapshot
         self._now_ms = now_ms
@@ -103,6 +104,7 @@ class WatchHub:
         self._max_age = snapshot_max_age
         self.stall_seconds = stall_seconds
         self._changed = asyncio.Event()
+        self._senders = asyncio.Semaphore(snapshot_senders)
         self._snapshot: _Snapshot | None = None
         self._building: asyncio.Task[_Snapshot] | None = None
         self.watchers = 0
@@ -222,35 +224,33 @@ class WatchHub:
             self._snapshot = snap
         return snap
 
-    def _entries(self, raw: RawSnapshot) -> list[bytes]:
-        """One serialized event per snapshot entry (for watchers that did not ask for
-        chunks); built per watcher, lazily, from the shared copy."""
+    def _entries(self, raw: RawSnapshot) -> Iterator[bytes]:
+        """One serialized event per snapshot entry, for watchers that did not ask for
+        chunks: generated one at a time from the shared copy (it is never modified), so a
+        watcher holds one event, not a serialized copy of the whole snapshot."""
         penalties, shared, allow = raw
         now = self._now_ms()
-        out = [
-            pb.PenaltyEvent(
-                kind=Kind.KIND_PENALTY_STARTED,
-                penalty=pb.Penalty(
-                    identity=identity,
-                    seconds_left=max(1, -(-(exp - now) // 1000)),
-                    expires_at_unix_ms=exp,
-                    reason=self._render(reason),
-                ),
-            ).SerializeToString()
-            for identity, (exp, reason) in penalties.items()
-            if exp > now
-        ]
-        out += [
-            pb.PenaltyEvent(kind=Kind.KIND_SHARED_MARKED, address=a).SerializeToString()
-            for a, exp in shared.items()
-            if exp > now
-        ]
-        out += [
-            pb.PenaltyEvent(kind=Kind.KIND_ALLOW_ADDED, allow=allow_message(e)).SerializeToString()
-            for e in allow
-            if e.expires_at_ms > now
-        ]
-        return out
+        for identity, (exp, reason) in penalties.items():
+            if exp > now:
+                yield pb.PenaltyEvent(
+                    kind=Kind.KIND_PENALTY_STARTED,
+                    penalty=pb.Penalty(
+                        identity=identity,
+                        seconds_left=max(1, -(-(exp - now) // 1000)),
+                        expires_at_unix_ms=exp,
+                        reason=self._render(reason),
+                    ),
+                ).SerializeToString()
+        for address, exp in shared.items():
+            if exp > now:
+                yield pb.PenaltyEvent(
+                    kind=Kind.KIND_SHARED_MARKED, address=address
+                ).SerializeToString()
+        for entry in allow:
+            if entry.expires_at_ms > now:
+                yield pb.PenaltyEvent(
+                    kind=Kind.KIND_ALLOW_ADDED, allow=allow_message(entry)
+                ).SerializeToString()
 
     # --- output: one watcher
 
@@ -262,16 +262,20 @@ class WatchHub:
         """
         self.watchers += 1
         try:
+            # A few snapshots are sent at a time: a hundred replicas re-subscribing at
+            # once then cost the same total work, but never a hundred writes per turn of
+            # the event loop ahead of the checks.
             snap = await self._snapshot_for_new_watcher()
             epoch, cursor = snap.epoch, snap.seq
-            if chunked:
-                for chunk in snap.chunks:
-                    yield chunk + _now_field(self._now_ms())
-            else:
-                for i, body in enumerate(self._entries(snap.raw)):
-                    yield body + _now_field(self._now_ms())
-                    if i % 1000 == 999:
-                        await asyncio.sleep(0)
+            async with self._senders:
+                if chunked:
+                    for chunk in snap.chunks:
+                        yield chunk + _now_field(self._now_ms())
+                else:
+                    for i, body in enumerate(self._entries(snap.raw)):
+                        yield body + _now_field(self._now_ms())
+                        if i % 1000 == 999:
+                            await asyncio.sleep(0)
             yield self._done + _now_field(self._now_ms())
             while True:
                 if self.epoch != epoch:

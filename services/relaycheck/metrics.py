@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from penalty.metrics_http import MetricsServer
 
 
 class Metrics:
@@ -52,6 +54,8 @@ class Metrics:
             "relaycheck_invalid_requests", "Requests refused with INVALID_ARGUMENT", registry=r
         )
 
-    def serve(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+    async def serve(self, listen: str) -> MetricsServer:
+        """`/metrics` on `listen`, on the event loop (`penalty.metrics_http`)."""
+        server = MetricsServer(self.registry, listen)
+        await server.start()
+        return server

@@ -100,7 +100,7 @@ async def start_server(
     )
     running.beside(watch, "store-health")
     if settings.metrics_listen:
-        metrics.serve(settings.metrics_listen)
+        running.on_stop((await metrics.serve(settings.metrics_listen)).close)
     log.info(
         "relaycheck_started",
         version=__version__,

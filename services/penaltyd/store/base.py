@@ -156,13 +156,18 @@ class PageCursor:
 
     @classmethod
     def decode(cls, token: str) -> PageCursor:
-        """Raises ValueError on a token we did not produce."""
+        """Raises ValueError on a token we did not produce (the store checks the shard)."""
         try:
+            if len(token) > 1024:
+                raise ValueError("too long")
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
             shard, expires, identity = raw.split("\n")
-            return cls(int(shard), int(expires), identity)
+            cursor = cls(int(shard), int(expires), identity)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError("not a page token from this service") from exc
+        if cursor.shard < 0:
+            raise ValueError("not a page token from this service")
+        return cursor
 
 
 #: Receives every change to penalties, shared marks and the allowlist (WatchPenalties).

@@ -16,6 +16,7 @@ address identity, `fp` a client fingerprint behind it (see `penalty.identity`)::
     <p>:{trk<N>}:<gen>  HLL    identities seen per window generation, shard N
     <p>:{bl<N>}:<b>     hash   baseline aggregates of bucket b from replicas on shard N
     <p>:{rep}:degraded  zset   replica id -> last time it failed open
+    <p>:{rep}:probe:<r> string health probe of one replica (a write), PX 10 s
     <p>:{allow}:e:<cidr> string allowlist entry, PX its expiry
     <p>:{allow}:idx     zset   allowlist: member cidr, score expiry
     <p>:feed            channel changes (penalties, shared marks, allowlist)
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 import zlib
 from collections.abc import Sequence
 from typing import Any, cast
@@ -149,6 +151,7 @@ class RedisStore:
         self._use_view = use_view
         self._listener: Listener | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._probe_key = f"{key_prefix}:{{rep}}:probe:{uuid.uuid4().hex[:12]}"
 
     # --- keys
 
@@ -200,8 +203,10 @@ class RedisStore:
         await self._client.aclose()
 
     async def ping(self) -> None:
+        """A write, not a PING: a Redis at `maxmemory` with `noeviction` answers PING but
+        refuses every write (OOM), and health must say so. The probe key expires."""
         async with _mapped_errors():
-            await self._client.ping()
+            await self._client.set(self._probe_key, b"1", px=10_000)
 
     def listen(self, listener: Listener | None) -> None:
         self._listener = listener
@@ -449,7 +454,12 @@ class RedisStore:
     async def list_penalties(
         self, after: PageCursor | None, limit: int
     ) -> tuple[list[Penalty], PageCursor | None]:
-        """Shard by shard, each in (expiry, identity) order; stable under inserts/removals."""
+        """Shard by shard, each in (expiry, identity) order; stable under inserts/removals.
+
+        Raises ValueError for a cursor that names no shard of this store (a crafted
+        page token), before any I/O."""
+        if after is not None and not 0 <= after.shard < self._shards:
+            raise ValueError("not a page token from this service")
         now = await self._store_now_ms()
         keys = self._shard_keys("active")
         rows: list[tuple[int, str, int]] = []  # (shard, identity, expires)
