@@ -34,6 +34,16 @@ unreadable line in the trusted part, more lines than the limit) is UNDETERMINED:
 chain does not say, and mail flows. The envelope sender, From and Message-ID domains are
 forgeable: they are listed as weak evidence and only set `leaning` on an UNDETERMINED
 answer; they never decide.
+
+Bounded work on forged chains. The lines below the entry hop are the sender's, so the
+walk parses a Received line only when it reaches it (never one below the entry), and
+at most `Limits.max_parse` characters of them per message. When a bound ends the walk
+before the entry hop (more Received lines than `max_received`, a block cut at
+`max_bytes` or `max_lines`, the parse budget spent) the answer is UNDETERMINED, rule
+`too_many_hops`, never ORIGINATED (`internal_client`): every line read was the
+customer's and where the message entered is not known. Padding cannot bring this
+about: the sender writes below the entry, which stays where the trusted lines put it;
+padding only lengthens the part that is never read.
 """
 
 from __future__ import annotations
@@ -44,13 +54,14 @@ from dataclasses import dataclass, field
 
 from relaycheck.customers import Customer, PrivateNetworks
 from relaycheck.headers import (
+    MAX_PARSE,
     HeaderBlock,
     Hop,
     IPAddress,
     Limits,
     address_domain,
     parse_address,
-    parse_hops,
+    parse_received,
     split_header_block,
 )
 
@@ -80,8 +91,10 @@ class Judgement:
     entry_hop: Hop | None = None
     evidence: list[Evidence] = field(default_factory=list)
     leaning: Verdict = Verdict.UNSPECIFIED
-    hops: int = 0
+    hops: int = 0  # Received lines read (kept by the splitter)
     rule: str = ""  # the deciding rule (metrics label)
+    parsed: int = 0  # Received lines the walk parsed (it stops at the entry hop)
+    parsed_chars: int = 0  # characters of them parsed (<= max_parse + MAX_PARSE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,16 +137,33 @@ class _Walk:
         self,
         customer: Customer,
         block: HeaderBlock,
-        hops: list[Hop],
         envelope: Envelope,
         options: WalkOptions,
     ) -> None:
         self.customer = customer
         self.block = block
-        self.hops = hops
         self.envelope = envelope
         self.options = options
         self.evidence: list[Evidence] = []
+        self.parsed: list[Hop] = []
+        self.parsed_chars = 0
+        self.out_of_budget = False
+
+    def hop(self, i: int) -> Hop | None:
+        """Received line `i` (0 = newest), parsed when the walk first needs it; None
+        beyond the lines read, or once `max_parse` characters have been parsed."""
+        parsed = self.parsed
+        while len(parsed) <= i:
+            k = len(parsed)
+            if k >= len(self.block.received):
+                return None
+            if self.parsed_chars >= self.options.limits.max_parse:
+                self.out_of_budget = True
+                return None
+            f = self.block.received[k]
+            self.parsed_chars += min(len(f.value), MAX_PARSE)
+            parsed.append(parse_received(f.value, k, f.position, f.truncated))
+        return parsed[i]
 
     def note(self, hop: Hop | None, rule: str, detail: str, weak: bool = False) -> None:
         self.evidence.append(Evidence(hop.index if hop else -1, rule, detail, weak))
@@ -146,8 +176,10 @@ class _Walk:
             origin if origin is not None else (entry.from_ip if entry else None),
             entry,
             self.evidence,
-            hops=len(self.hops),
+            hops=len(self.block.received),
             rule=rule,
+            parsed=len(self.parsed),
+            parsed_chars=self.parsed_chars,
         )
 
     def inside(self, addr: IPAddress) -> str | None:
@@ -158,26 +190,41 @@ class _Walk:
         private = self.options.private.match(addr)
         return f"private range {private}" if private else None
 
+    def cut(self) -> str:
+        limits = self.options.limits
+        if self.block.limit == "max_lines":
+            return f"max_lines: {limits.max_lines} lines"
+        return f"max_bytes: {limits.max_bytes} bytes"
+
+    def beyond(self) -> Judgement:
+        """The walk ran out of lines read before it found the entry hop."""
+        limits = self.options.limits
+        if self.out_of_budget:
+            why = f"the parse budget of {limits.max_parse} characters is spent"
+        elif self.block.truncated:
+            why = f"the header block was looked at only up to {self.cut()}"
+        else:
+            why = f"only the newest {len(self.block.received)} (max_received) are read"
+        self.note(None, "too_many_hops", f"the entry lies beyond the Received lines read: {why}")
+        return self.done(Verdict.UNDETERMINED, "too_many_hops", None)
+
     def run(self) -> Judgement:
-        hops = self.hops
         if self.block.truncated:
-            self.note(None, "truncated", "the header block was cut at the size limit")
+            self.note(
+                None, "truncated", f"the header block was cut at the size limit ({self.cut()})"
+            )
         i = 0
         last_own: Hop | None = None
-        while i < len(hops) and _is_own(hops[i], self.options.own_hostnames):
-            last_own = hops[i]
-            self.note(hops[i], "own_hop", f"{_describe(hops[i])} was written by our smart relay")
+        while (hop := self.hop(i)) is not None and _is_own(hop, self.options.own_hostnames):
+            last_own = hop
+            self.note(hop, "own_hop", f"{_describe(hop)} was written by our smart relay")
             i += 1
         client = self.envelope.client_ip
         if client is None and last_own is not None:
             client = last_own.from_ip
-        if client is not None and i < len(hops) and hops[i].from_ip == client:
+        if client is not None and (hop := self.hop(i)) is not None and hop.from_ip == client:
             # Our own line, recorded with the customer relay as its client.
-            self.note(
-                hops[i],
-                "own_hop",
-                f"{_describe(hops[i])} records the customer relay {client}: ours",
-            )
+            self.note(hop, "own_hop", f"{_describe(hop)} records the customer relay {client}: ours")
             i += 1
         if client is not None:
             self.note(
@@ -191,11 +238,14 @@ class _Walk:
                 "customer_relay",
                 f"the newest Received line is taken as customer {self.customer.id}'s relay's",
             )
-        if i >= len(hops):
+        if self.hop(i) is None:
+            if self.out_of_budget:
+                return self.beyond()
             self.note(None, "no_received", "no Received line written by the customer's relay")
             return self.done(Verdict.UNDETERMINED, "no_received", None)
         last_inside: Hop | None = None
-        for hop in hops[i:]:
+        while (hop := self.hop(i)) is not None:
+            i += 1
             if hop.authenticated:
                 self.note(
                     hop,
@@ -248,9 +298,9 @@ class _Walk:
                 last_inside = hop
                 continue
             return self.judge_external(hop)
-        if self.block.received_total > len(self.block.received) or self.block.truncated:
-            self.note(None, "too_many_hops", "the entry lies beyond the Received lines read")
-            return self.done(Verdict.UNDETERMINED, "too_many_hops", None)
+        block = self.block
+        if self.out_of_budget or block.received_total > len(block.received) or block.truncated:
+            return self.beyond()
         if last_inside is not None:
             self.note(
                 last_inside,
@@ -365,8 +415,7 @@ def classify_headers(
 ) -> Judgement:
     """Judge one message for `customer`. Bounded work, never raises on any input."""
     block = split_header_block(headers, options.limits)
-    hops = parse_hops(block)
-    judgement = _Walk(customer, block, hops, envelope, options).run()
+    judgement = _Walk(customer, block, envelope, options).run()
     weak = _weak(customer, block, envelope)
     judgement.evidence.extend(weak)
     if judgement.verdict == Verdict.UNDETERMINED:

@@ -172,7 +172,7 @@ def _print_classification(c: Any) -> None:
     if c.HasField("entry_hop"):
         print(f"entry hop: Received line {c.entry_hop.index}: {c.entry_hop.raw[:200]}")
     print(
-        f"hops:      {c.hops} Received lines parsed"
+        f"hops:      {c.hops} Received lines read"
         + ("; reported to penaltyd" if c.reported else "")
     )
     print("evidence:")

@@ -5,11 +5,19 @@ entered the customer's network, every byte may be forged, and even a trusted hop
 carries strings the client chose (its HELO name, its reverse DNS name, its envelope
 addresses). So the parser is built for hostile input:
 
-- **Bounded work.** At most `Limits.max_bytes` of the block are looked at, at most
-  `Limits.max_received` `Received:` lines are kept, and each kept value stops growing
-  at `Limits.max_line` characters while its (possibly endless) continuation lines are
-  skipped. One pass over the lines, no backtracking regular expressions on unbounded
-  text: a megabyte of folded lines costs milliseconds.
+- **Bounded work.** At most `Limits.max_bytes` of the block and its first
+  `Limits.max_lines` lines are looked at, at most `Limits.max_received` `Received:`
+  lines are kept, and each kept value stops growing at `Limits.max_line` characters
+  while its (possibly endless) continuation lines are skipped; the walker
+  (`relaycheck.chain`) parses a kept line only when it reaches it, and no more than
+  `Limits.max_parse` characters of them per message. Beyond a bound the block is
+  `truncated` and the walker never concludes from what it did not read.
+- **Linear time.** Every regular expression here either is anchored (`match`) with
+  nothing after an unbounded repetition that could fail, or, used with `search`/`sub`,
+  fails at a start position in bounded steps; the quadratic shapes are spelt out at the
+  patterns (tests/unit/test_relaycheck_hostile.py checks each against the old pattern
+  and for linear growth). Scanning is done by regular expressions in C over runs of
+  ordinary characters, Python steps only at the special ones.
 - **Never raises.** Binary junk decodes with replacement characters; a line without a
   colon is counted and skipped; a `Received:` value nobody could parse becomes a `Hop`
   with nothing in it (the walker then answers UNDETERMINED).
@@ -44,8 +52,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_T = TypeVar("_T", bytes, str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +65,14 @@ class Limits:
     max_bytes: int = 1 << 20  # bytes of the block considered; the newest headers come first
     max_received: int = 64  # Received: lines kept; older ones are counted, not parsed
     max_line: int = 2000  # characters kept of one unfolded value
+    # Physical lines looked at, folded ones included. Real blocks have a few hundred;
+    # a line costs about a microsecond of Python, so a megabyte of one-character lines
+    # costs a few milliseconds, not half a second.
+    max_lines: int = 5000
+    # Characters of kept Received values the walker parses for one message (a line is
+    # parsed whole once started, so at most max_parse + MAX_PARSE): a real trusted chain
+    # is a few lines of a few hundred characters.
+    max_parse: int = 16 * 1024
 
 
 # Headers the walker reads: the trace, the forwarding marks above the entry hop, and the
@@ -76,9 +94,11 @@ class HeaderBlock:
 
     fields: list[Field] = field(default_factory=list)
     received: list[Field] = field(default_factory=list)  # newest first, <= max_received
-    received_total: int = 0  # every Received: seen, kept or not
+    received_total: int = 0  # every Received: seen (in the lines looked at), kept or not
     malformed_lines: int = 0  # lines that are neither a field nor a continuation
-    truncated: bool = False  # the headers went on beyond max_bytes
+    truncated: bool = False  # the headers went on beyond max_bytes or max_lines
+    limit: str = ""  # which bound cut them: "max_bytes" or "max_lines" ("" if none)
+    lines: int = 0  # physical lines looked at (<= max_lines + 1)
 
     def first(self, name: str) -> Field | None:
         for f in self.fields:
@@ -87,46 +107,71 @@ class HeaderBlock:
         return None
 
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext, bounded
+
+
+def _split(text: _T, n: int, cut: bool) -> tuple[list[_T], bool]:
+    """The first `n` lines (CRLF, lone CR and LF end one), and whether text follows."""
+    lf, cr = ("\n", "\r") if isinstance(text, str) else (b"\n", b"\r")
+    if cr in text:  # as splitting on CRLF|CR|LF, which matches CRLF first
+        text = text.replace(cr + lf, lf).replace(cr, lf)
+    parts = text.split(lf, n)
+    more = len(parts) > n and len(parts[n]) > 0  # text after the n-th line break
+    if more:
+        del parts[n:]
+    elif cut:
+        parts.pop()  # cut mid-line (or right after a CR): not a line at all
+    return parts, more
+
+
+def _lines(raw: bytes | str, limits: Limits) -> tuple[list[str], bool, bool]:
+    """The first `max_lines` lines of the first `max_bytes` of the block (a line cut by
+    `max_bytes` is dropped), whether `max_bytes` cut it and whether lines follow.
+
+    Split in C with `maxsplit`, so the Python work is bounded by the lines looked at,
+    not by the size of the block; bytes are decoded line by line (UTF-8 never folds a
+    line break into a replacement character, so this is the same as decoding first).
+    """
+    n = limits.max_lines
+    cut = len(raw) > limits.max_bytes
+    if isinstance(raw, bytes):
+        chunks, more = _split(raw[: limits.max_bytes], n, cut)
+        return [c.decode("utf-8", errors="replace") for c in chunks], cut, more
+    lines, more = _split(raw[: limits.max_bytes], n, cut)
+    return lines, cut, more
 
 
 def split_header_block(raw: bytes | str, limits: Limits = Limits()) -> HeaderBlock:
     """The fields of a header block (a whole message is fine: the body is ignored).
 
     Unfolds continuation lines, skips an mbox `From ` line, stops at the first empty
-    line, and keeps only the fields the walker reads.
+    line, and keeps only the fields the walker reads. Looks at no more than
+    `limits.max_bytes` and `limits.max_lines` (then `truncated`, unless the headers
+    ended before the cut).
     """
     block = HeaderBlock()
-    if isinstance(raw, bytes):
-        if len(raw) > limits.max_bytes:
-            raw, block.truncated = raw[: limits.max_bytes], True
-        text = raw.decode("utf-8", errors="replace")
-    else:
-        text = raw
-        if len(text) > limits.max_bytes:
-            text, block.truncated = text[: limits.max_bytes], True
+    lines, cut, more = _lines(raw, limits)
+    max_line = limits.max_line
     current: Field | None = None
     parts: list[str] = []
     size = 0
     position = 0
     ended = False
+    n = -1
 
     def close() -> None:
         nonlocal current
         if current is not None:
-            current.value = " ".join(parts)[: limits.max_line]
+            current.value = " ".join(parts)[:max_line]
             current = None
 
-    lines = _LINE_BREAK.split(text)
-    if block.truncated:
-        lines.pop()  # cut mid-line (or right after a CR): not a line at all
     for n, line in enumerate(lines):
-        if line[:1] in (" ", "\t"):
+        first = line[:1]
+        if first == " " or first == "\t":
             # A continuation: only grows the field being kept, and only up to max_line.
             if current is not None:
-                if size < limits.max_line:
-                    piece = line.strip()
+                if size < max_line:
+                    piece = line.strip()[:max_line]
                     parts.append(piece)
                     size += len(piece) + 1
                 else:
@@ -134,7 +179,7 @@ def split_header_block(raw: bytes | str, limits: Limits = Limits()) -> HeaderBlo
             elif position == 0 and n == 0:
                 block.malformed_lines += 1
             continue
-        if not line.strip():
+        if not line or line.isspace():  # the same test as `not line.strip()`, no copy
             if position or n:  # a leading empty line is tolerated, the next one ends it
                 ended = True
                 break
@@ -142,11 +187,12 @@ def split_header_block(raw: bytes | str, limits: Limits = Limits()) -> HeaderBlo
         close()
         if n == 0 and line.startswith("From "):
             continue  # mbox separator
-        name, colon, value = line.partition(":")
-        if not colon or not _FIELD_NAME.fullmatch(name.rstrip()):
+        colon = line.find(":")
+        name = line[:colon].rstrip() if colon > 0 else ""
+        if not _FIELD_NAME.fullmatch(name):
             block.malformed_lines += 1
             continue
-        lname = name.rstrip().lower()
+        lname = name.lower()
         position += 1
         if lname == "received":
             block.received_total += 1
@@ -154,7 +200,7 @@ def split_header_block(raw: bytes | str, limits: Limits = Limits()) -> HeaderBlo
                 continue
         if lname not in _KEPT:
             continue
-        piece = value.strip()
+        piece = line[colon + 1 :].strip()[:max_line]
         current = Field(lname, "", position - 1)
         parts = [piece]
         size = len(piece)
@@ -162,30 +208,42 @@ def split_header_block(raw: bytes | str, limits: Limits = Limits()) -> HeaderBlo
         if lname == "received":
             block.received.append(current)
     close()
+    block.lines = n + 1
     # A cut inside the body is no cut of the headers.
-    block.truncated = block.truncated and not ended
+    block.truncated = (cut or more) and not ended
+    if block.truncated:
+        block.limit = "max_lines" if more else "max_bytes"
     return block
 
 
 # --- one Received: line
 
-_WORD_END = frozenset(" \t(;")
 MAX_PARSE = 8192  # characters of one Received value the scanner looks at
 
+# The scanner's runs: one C-level match per run of ordinary characters, so Python steps
+# only at the characters that mean something. Each is used with `match` at a position
+# and ends with a repetition nothing follows: it cannot fail, so it never backtracks.
+_SPACES = re.compile(r"[ \t]*")
+_NOT_SPACES = re.compile(r"[^ \t]*")
+_WORD_RUN = re.compile(r'[^ \t(;"<]*')
+_COMMENT_RUN = re.compile(r'[^()\\"]*')
+# A quoted string or <...> from its opening character: quoted pairs honoured, the
+# closing character captured (absent: it runs to the end of the value). Unrolled
+# (`[^"\\]*(?:\\.[^"\\]*)*`): every step is forced, and nothing after it can fail.
+_QUOTED_ATOM = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(")?', re.S)
+_ANGLE_ATOM = re.compile(r"<[^>\\]*(?:\\.[^>\\]*)*(>)?", re.S)
 
-def _scan_atom(s: str, i: int, close: str) -> int:
-    """Index just past a quoted string or <...> address starting at s[i] (bounded by len)."""
-    n = len(s)
-    j = i + 1
-    while j < n:
-        c = s[j]
-        if c == "\\":
-            j += 2
-            continue
-        if c == close:
-            return j + 1
-        j += 1
-    return n
+
+def _run_end(run: re.Pattern[str], s: str, i: int) -> int:
+    m = run.match(s, i)  # the run patterns match the empty string: never None
+    return m.end() if m is not None else i
+
+
+def _atom_end(s: str, i: int, atom: re.Pattern[str]) -> int:
+    """Index just past the quoted string or <...> address starting at s[i]; len(s) if
+    it is not closed (a backslash escapes the next character, the closing one too)."""
+    m = atom.match(s, i)
+    return m.end() if m is not None and m.group(1) is not None else len(s)
 
 
 @dataclass(slots=True)
@@ -200,6 +258,8 @@ def _tokenize(s: str) -> _Tokens:
     Comments nest and honour quoted pairs; quoted strings and <...> are atoms inside
     words. The token after the keyword `from` is one whitespace-delimited run, whatever
     it contains: it is the client's HELO (or Exim's host name or [address]).
+
+    One pass: each character is looked at by one run match or one Python step.
     """
     out: list[tuple[str, str]] = []
     n = len(s)
@@ -208,13 +268,11 @@ def _tokenize(s: str) -> _Tokens:
     seen_word = False
     while i < n:
         c = s[i]
-        if c in " \t":
-            i += 1
+        if c == " " or c == "\t":
+            i = _run_end(_SPACES, s, i)
             continue
         if raw_next:
-            j = i
-            while j < n and s[j] not in " \t":
-                j += 1
+            j = _run_end(_NOT_SPACES, s, i)
             # Never a terminator here: a HELO "x;" must not end the line early.
             out.append(("w", s[i:j]))
             i = j
@@ -226,31 +284,36 @@ def _tokenize(s: str) -> _Tokens:
             depth, j = 1, i + 1
             while j < n and depth:
                 d = s[j]
-                if d == "\\":
-                    j += 2
-                    continue
-                if d == '"':
-                    j = _scan_atom(s, j, '"')
-                    continue
                 if d == "(":
                     depth += 1
+                    j += 1
                 elif d == ")":
                     depth -= 1
-                j += 1
+                    j += 1
+                elif d == "\\":
+                    j += 2
+                elif d == '"':
+                    j = _atom_end(s, j, _QUOTED_ATOM)
+                else:
+                    j = _run_end(_COMMENT_RUN, s, j)
             out.append(("c", s[i + 1 : j - 1] if depth == 0 else s[i + 1 :]))
             i = min(j, n)
             continue
         j = i
-        while j < n and s[j] not in _WORD_END:
-            if s[j] == '"':
-                j = _scan_atom(s, j, '"')
-            elif s[j] == "<":
-                j = _scan_atom(s, j, ">")
+        while True:
+            j = _run_end(_WORD_RUN, s, j)
+            if j >= n:
+                break
+            d = s[j]
+            if d == '"':
+                j = _atom_end(s, j, _QUOTED_ATOM)
+            elif d == "<":
+                j = _atom_end(s, j, _ANGLE_ATOM)
             else:
-                j += 1
+                break  # whitespace, "(" or ";"
         word = s[i:j]
         out.append(("w", word))
-        raw_next = word.lower() == "from" and not seen_word
+        raw_next = not seen_word and word.lower() == "from"
         seen_word = True
         i = j
     return _Tokens(out, "")
@@ -286,9 +349,14 @@ def _clauses(tokens: list[tuple[str, str]]) -> tuple[list[str], dict[str, _Claus
     return lead, clauses
 
 
+# Patterns used with search/sub fail at a start position in bounded steps: a literal
+# opens each alternative, and an unbounded run only ends a pattern (nothing after it to
+# fail and backtrack into it) or is bounded ({2,45}: at most ~800 steps per "[").
 _BRACKETED = re.compile(r"\[(?:ipv6:)?([0-9a-f:.]{2,45})(?:%[\w.-]{1,16})?\]", re.I)
 _EXIM_HELO = re.compile(r"\bhelo=\S*|\bport=\d+|\bident=\S*", re.I)
 _QMAIL_HELO = re.compile(r"^HELO\s+\S*", re.I)
+_EXIM_HELO_NAME = re.compile(r"\bhelo=(\S+)", re.I)
+_QMAIL_HELO_NAME = re.compile(r"^HELO\s+(\S+)", re.I)  # anchored: one attempt, linear
 
 
 def parse_address(text: str) -> IPAddress | None:
@@ -328,15 +396,60 @@ def _address_in(comment: str) -> tuple[IPAddress | None, str]:
 
 
 _RFC3848 = re.compile(r"^(?:utf8)?(?:e?smtp|lmtp)s?a$", re.I)
+# Was `\bauth=\S+ user`: searched, `\S+` ran to the end of the word from every
+# "auth=" in it, so "auth=auth=auth=..." cost (n/5) * n steps. The same matches (a
+# non-space run holding "auth=" and one more character, then " user"), tried once
+# per run: `(?<!\S)` admits only run starts, the lookahead and `\S+` each cross the
+# run once, and a failed " user" after a run backs off in one step per character.
 _AUTH_COMMENT = re.compile(
     r"\bauthenticated sender:|\bauthenticated bits=|\bauthenticated as\b|\bauthenticated user:|"
-    r"^auth: |\bauth=\S+ user|\bauthenticated by ",
+    r"^auth: |(?<!\S)(?=\S*?\bauth=\S)\S+ user|\bauthenticated by ",
     re.I,
 )
-_ATOMS = re.compile(r'"(?:[^"\\]|\\.)*"|<[^>]*>')
+# Was `"(?:[^"\\]|\\.)*"|<[^>]*>` with sub: a quote or "<" that is never closed was
+# rescanned to the end from every later quote or "<" ('"\"\"\"...', "<<<<..."):
+# quadratic. Closing fails only at the end of the text, and once a quote has failed
+# every later one fails too (each is escaped inside the first one's scan), as every
+# "<" after a failed one: so the third alternative takes the rest of the text at the
+# first failure, and `_strip_atoms` finishes it with the kind still alive.
+_ATOMS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|<[^>]*>|(["<].*)', re.S)
+_QUOTES_ONLY = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(".*)', re.S)
+_ANGLES_ONLY = re.compile(r"<[^>]*>|(<.*)", re.S)
+# Anchored (match or ^): one attempt, so a failed `\d+` backs off at most once.
 _SENDMAIL_LOCAL = re.compile(r"^from ([^\s@]{1,64})(?:@localhost)?$", re.I)
 _QMAIL = re.compile(r"^qmail \d+ invoked (by uid \d+|by alias|from network|for bounce)", re.I)
 _POSTFIX_PICKUP = re.compile(r"\bfrom userid \d+", re.I)
+# Was `\d+\.\d+\.\d+/\d+\.\d+`, searched: from every digit of a long run the first
+# `\d+` took the rest of the run and gave it back one digit at a time (2,000 digits:
+# 2 million steps). A match inside a run is also one from the run's start, so only
+# run starts are tried: each run is crossed by at most three attempts.
+_SENDMAIL_VERSION = re.compile(r"(?<!\d)\d+\.\d+\.\d+/\d+\.\d+")
+
+
+def _auth_wording(text: str) -> bool:
+    """`_AUTH_COMMENT` in `text`. Every alternative holds "auth", whose letters match
+    only ASCII ones under re.I, so "auth" in the lower-cased text is necessary: two C
+    passes skip the regular expression (some 150 ns a character) for nearly all text."""
+    return "auth" in text.lower() and _AUTH_COMMENT.search(text) is not None
+
+
+def _strip_atoms(comment: str) -> str:
+    """`comment` without its closed quoted strings and <...> (as `re.sub` of the old
+    `"(?:[^"\\]|\\.)*"|<[^>]*>` by "", which backtracked quadratically), in linear time.
+
+    The old pattern's `.` matched no line break; there is none here (`parse_received`
+    replaces them). With re.S a quoted string fails to close only at the end.
+    """
+    if '"' not in comment and "<" not in comment:
+        return comment
+    parts = _ATOMS.split(comment)  # text, group, text, ...: only the last group is set
+    kept = "".join(parts[::2])
+    rest = parts[-2] if len(parts) > 1 else None
+    if not rest:
+        return kept
+    if rest[0] == '"':  # no quote closes any more: only <...> can still be removed
+        return kept + '"' + _ANGLES_ONLY.sub(r"\1", rest[1:])
+    return kept + "<" + _QUOTES_ONLY.sub(r"\1", rest[1:])  # no ">" follows
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +499,7 @@ def _mta(by_comments: list[str], with_words: list[str], raw: str) -> str:
         return "haraka"
     if "exim" in low:
         return "exim"
-    if re.search(r"\d+\.\d+\.\d+/\d+\.\d+", joined):
+    if _SENDMAIL_VERSION.search(joined):
         return "sendmail"
     if "microsoft smtp server" in low or (with_words and with_words[0].lower() == "mapi"):
         return "exchange"
@@ -398,11 +511,14 @@ def _mta(by_comments: list[str], with_words: list[str], raw: str) -> str:
 def parse_received(value: str, index: int = 0, position: int = 0, truncated: bool = False) -> Hop:
     """Parse one unfolded `Received:` value; never raises, unknown parts stay empty.
 
-    At most `MAX_PARSE` characters are looked at (real lines are a few hundred): the
-    scanner walks characters in Python, so its input is bounded here, not by callers.
+    At most `MAX_PARSE` characters are looked at (real lines are a few hundred), so the
+    work is bounded here, not by callers; it is linear in them. A value is one unfolded
+    line: a CR or LF left in it (only a direct caller can) reads as a space.
     """
     if len(value) > MAX_PARSE:
         value, truncated = value[:MAX_PARSE], True
+    if "\r" in value or "\n" in value:
+        value = value.replace("\r", " ").replace("\n", " ")
     tokens = _tokenize(value)
     lead, clauses = _clauses(tokens.words)
     raw = value[:1000]
@@ -436,8 +552,8 @@ def parse_received(value: str, index: int = 0, position: int = 0, truncated: boo
         if addr is not None:
             from_ip, rdns = addr, name
             break
-    exim_helo = re.search(r"\bhelo=(\S+)", " ".join(fc.comments), re.I)
-    qmail_helo = re.search(r"^HELO\s+(\S+)", " ".join(c.strip() for c in fc.comments), re.I)
+    exim_helo = _EXIM_HELO_NAME.search(" ".join(fc.comments))
+    qmail_helo = _QMAIL_HELO_NAME.search(" ".join(c.strip() for c in fc.comments))
     if exim_helo:
         helo = exim_helo.group(1)
         rdns = "" if from_word.startswith("[") else from_word
@@ -463,8 +579,8 @@ def parse_received(value: str, index: int = 0, position: int = 0, truncated: boo
         auth_detail = "with mapi (Outlook via Exchange)"
     else:
         for comment in (*fc.comments, *bc.comments, *wc.comments):
-            cleaned = _ATOMS.sub("", comment)
-            if _AUTH_COMMENT.search(cleaned.strip()):
+            cleaned = _strip_atoms(comment)
+            if _auth_wording(cleaned.strip()):
                 auth_detail = f"({cleaned.strip()[:120]})"
                 break
     if not local:

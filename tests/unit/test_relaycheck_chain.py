@@ -207,6 +207,21 @@ def test_too_many_internal_hops_is_undetermined() -> None:
     assert judge(relay_line("10.0.0.1") * 8, options=limits).verdict == ORIGINATED
 
 
+def test_parse_budget_is_undetermined_never_originated() -> None:
+    """The walk parses lines as it reaches them, `max_parse` characters at most: an
+    inside chain longer than that is UNDETERMINED (where it entered is unknown), an
+    entry within it is judged, and no line below the entry is parsed at all."""
+    budget = WalkOptions(limits=Limits(max_parse=600))
+    inside = relay_line("10.0.0.1")
+    j = judge(inside * 10, options=budget)
+    assert (j.verdict, j.rule, j.hops) == (UNDETERMINED, "too_many_hops", 10)
+    assert 600 <= j.parsed_chars < 600 + len(inside)
+    assert j.parsed < 10
+    assert judge(inside * 10).rule == "internal_client"  # the default budget reads them all
+    j = judge(inside * 2 + relay_line("203.0.113.7") + inside * 50, options=budget)
+    assert (j.verdict, j.origin_ip, j.parsed) == (RELAYED, ipaddress.ip_address("203.0.113.7"), 3)
+
+
 def test_megabyte_of_folded_lines_is_quick_and_harmless() -> None:
     raw = relay_line("203.0.113.7") + "X-Pad: x\n" + " y\n" * 400_000
     t0 = time.perf_counter()

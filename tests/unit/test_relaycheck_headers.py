@@ -361,6 +361,29 @@ def test_limits_cut_received_lines_and_values() -> None:
     assert len(f.value) <= 200
 
 
+def test_max_lines_bounds_the_lines_looked_at() -> None:
+    """A block is looked at up to `max_lines` physical lines, whatever its size: beyond
+    them it is `truncated` (limit "max_lines"); headers that end before are not."""
+    raw = b"Received: from a (a [192.0.2.1]) by b; d\r\n" + b"X-A:1\r\n" * 100_000
+    block = split_header_block(raw, Limits(max_lines=1000))
+    assert (block.lines, block.truncated, block.limit) == (1000, True, "max_lines")
+    assert len(block.received) == 1
+    assert block.received_total == 1
+    ended = b"Received: from a (a [192.0.2.1]) by b; d\r\n\r\n" + b"body\r\n" * 100_000
+    block = split_header_block(ended, Limits(max_lines=1000))
+    assert (block.lines, block.truncated, block.limit) == (2, False, "")
+    cut = split_header_block(raw[:5000], Limits(max_bytes=1024))
+    assert (cut.truncated, cut.limit) == (True, "max_bytes")
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\n", "\r"])
+def test_exactly_max_lines_then_end_of_text_is_not_a_cut(eol: str) -> None:
+    raw = eol.join(f"X-{i}: {i}" for i in range(10)) + eol
+    block = split_header_block(raw, Limits(max_lines=10))
+    assert (block.lines, block.truncated) == (11, False)  # the 11th line is the empty end
+    assert split_header_block(raw + "X-More: 1", Limits(max_lines=10)).truncated
+
+
 def test_one_megabyte_of_folded_lines_is_quick() -> None:
     raw = b"Received: from a (a [192.0.2.1])\r\n" + b"\tby b with ESMTP (x)\r\n" * 50_000
     assert len(raw) > 1 << 20

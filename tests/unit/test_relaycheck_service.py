@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
+from bench.relaycheck_hostile import mix_1m
 from penalty.testing import free_port
 from relaycheck.cli import main as cli_main
 from relaycheck.customers import build_customer
@@ -225,6 +226,32 @@ def test_hostile_headers_are_answered_quickly(junk: bytes, folds: int) -> None:
             )
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["relayed", "inside"])
+async def test_a_forged_megabyte_chain_through_classify(rc: Served, inside: bool) -> None:
+    """1 MiB of hostile Received lines (bench.relaycheck_hostile): below the open
+    relay's own line they are never read and the answer is RELAYED from the entry's
+    client; claiming private clients all the way down they are read to a bound, and the
+    answer is UNDETERMINED (too_many_hops), never ORIGINATED."""
+    answer = await rc.stub.Classify(
+        pb.ClassifyRequest(
+            client_ip="198.51.100.10",
+            headers=mix_1m(inside),
+            rcpt_to=["victim@example.org"],
+            no_report=True,
+        )
+    )
+    rules = [e.rule for e in answer.evidence]
+    assert rules[:1] == ["truncated"]
+    assert answer.hops == 64
+    if inside:
+        assert answer.verdict == pb.VERDICT_UNDETERMINED
+        assert "too_many_hops" in rules
+    else:
+        assert answer.verdict == pb.VERDICT_RELAYED_THIRD_PARTY
+        assert answer.origin_ip == answer.entry_hop.from_ip == "203.0.113.66"
+        assert "foreign_recipient" in rules
 
 
 class _DeadStore(MemoryStore):

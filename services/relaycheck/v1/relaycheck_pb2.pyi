@@ -342,7 +342,7 @@ class Classification(_message.Message):
     reported: _builtins.bool
     """the origin address was queued for penaltyd"""
     hops: _builtins.int
-    """Received: lines parsed"""
+    """Received: lines read (newest first, up to the entry hop or a bound)"""
     @_builtins.property
     def entry_hop(self) -> Global___Hop:
         """where the message entered the customer's network"""
