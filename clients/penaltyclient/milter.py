@@ -24,6 +24,12 @@ logged and answered "continue", and a connection that breaks the protocol is clo
 (Postfix then applies `milter_default_action = accept`). One asyncio task per milter
 connection; Postfix opens one milter connection per SMTP session.
 
+Hostile input: what the SMTP client chose (HELO, sender) is bounded at the edge with
+`penalty.identity.bound_client`, exactly as every other component bounds it, so a long
+name maps to the same sub-identity everywhere; a connection keeps no recipient, only the
+three RCPT macros of the recipient in progress (each value cut); packet sizes, open
+connections and every wait are bounded by `milter_server`.
+
 Layout: `milter_protocol` is the wire format (pure); here `classify_rejection` (pure),
 `MilterSession` (one connection's state machine), `PenaltyMilter` (the server) and the
 command line.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -43,7 +50,7 @@ from ipaddress import ip_address
 
 import structlog
 
-from penalty.identity import InvalidAddress, parse_ip
+from penalty.identity import MAX_HELO, InvalidAddress, bound_client, bounded, parse_ip
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter
 from penaltyclient.channel import grpc_target
@@ -75,7 +82,7 @@ from penaltyclient.milter_protocol import (
     Proto,
     ProtocolError,
     negotiate,
-    parse_args,
+    parse_address,
     parse_connect,
     parse_helo,
     parse_macros,
@@ -98,12 +105,8 @@ WANTED_PROTOCOL = Proto.NOBODY | Proto.NOHDRS | Proto.NOEOH | Proto.NODATA | Pro
 # (i {rcpt_addr} {rcpt_host} {rcpt_mailer}) has them too, for MTAs without macro lists.
 RCPT_MACROS = ("{rcpt_mailer}", "{rcpt_host}", "{rcpt_addr}")
 SYMLISTS = {SMFIM_ENVRCPT: RCPT_MACROS}
-# Per-message state is dropped at ABORT and after EOM; connection state at CONNECT/QUIT_NC.
-MESSAGE_STAGES = frozenset(
-    {SMFIC_MAIL, SMFIC_RCPT, SMFIC_DATA, SMFIC_HEADER, SMFIC_EOH, SMFIC_BODY, SMFIC_BODYEOB}
-)
-# penaltyd refuses (whole batches!) longer fields: cut them, never send them.
-HELO_MAX, MAIL_FROM_MAX = 255, 512
+# The only macros kept (bare names), and only from a macro packet for RCPT.
+RCPT_MACRO_NAMES = frozenset(name.strip("{}") for name in RCPT_MACROS)
 
 OUTCOMES: dict[str, int] = {
     name.removeprefix("OUTCOME_").lower(): value
@@ -208,13 +211,17 @@ class MilterOptions:
     default_outcome: int = pb.OUTCOME_UNKNOWN_RECIPIENT  # unrecognised permanent rejections
     check_timeout: float = 0.25  # hard cap on one check; then "continue" (fail open)
     idle_timeout: float = 3600.0  # a milter connection silent this long is dead
-    max_frame: int = MAX_FRAME  # larger packets close the connection
+    packet_timeout: float = 30.0  # a packet must be complete this long after its length
+    write_timeout: float = 30.0  # a reply the MTA has not read by then closes the connection
+    max_frame: int = MAX_FRAME  # larger packets close the connection (headers, body: more)
+    max_connections: int = 1000  # open at once; more are closed at once
 
 
 @dataclass
 class MilterStats:
     connections: int = 0  # milter connections accepted since start
     active: int = 0  # open right now
+    connections_refused: int = 0  # closed at once: max_connections were open
     rcpt_accepted: int = 0
     rcpt_rejected: Counter[str] = field(default_factory=Counter)  # by outcome name
     rcpt_ignored: int = 0  # rejected, but not an error to count (temporary, unrecognised)
@@ -245,31 +252,34 @@ class MilterSession:
         self.ip: str | None = None
         self.hostname = ""
         self.helo = ""
-        self._macros: dict[bytes, dict[str, str]] = {}
         self._reset_message()
 
     def _reset_message(self) -> None:
         self.mail_from = ""
-        for stage in MESSAGE_STAGES:
-            self._macros.pop(stage, None)
+        # The macros of the RCPT to come (nothing else is kept): at most three values of
+        # at most MAX_MACRO_VALUE bytes, used once.
+        self._rcpt_macros: dict[str, str] = {}
 
     async def handle(self, frame: Frame) -> bytes | None:
         cmd, data = frame
         if cmd == SMFIC_MACRO:
-            stage, values = parse_macros(data)
-            self._macros[stage] = values
+            stage, values = parse_macros(data, RCPT_MACRO_NAMES)
+            if stage == SMFIC_RCPT:
+                self._rcpt_macros = values
             return None
         if cmd == SMFIC_RCPT:
-            return await self._rcpt(parse_args(data))
+            return await self._rcpt(parse_address(data))
         if cmd == SMFIC_OPTNEG:
             return self._optneg(data)
         if cmd == SMFIC_CONNECT:
             return self._connect(parse_connect(data))
         if cmd == SMFIC_HELO:
-            self.helo = parse_helo(data)[:HELO_MAX]
+            # Bounded at the edge the way every component bounds it (same sub-identity).
+            self.helo, self.mail_from, _ = bound_client(parse_helo(data), self.mail_from)
             return CONTINUE
         if cmd == SMFIC_MAIL:
-            self.mail_from = strip_brackets(parse_args(data)[0])[:MAIL_FROM_MAX]
+            sender = strip_brackets(parse_address(data))
+            self.helo, self.mail_from, _ = bound_client(self.helo, sender)
             return CONTINUE
         if cmd == SMFIC_UNKNOWN:
             line = parse_unknown(data)
@@ -301,7 +311,7 @@ class MilterSession:
 
     def _connect(self, conn: Connect) -> bytes:
         self._reset_connection()
-        self.hostname = conn.hostname
+        self.hostname = bounded(conn.hostname, MAX_HELO)  # a DNS name: at most 253
         self.ip = client_ip(conn)
         if self.ip is None or (
             self.milter.options.ignore_loopback and ip_address(self.ip).is_loopback
@@ -312,8 +322,8 @@ class MilterSession:
             return ACCEPT
         return CONTINUE
 
-    async def _rcpt(self, args: list[str]) -> bytes:
-        macros = self._macros.pop(SMFIC_RCPT, {})  # never reuse one recipient's macros
+    async def _rcpt(self, rcpt: str) -> bytes:
+        macros, self._rcpt_macros = self._rcpt_macros, {}  # never reuse one RCPT's macros
         stats = self.milter.stats
         if macros.get("rcpt_mailer") == "error":
             status, text = macros.get("rcpt_host", ""), macros.get("rcpt_addr", "")
@@ -321,8 +331,8 @@ class MilterSession:
             log.debug(
                 "milter_rcpt_rejected",
                 ip=self.ip,
-                rcpt=args[0][:128],
-                status=status,
+                rcpt=rcpt[:128],
+                status=status[:32],
                 text=text[:200],
                 outcome="ignored" if outcome is None else OUTCOME_NAMES.get(outcome, str(outcome)),
             )
@@ -418,6 +428,7 @@ class PenaltyMilter(MilterServer):
         return {
             "connections": s.connections,
             "active": s.active,
+            "connections_refused": s.connections_refused,
             "rcpt_accepted": s.rcpt_accepted,
             "rcpt_rejected": dict(s.rcpt_rejected),
             "rcpt_ignored": s.rcpt_ignored,
@@ -431,6 +442,7 @@ class PenaltyMilter(MilterServer):
             "reports_sent": r.acked,
             "reports_pending": r.pending,
             "reports_dropped": r.dropped,
+            "reports_rejected": r.rejected,
             "live_replica": bool(replica is not None and replica.synced),
         }
 
@@ -519,11 +531,44 @@ def parser() -> argparse.ArgumentParser:
         "counted (default 50000)",
     )
     p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="milter connections open at once (one per SMTP session); more are closed at "
+        "once, so Postfix applies milter_default_action to them (default 1000)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="close a milter connection silent this long (default 3600: an SMTP session "
+        "may sit in DATA, where this milter gets no packets, for a long time)",
+    )
+    p.add_argument(
+        "--write-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a milter connection whose peer has not read our reply within this "
+        "(default 30, Postfix's milter_command_timeout); a packet must also be complete "
+        "this long after its length",
+    )
+    p.add_argument(
         "--drain-seconds",
         type=float,
         default=5.0,
         metavar="SECONDS",
         help="on SIGTERM, how long open milter connections may finish (default 5)",
+    )
+    p.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="on SIGTERM, after the drain, how long queued reports may take to reach "
+        "penaltyd; the rest are logged as dropped (default 2)",
     )
     p.add_argument(
         "--stats-interval",
@@ -557,6 +602,10 @@ async def run(args: argparse.Namespace) -> int:
         ignore_loopback=args.ignore_loopback,
         default_outcome=OUTCOMES[args.default_outcome],
         check_timeout=args.deadline + 0.05,
+        idle_timeout=args.idle_timeout,
+        packet_timeout=args.write_timeout,
+        write_timeout=args.write_timeout,
+        max_connections=args.max_connections,
     )
     milter = PenaltyMilter(reporter, client if args.tempfail_at_rcpt else None, options)
     try:
@@ -583,11 +632,31 @@ async def run(args: argparse.Namespace) -> int:
         log.info("milter_stopping", drain_seconds=args.drain_seconds, active=milter.stats.active)
     finally:
         stats_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stats_task
         await milter.close(drain=args.drain_seconds)
-        await reporter.close(within=2.0)
+        await shut_reporter(milter, reporter, args.flush_seconds)
         await client.close()
-        log.info("milter_stopped", **milter.stats_fields())
     return 0
+
+
+async def shut_reporter(milter: PenaltyMilter, reporter: SessionReporter, within: float) -> None:
+    """Flush the queued reports for up to `within` seconds, stop the reporter, and say
+    what became of every report: the stop line's `reports_pending_dropped` counts those
+    penaltyd had not acknowledged (the process forgets them; one in flight may still have
+    been stored), and a warning names them when there are any."""
+    await reporter.flush(within=within)
+    await reporter.close(within=0)
+    fields = milter.stats_fields()
+    dropped = fields.pop("reports_pending")
+    if dropped:
+        log.warning(
+            "milter_reports_dropped_at_exit",
+            reports=dropped,
+            flush_seconds=within,
+            note="not acknowledged by penaltyd in time; lost with this process",
+        )
+    log.info("milter_stopped", **fields, reports_pending_dropped=dropped)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,13 @@ one packet from an asyncio stream, so the framing rules live in one place.
 Framing: every packet, in both directions, is a 4-byte big-endian length, then that many
 bytes: a one-byte command and its data. Strings inside the data are NUL-terminated.
 
+Hostile input: the peer may not be an MTA at all, so nothing here trusts a length.
+`read_frame` refuses a packet longer than its command's limit (`frame_limit`) before
+reading it, and reads what it accepts once, into one `bytes`; the parsers walk the data
+by offsets, never copy a whole packet again, and `parse_macros` keeps only the macros
+asked for, each value cut at `MAX_MACRO_VALUE`. Every malformed input is a
+`ProtocolError`, never another exception.
+
 Conversation, one milter connection per SMTP session (Postfix opens a new socket for
 each client, as libmilter expects)::
 
@@ -32,12 +39,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 SMFI_VERSION = 6  # the protocol version we speak (Postfix >= 2.6 default)
-MAX_FRAME = 1 << 20  # largest packet we accept; Postfix's command packets are tiny
 
 # Commands, MTA -> milter (mfdef.h SMFIC_*).
 SMFIC_ABORT = b"A"  # abort the current message; connection state stays
@@ -75,6 +81,24 @@ COMMAND_NAMES: dict[bytes, str] = {
 }
 # Commands that get no reply: the MTA sends the next one straight away.
 NO_REPLY = frozenset({SMFIC_MACRO, SMFIC_ABORT, SMFIC_QUIT, SMFIC_QUIT_NC})
+
+# Packet size limits: the value of the length prefix (command byte + data). Postfix
+# (milter8.c) sends body content in chunks of MILTER_CHUNK_SIZE data bytes and each
+# header whole, up to its `header_size_limit` (102400 by default); everything else it
+# sends (macros, CONNECT, HELO, MAIL, RCPT, UNKNOWN, ...) is well under a few KiB.
+# libmilter itself refuses more than MILTER_MAX_DATA_SIZE (65535) data bytes in any
+# command, so MAX_FRAME is what every milter already accepts.
+MILTER_CHUNK_SIZE = 65535  # body chunk data (Postfix milter8.c, Sendmail mfdef.h)
+MAX_FRAME = 1 + 65535  # 64 KiB: every command but a header
+MAX_HEADER_FRAME = 128 * 1024  # one header: name, value, NULs (header_size_limit + room)
+MAX_BODY_FRAME = 1 + MILTER_CHUNK_SIZE  # 64 KiB: one body chunk
+FRAME_LIMITS: Mapping[bytes, int] = {SMFIC_HEADER: MAX_HEADER_FRAME, SMFIC_BODY: MAX_BODY_FRAME}
+# Macros kept from one packet: at most MAX_MACROS of them (when the caller does not name
+# the ones it wants), each value cut at MAX_MACRO_VALUE bytes. The longest Postfix sends,
+# `{rcpt_addr}` of a rejected recipient, is one SMTP reply text (at most 512 octets).
+MAX_MACROS = 64
+MAX_MACRO_NAME = 64  # longer names are never kept (`{rcpt_mailer}`, `{daemon_name}`: short)
+MAX_MACRO_VALUE = 1024
 
 # Replies, milter -> MTA (mfdef.h SMFIR_*); only the ones this package sends or tests.
 SMFIR_ACCEPT = b"a"  # accept: no more events for this connection (at CONNECT) or message
@@ -150,36 +174,85 @@ class ProtocolError(ValueError):
 class FrameTooLarge(ProtocolError):
     """A length prefix beyond the limit: garbage, or something that is not an MTA."""
 
+    def __init__(self, length: int, limit: int, cmd: bytes | None = None) -> None:
+        what = f" for {COMMAND_NAMES.get(cmd, repr(cmd))}" if cmd is not None else ""
+        super().__init__(f"packet length {length} exceeds the limit of {limit}{what}")
+        self.length = length
+        self.limit = limit
+        self.cmd = cmd
+
+
+class FrameTimeout(ProtocolError):
+    """A packet whose length arrived but whose bytes did not follow in time (an MTA
+    writes a packet at once; a trickle is not an MTA)."""
+
 
 class Frame(NamedTuple):
     cmd: bytes  # one byte
     data: bytes
 
 
-async def read_frame(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> Frame | None:
+def frame_limit(cmd: bytes, max_len: int = MAX_FRAME) -> int:
+    """The largest packet accepted for `cmd`: `max_len`, or more for a header or a body
+    chunk (their own limits in FRAME_LIMITS)."""
+    return max(max_len, FRAME_LIMITS.get(cmd, 0))
+
+
+async def read_frame(
+    reader: asyncio.StreamReader,
+    max_len: int = MAX_FRAME,
+    *,
+    idle_timeout: float | None = None,
+    packet_timeout: float | None = None,
+) -> Frame | None:
     """One packet, or None on a clean end of stream between packets.
 
-    A stream that ends inside a packet, a zero length or a length above `max_len` is a
-    `ProtocolError`: after any of them the byte stream is out of step for good.
+    A stream that ends inside a packet, a zero length, a length above the command's
+    limit (`frame_limit(cmd, max_len)`) or a packet not complete within `packet_timeout`
+    seconds of its length prefix is a `ProtocolError`: after any of them the byte stream
+    is out of step for good. No length prefix within `idle_timeout` seconds is a
+    `TimeoutError` (a silent peer, not a broken one). A length is checked before
+    anything is read for it (above every limit: at once; above its command's: as soon as
+    the command byte is in), and the data is read once, into one `bytes`: memory per
+    packet is the limit, not the length the peer claims.
     """
+    started = False  # the length prefix is in: the packet timeout runs
+    got = 0  # packet bytes read so far (for the error message)
     try:
-        header = await reader.readexactly(4)
+        async with asyncio.timeout(idle_timeout) as deadline:  # one timer per packet
+            try:
+                header = await reader.readexactly(4)
+            except asyncio.IncompleteReadError as exc:
+                if not exc.partial:
+                    return None
+                raise ProtocolError(
+                    f"stream ended inside a length prefix ({exc.partial!r})"
+                ) from exc
+            length = int.from_bytes(header, "big")
+            if length < 1:
+                raise ProtocolError("zero-length packet (no command byte)")
+            largest = max(max_len, *FRAME_LIMITS.values())
+            if length > largest:
+                raise FrameTooLarge(length, largest)
+            started = True
+            if packet_timeout is not None:
+                deadline.reschedule(asyncio.get_running_loop().time() + packet_timeout)
+            cmd = await reader.readexactly(1)
+            got = 1
+            limit = frame_limit(cmd, max_len)
+            if length > limit:
+                raise FrameTooLarge(length, limit, cmd)
+            data = await reader.readexactly(length - 1) if length > 1 else b""
     except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise ProtocolError(f"stream ended inside a length prefix ({exc.partial!r})") from exc
-    length = int.from_bytes(header, "big")
-    if length < 1:
-        raise ProtocolError("zero-length packet (no command byte)")
-    if length > max_len:
-        raise FrameTooLarge(f"packet length {length} exceeds the limit of {max_len}")
-    try:
-        body = await reader.readexactly(length)
-    except asyncio.IncompleteReadError as exc:
-        raise ProtocolError(
-            f"stream ended after {len(exc.partial)} of {length} packet bytes"
-        ) from exc
-    return Frame(body[:1], body[1:])
+        got += len(exc.partial)
+        raise ProtocolError(f"stream ended after {got} of {length} packet bytes") from exc
+    except TimeoutError:
+        if not started:
+            raise
+        raise FrameTimeout(
+            f"packet of {length} bytes not complete within {packet_timeout} s"
+        ) from None
+    return Frame(cmd, data)
 
 
 def encode(cmd: bytes, data: bytes = b"") -> bytes:
@@ -202,13 +275,33 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def cstring_spans(data: bytes, start: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, end) offsets of the NUL-terminated strings filling `data[start:]` exactly
+    (nothing there is no strings): a walk over the packet, no copy of it."""
+    size = len(data)
+    if start >= size:
+        return
+    if data[size - 1] != 0:
+        raise ProtocolError("string data without its NUL terminator")
+    pos = start
+    while pos < size:
+        nul = data.find(b"\0", pos)  # found: the last byte is a NUL
+        yield pos, nul
+        pos = nul + 1
+
+
 def cstrings(data: bytes) -> list[str]:
     """NUL-terminated strings filling `data` exactly (an empty `data` is no strings)."""
-    if not data:
-        return []
-    if not data.endswith(b"\0"):
-        raise ProtocolError("string data without its NUL terminator")
-    return [_text(part) for part in data[:-1].split(b"\0")]
+    return [_text(data[a:b]) for a, b in cstring_spans(data)]
+
+
+def _one_string(data: bytes, start: int, what: str) -> str:
+    """The only NUL-terminated string in `data[start:]`; else a ProtocolError."""
+    spans = cstring_spans(data, start)
+    first = next(spans, None)
+    if first is None or next(spans, None) is not None:
+        raise ProtocolError(f"{what} packet without exactly one string")
+    return _text(data[first[0] : first[1]])
 
 
 def macro_name(name: str) -> str:
@@ -282,14 +375,29 @@ def negotiate(
     return Negotiation(version, actions, granted, lists, protocol & ~offer.protocol)
 
 
-def parse_macros(data: bytes) -> tuple[bytes, dict[str, str]]:
-    """An SMFIC_MACRO packet: the command the macros belong to, and name -> value."""
+def parse_macros(data: bytes, names: Collection[str] | None = None) -> tuple[bytes, dict[str, str]]:
+    """An SMFIC_MACRO packet: the command the macros belong to, and name -> value.
+
+    Only the macros in `names` (bare names, `rcpt_addr` for `{rcpt_addr}`) are decoded
+    and kept; without `names`, the first MAX_MACROS. Each value is cut at MAX_MACRO_VALUE
+    bytes. The whole packet is still checked (name/value pairs, NUL-terminated)."""
     if not data:
         raise ProtocolError("macro packet without its command byte")
-    strings = cstrings(data[1:])
-    if len(strings) % 2:
-        raise ProtocolError(f"macro packet with an odd number of strings ({len(strings)})")
-    return data[:1], {macro_name(n): v for n, v in zip(strings[::2], strings[1::2], strict=True)}
+    macros: dict[str, str] = {}
+    spans = cstring_spans(data, 1)
+    for name_start, name_end in spans:
+        value = next(spans, None)
+        if value is None:
+            raise ProtocolError("macro packet with a name and no value")
+        if names is None and len(macros) >= MAX_MACROS:
+            continue
+        if name_end - name_start > MAX_MACRO_NAME:
+            continue
+        name = macro_name(_text(data[name_start:name_end]))
+        if names is None or name in names:
+            start, end = value
+            macros[name] = _text(data[start : min(end, start + MAX_MACRO_VALUE)])
+    return data[:1], macros
 
 
 @dataclass(frozen=True)
@@ -307,26 +415,20 @@ def parse_connect(data: bytes) -> Connect:
     nul = data.find(b"\0")
     if nul < 0:
         raise ProtocolError("connect packet without a NUL-terminated hostname")
-    hostname, rest = _text(data[:nul]), data[nul + 1 :]
-    if not rest:
+    hostname = _text(data[:nul])
+    if len(data) < nul + 2:
         raise ProtocolError("connect packet without an address family")
-    family = chr(rest[0])
+    family = chr(data[nul + 1])
     if family == SMFIA_UNKNOWN:
         return Connect(hostname, family, 0, "")
-    if len(rest) < 3:
+    if len(data) < nul + 4:
         raise ProtocolError("connect packet without a port")
-    port = int.from_bytes(rest[1:3], "big")
-    address = cstrings(rest[3:])
-    if len(address) != 1:
-        raise ProtocolError("connect packet without exactly one address")
-    return Connect(hostname, family, port, address[0])
+    port = int.from_bytes(data[nul + 2 : nul + 4], "big")
+    return Connect(hostname, family, port, _one_string(data, nul + 4, "connect address"))
 
 
 def parse_helo(data: bytes) -> str:
-    strings = cstrings(data)
-    if len(strings) != 1:
-        raise ProtocolError("helo packet without exactly one name")
-    return strings[0]
+    return _one_string(data, 0, "helo")
 
 
 def parse_args(data: bytes) -> list[str]:
@@ -337,10 +439,19 @@ def parse_args(data: bytes) -> list[str]:
     return args
 
 
+def parse_address(data: bytes) -> str:
+    """MAIL and RCPT: the address only (with its angle brackets); the ESMTP parameters
+    after it are checked but not decoded."""
+    first = next(cstring_spans(data), None)
+    if first is None:
+        raise ProtocolError("envelope packet without an address")
+    return _text(data[first[0] : first[1]])
+
+
 def parse_unknown(data: bytes) -> str:
     """SMFIC_UNKNOWN: the command line the MTA did not recognise (one string)."""
-    strings = cstrings(data)
-    return strings[0] if strings else ""
+    first = next(cstring_spans(data), None)
+    return "" if first is None else _text(data[first[0] : first[1]])
 
 
 def strip_brackets(address: str) -> str:

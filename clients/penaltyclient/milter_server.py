@@ -6,6 +6,15 @@ how connections are accepted, read frame by frame, kept safe ("continue" on a bu
 closed on a protocol error) and drained at shutdown is the same, so it lives once here.
 A subclass says how to start a conversation (`session`) and what else to release
 (`on_close`).
+
+What one connection may cost is bounded, whoever is at the other end: at most
+`max_connections` at a time (more are accepted and closed at once, so the MTA applies
+its `milter_default_action`; one rate-limited log line says so); a packet at most its
+command's limit (`milter_protocol.frame_limit`, 64 KiB but for headers); a connection
+silent for `idle_timeout` seconds, a packet not complete `packet_timeout` seconds after
+its length, and a reply the peer has not read within `write_timeout` seconds (a peer that
+never reads cannot make us buffer: one reply beyond the transport's high-water mark, then
+the connection is closed) each end that connection only.
 """
 
 from __future__ import annotations
@@ -42,17 +51,30 @@ class Conversation(Protocol):
 
 class ServerOptions(Protocol):
     @property
-    def idle_timeout(self) -> float: ...
+    def idle_timeout(self) -> float: ...  # seconds between packets
 
     @property
-    def max_frame(self) -> int: ...
+    def packet_timeout(self) -> float: ...  # seconds from a length prefix to its last byte
+
+    @property
+    def write_timeout(self) -> float: ...  # seconds the peer may take to read a reply
+
+    @property
+    def max_frame(self) -> int: ...  # packet limit for every command but header/body
+
+    @property
+    def max_connections(self) -> int: ...  # open at once; more are closed at once
 
 
 class ServerStats(Protocol):
     connections: int
     active: int
+    connections_refused: int  # closed at once: `max_connections` were open
     protocol_errors: int
     handler_errors: int
+
+
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between two milter_too_many_connections lines
 
 
 class MilterServer:
@@ -66,6 +88,9 @@ class MilterServer:
         self._server: asyncio.Server | None = None
         self._unix_path: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._refusal_logged_at = -REFUSAL_LOG_INTERVAL
+        self._refusals_unlogged = 0
 
     def session(self, peer: str) -> Conversation:
         """A new conversation for the connection from `peer`."""
@@ -101,12 +126,16 @@ class MilterServer:
         """Stop listening, give open connections `drain` seconds to finish, close the rest.
 
         Postfix treats a milter that goes away as `milter_default_action` (accept), so
-        cutting the stragglers loses no mail, only their remaining work."""
+        cutting the stragglers loses no mail, only their remaining work. A straggler's
+        task is cancelled and ends normally (no traceback), its socket closed."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
         tasks = set(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=drain)
+            if pending:
+                self.log.info("milter_drain_ended", seconds=drain, closed=len(pending))
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -120,6 +149,9 @@ class MilterServer:
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        if self._closing or self.stats.active >= self.options.max_connections:
+            self._refuse(writer)
+            return
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -127,30 +159,111 @@ class MilterServer:
         self.stats.connections += 1
         self.stats.active += 1
         session = self.session(peer)
+        abort = True
         try:
-            while not session.done:
-                async with asyncio.timeout(self.options.idle_timeout):
-                    frame = await read_frame(reader, self.options.max_frame)
-                if frame is None:
-                    break
-                reply = await self._dispatch(session, frame)
-                if reply:
-                    writer.write(reply)
-                    await writer.drain()
-        except ProtocolError as exc:
-            self.stats.protocol_errors += 1
-            self.log.warning("milter_protocol_error", peer=peer, ip=session.ip, error=str(exc))
-        except TimeoutError:
-            self.log.info("milter_idle_timeout", peer=peer, seconds=self.options.idle_timeout)
-        except OSError as exc:  # the MTA went away mid-reply
-            self.log.info("milter_connection_lost", peer=peer, error=str(exc))
+            abort = await self._serve(session, reader, writer, peer)
+        except asyncio.CancelledError:
+            # Only `close` cancels a connection: its drain is over. End normally: Python
+            # 3.11's start_server logs a cancelled handler as an unhandled exception.
+            if task is not None:
+                task.uncancel()
+            self.log.debug("milter_connection_closed_at_shutdown", peer=peer, ip=session.ip)
         finally:
             self.stats.active -= 1
             if task is not None:
                 self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(OSError):
+            await self._close_writer(writer, abort)
+
+    async def _serve(
+        self,
+        session: Conversation,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+    ) -> bool:
+        """The conversation, packet by packet; True when the socket must be aborted (a
+        reply is stuck in it), False when it can be closed."""
+        options = self.options
+        try:
+            while not session.done:
+                try:
+                    frame = await read_frame(
+                        reader,
+                        options.max_frame,
+                        idle_timeout=options.idle_timeout,
+                        packet_timeout=options.packet_timeout,
+                    )
+                except TimeoutError:
+                    self.log.info("milter_idle_timeout", peer=peer, seconds=options.idle_timeout)
+                    return False
+                if frame is None:
+                    return False
+                reply = await self._dispatch(session, frame)
+                if reply:
+                    writer.write(reply)
+                    if not writer.transport.get_write_buffer_size():
+                        continue  # all in the kernel already: nothing to wait for
+                    try:
+                        async with asyncio.timeout(options.write_timeout):
+                            await writer.drain()
+                    except TimeoutError:
+                        self.log.warning(
+                            "milter_write_timeout",
+                            peer=peer,
+                            ip=session.ip,
+                            seconds=options.write_timeout,
+                            buffered=writer.transport.get_write_buffer_size(),
+                        )
+                        return True
+        except ProtocolError as exc:
+            self.stats.protocol_errors += 1
+            self.log.warning("milter_protocol_error", peer=peer, ip=session.ip, error=str(exc))
+        except OSError as exc:  # the MTA went away mid-reply
+            self.log.info("milter_connection_lost", peer=peer, error=str(exc))
+            return True
+        return False
+
+    async def _close_writer(self, writer: asyncio.StreamWriter, abort: bool) -> None:
+        """Close the socket; abort it (drop what is unsent) when a reply is stuck or it
+        does not close within `write_timeout`, so a peer that never reads costs nothing."""
+        if abort:
+            writer.transport.abort()
+            return
+        writer.close()
+        try:
+            async with asyncio.timeout(self.options.write_timeout):
                 await writer.wait_closed()
+        except TimeoutError:
+            writer.transport.abort()
+        except OSError:
+            pass
+        except asyncio.CancelledError:  # `close` gave up on us while closing: see above
+            writer.transport.abort()
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Too many connections (or shutting down): close this one at once, and say so
+        at most once every REFUSAL_LOG_INTERVAL seconds."""
+        writer.transport.abort()
+        if self._closing:
+            return
+        self.stats.connections_refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+            return
+        self.log.warning(
+            "milter_too_many_connections",
+            limit=self.options.max_connections,
+            active=self.stats.active,
+            connections_refused=self.stats.connections_refused,
+            unlogged=self._refusals_unlogged,
+            note="closed at once; the MTA applies its milter_default_action",
+        )
+        self._refusal_logged_at = now
+        self._refusals_unlogged = 0
 
     async def _dispatch(self, session: Conversation, frame: Frame) -> bytes | None:
         """`session.handle`, with the safe default: a bug answers "continue", not a crash."""

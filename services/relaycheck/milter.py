@@ -125,13 +125,17 @@ class MilterOptions:
     customer_from_auth: bool = False  # the SASL login ({auth_authen}) names the customer
     max_header_bytes: int = 256 * 1024  # header bytes sent; the newest come first
     idle_timeout: float = 3600.0  # a silent milter connection is dead
+    packet_timeout: float = 30.0  # a packet started must be complete within this
+    write_timeout: float = 30.0  # a reply the MTA has not read by then closes the connection
     max_frame: int = MAX_FRAME
+    max_connections: int = 1000  # more are closed at once (milter_default_action)
 
 
 @dataclass
 class MilterStats:
     connections: int = 0
     active: int = 0
+    connections_refused: int = 0  # closed at once: max_connections were open
     classified: dict[str, int] = field(default_factory=dict)  # by verdict name
     refused: int = 0  # relayed messages answered with the reply
     failed_open: int = 0  # Classify errors and timeouts answered "continue"
@@ -165,8 +169,9 @@ class MilterSession:
     async def handle(self, frame: Frame) -> bytes | None:
         cmd, data = frame
         if cmd == SMFIC_MACRO:
-            stage, values = parse_macros(data)
-            self._macros[stage] = values
+            stage, values = parse_macros(data, ("auth_authen",))  # the only one used
+            if stage == SMFIC_MAIL:  # the only stage read: others would pile up
+                self._macros[stage] = values
             return None
         if cmd == SMFIC_HEADER:
             self._header(data)

@@ -17,7 +17,7 @@ import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from structlog.testing import capture_logs
@@ -141,7 +141,22 @@ MilterFactory = Callable[..., Awaitable[PenaltyMilter]]
 
 @pytest.fixture
 async def milters() -> AsyncIterator[MilterFactory]:
+    """Milters on free ports; at the end closed without a drain, and nothing may have
+    reached the loop's exception handler (a connection task must never end in an
+    unhandled exception or cancelled: 3.11's start_server logs both with a traceback)."""
     started: list[tuple[PenaltyMilter, AsyncPenaltyClient]] = []
+    unhandled: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "client_connected_cb" in context.get("message", "") or "StreamReaderProtocol" in repr(
+            context.get("handle")
+        ):
+            unhandled.append(context)
+        else:  # not ours (grpc's poller on an earlier test's loop, say)
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
     async def factory(
         penaltyd: str,
@@ -167,6 +182,8 @@ async def milters() -> AsyncIterator[MilterFactory]:
         await milter.close(drain=0)
         await milter.reporter.close(within=0.1)
         await client.close()
+    loop.set_exception_handler(None)
+    assert not unhandled, [c.get("message") for c in unhandled]
 
 
 def dead_penaltyd() -> str:
@@ -456,7 +473,7 @@ async def test_garbage_closes_only_that_connection(milters: MilterFactory) -> No
     await good.session("203.0.113.40", "ok.example", "ok@example.org")
     garbage: list[bytes] = [
         b"\xff\xff\xff\xffO",  # a 4 GiB length: never read, never allocated
-        struct.pack(">I", (1 << 20) + 1) + b"O",  # just over the 1 MiB limit
+        struct.pack(">I", (1 << 20) + 1) + b"O",  # 1 MiB: over every limit
         b"GET / HTTP/1.1\r\nHost: milter\r\n\r\n",  # HTTP: "GET " is a huge length
         b"\x00\x00\x00\x00",  # zero length: no command byte
         struct.pack(">I", 1) + b"Z",  # unknown command
@@ -523,6 +540,178 @@ async def test_bounded_queue_counts_drops(milters: MilterFactory) -> None:
     await mta.close()
 
 
+# --- hostile peers: packet limits, connection limits, timeouts, a peer that never reads
+
+
+async def test_oversized_packets_close_only_that_connection_with_a_log_line(
+    milters: MilterFactory,
+) -> None:
+    milter = await milters(dead_penaltyd())
+    good = await Mta.open(milter.port)
+    await good.session("203.0.113.41", "ok.example", "ok@example.org")
+    # Sizes Postfix really sends pass: a 100 KiB header (header_size_limit), a full body
+    # chunk (MILTER_CHUNK_SIZE), a macro packet at the 64 KiB limit.
+    assert (await good.ask(b"L", b"X-Long\0" + b"v" * 102_400 + b"\0"))[0] == b"c"
+    assert (await good.ask(b"B", b"b" * 65535))[0] == b"c"
+    good.macros(b"R", {"{rcpt_mailer}": "error", "{rcpt_addr}": "x" * 65_500})
+    assert (await good.ask(b"R", b"<a@test.example>\0"))[0] == b"c"
+    oversized = [
+        (b"D", b"H" + b"a\0b\0" * (1 << 18)),  # the report's 1 MiB macro packet
+        (b"D", b"R" + b"x" * 65_535 + b"\0"),  # one byte over 64 KiB
+        (b"R", b"<" + b"x" * 70_000 + b">\0"),
+        (b"B", b"b" * 65_536),  # one byte more than a body chunk
+        (b"L", b"X\0" + b"v" * (128 * 1024) + b"\0"),
+    ]
+    with capture_logs() as logs:
+        for cmd, data in oversized:
+            bad = await Mta.open(milter.port)
+            await bad.optneg()
+            bad.send(cmd, data)
+            with contextlib.suppress(ConnectionError):
+                await bad.writer.drain()
+            assert await bad.closed(), (cmd, len(data))
+            await bad.close()
+    errors = [e for e in logs if e["event"] == "milter_protocol_error"]
+    assert len(errors) == len(oversized)
+    assert all("exceeds the limit of" in e["error"] for e in errors)
+    assert "exceeds the limit of 65536 for macro" in errors[1]["error"]
+    assert milter.stats.protocol_errors == len(oversized)
+    # The well-behaved connection never noticed.
+    assert (await good.rcpt("b@test.example", rejected=UNKNOWN_USER))[0] == b"c"
+    assert milter.stats.rcpt_rejected["unknown_recipient"] == 2
+    await good.close()
+
+
+async def test_connections_beyond_the_limit_are_closed_at_once_and_logged_once(
+    milters: MilterFactory,
+) -> None:
+    milter = await milters(dead_penaltyd(), max_connections=2)
+    first, second = await Mta.open(milter.port), await Mta.open(milter.port)
+    await first.optneg()
+    await second.optneg()  # both served: the limit is reached
+    with capture_logs() as logs:
+        for _ in range(4):
+            extra = await Mta.open(milter.port)
+            assert await extra.closed()  # at once: Postfix applies milter_default_action
+            await extra.close()
+    refusals = [e for e in logs if e["event"] == "milter_too_many_connections"]
+    assert len(refusals) == 1  # rate-limited: one line for the burst
+    assert refusals[0]["limit"] == 2
+    assert milter.stats.connections_refused == 4
+    assert milter.stats_fields()["connections_refused"] == 4
+    assert (await first.ask(b"H", b"still.example\0"))[0] == b"c"  # the open ones are fine
+    second.send(b"Q")
+    assert await second.closed()
+    third = await Mta.open(milter.port)  # a slot is free again
+    await third.optneg()
+    assert milter.stats.connections == 3
+    await first.close()
+    await third.close()
+
+
+async def test_a_silent_connection_and_a_trickled_packet_are_closed(
+    milters: MilterFactory,
+) -> None:
+    idle = await milters(dead_penaltyd(), idle_timeout=0.1)
+    slow = await milters(dead_penaltyd(), packet_timeout=0.1)  # idle_timeout: an hour
+    with capture_logs() as logs:
+        silent = await Mta.open(idle.port)  # connects, then says nothing
+        assert await silent.closed()
+        trickle = await Mta.open(slow.port)
+        await trickle.optneg()
+        trickle.writer.write(struct.pack(">I", 100) + b"R<half")  # the rest never comes
+        await trickle.writer.drain()
+        assert await trickle.closed()
+    events = {e["event"]: e for e in logs}
+    assert events["milter_idle_timeout"]["seconds"] == 0.1
+    assert "not complete within 0.1 s" in events["milter_protocol_error"]["error"]
+    await silent.close()
+    await trickle.close()
+
+
+class _StuckTransport:
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.aborted = asyncio.Event()
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+
+class StuckWriter:
+    """A StreamWriter whose peer never reads: `drain` and `wait_closed` never return."""
+
+    def __init__(self) -> None:
+        self.transport = _StuckTransport()
+        self._never = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.transport.buffered += len(data)
+
+    async def drain(self) -> None:
+        await self._never.wait()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.1", 4000) if name == "peername" else default
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        await self._never.wait()
+
+
+async def test_a_peer_that_never_reads_is_cut_after_the_write_timeout(
+    milters: MilterFactory,
+) -> None:
+    milter = await milters(dead_penaltyd(), write_timeout=0.05)
+    reader = asyncio.StreamReader()
+    offer = struct.pack(">III", 6, POSTFIX_ACTIONS, POSTFIX_PROTOCOL)
+    reader.feed_data((struct.pack(">I", 13) + b"O" + offer) * 100)  # 100 replies to write
+    writer = StuckWriter()
+    with capture_logs() as logs:
+        async with asyncio.timeout(5):  # the old code waited in drain() forever
+            await milter._on_connection(reader, cast(Any, writer))
+    assert writer.transport.aborted.is_set()  # nothing stays buffered for it
+    stuck = [e for e in logs if e["event"] == "milter_write_timeout"]
+    assert len(stuck) == 1
+    assert stuck[0]["buffered"] < 200  # one reply beyond the high-water mark, not 100
+    assert milter.stats.active == 0
+
+
+async def test_long_helo_and_sender_are_bounded_like_every_other_component(
+    serve: ServeFactory, milters: MilterFactory
+) -> None:
+    """bound_client at the edge: a long HELO keeps a digest of the whole, a long sender
+    keeps its domain, so the milter's reports land in the sub-identity that penaltyd (and
+    policyd, logwatch) compute for the same client."""
+    pd = await serve(MemoryStore(), shared_cidrs=["100.64.0.0/10"])
+    milter = await milters(pd.address)
+    helo = "h" * 300 + ".bot.example"
+    senders = ["x" * 600 + "@spam-a.example", "x" * 600 + "@spam-b.example"]
+    a = await Mta.open(milter.port)
+    await a.session("100.64.2.1", helo, senders[0])
+    for _ in range(3):
+        await a.rcpt("nobody@test.example", rejected=UNKNOWN_USER)
+    b = await Mta.open(milter.port)
+    await b.session("100.64.2.1", helo, senders[1])
+    for _ in range(2):
+        await b.rcpt("alice@test.example")
+
+    async def sub_window(sender: str) -> dict[int, int]:
+        client = pb.Client(ip="100.64.2.1", helo=helo, mail_from=sender)
+        ex = await pd.admin.Explain(pb.ExplainRequest(client=client))
+        return {t.outcome: t.n for t in ex.sub.window}
+
+    await eventually(lambda: sub_window(senders[0]), {UNKNOWN: 3}.__eq__)
+    await eventually(lambda: sub_window(senders[1]), {ACCEPTED: 2}.__eq__)
+    await a.close()
+    await b.close()
+
+
 # --- the command line
 
 
@@ -542,27 +731,41 @@ def test_bad_flags_exit_2() -> None:
     assert main(["--penaltyd", "a.example:1,b.example:2"]) == 2
 
 
-async def test_sigterm_drains_and_exits_zero() -> None:
-    port = free_port()
+async def spawn_milter(port: int, *args: str) -> asyncio.subprocess.Process:
+    """`python -m penaltyclient.milter` on `port`, once it has logged milter_started."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "penaltyclient.milter",
         "--listen",
         f"127.0.0.1:{port}",
-        "--penaltyd",
-        dead_penaltyd(),
-        "--stats-interval",
-        "0.2",
+        *args,
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
+    async with asyncio.timeout(10):
+        started = json.loads(await proc.stdout.readline())
+    assert started["event"] == "milter_started"
+    assert started["listen"] == f"127.0.0.1:{port}"
+    return proc
+
+
+async def stopped(proc: asyncio.subprocess.Process) -> tuple[list[dict[str, Any]], str]:
+    """SIGTERM, then the exit status 0, the JSON lines after it and stderr."""
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    return [json.loads(x) for x in out.decode().splitlines()], err.decode()
+
+
+async def test_sigterm_drains_and_exits_zero() -> None:
+    port = free_port()
+    proc = await spawn_milter(port, "--penaltyd", dead_penaltyd(), "--stats-interval", "0.2")
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     try:
-        async with asyncio.timeout(10):
-            line = await proc.stdout.readline()
-        started = json.loads(line)
-        assert started["event"] == "milter_started"
-        assert started["listen"] == f"127.0.0.1:{port}"
         mta = await Mta.open(port)
         await mta.session("203.0.113.70", "bot.example", "x@bot.example")
         async with asyncio.timeout(10):  # the periodic stats line
@@ -576,14 +779,69 @@ async def test_sigterm_drains_and_exits_zero() -> None:
         async with asyncio.timeout(10):
             assert await proc.wait() == 0
             rest = (await proc.stdout.read()).decode().splitlines()
+            err = (await proc.stderr.read()).decode()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+    assert "Traceback" not in err, err
     events = [json.loads(x) for x in rest]
     assert "milter_stopping" in [e["event"] for e in events]
-    stopped = events[-1]
-    assert stopped["event"] == "milter_stopped"
-    assert stopped["rcpt_rejected"] == {"unknown_recipient": 1}
-    assert stopped["connections"] == 1
-    assert stopped["active"] == 0
+    stop = events[-1]
+    assert stop["event"] == "milter_stopped"
+    assert stop["rcpt_rejected"] == {"unknown_recipient": 1}
+    assert stop["connections"] == 1
+    assert stop["active"] == 0
+    # penaltyd is down: the one report is not silently "pending", it is said to be lost.
+    assert "reports_pending" not in stop
+    assert stop["reports_pending_dropped"] == 1
+    dropped = [e for e in events if e["event"] == "milter_reports_dropped_at_exit"]
+    assert [e["reports"] for e in dropped] == [1]
+
+
+async def test_sigterm_with_idle_connections_exits_without_tracebacks() -> None:
+    port = free_port()
+    proc = await spawn_milter(port, "--penaltyd", dead_penaltyd(), "--drain-seconds", "0.2")
+    try:
+        idle = [await Mta.open(port) for _ in range(3)]
+        for i, mta in enumerate(idle):  # mid-session, and they never say QUIT
+            await mta.optneg()
+            assert await mta.connect(f"203.0.113.{80 + i}") == b"c"
+        events, err = await stopped(proc)
+        for mta in idle:
+            assert await mta.closed()  # cut after the drain
+            await mta.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert "Traceback" not in err, err  # was one per connection (a cancelled handler task)
+    assert err == ""
+    drain = [e for e in events if e["event"] == "milter_drain_ended"]
+    assert [e["closed"] for e in drain] == [3]
+    assert events[-1]["event"] == "milter_stopped"
+    assert events[-1]["reports_pending_dropped"] == 0
+
+
+async def test_sigterm_flushes_the_queued_reports_to_penaltyd(serve: ServeFactory) -> None:
+    pd = await serve(MemoryStore())
+    port = free_port()
+    proc = await spawn_milter(port, "--penaltyd", pd.address, "--flush-seconds", "5")
+    try:
+        mta = await Mta.open(port)
+        await mta.session("203.0.113.90", "bot.example", "x@bot.example")
+        for _ in range(3):
+            assert (await mta.rcpt("u@test.example", rejected=UNKNOWN_USER))[0] == b"c"
+        mta.send(b"Q")
+        assert await mta.closed()
+        events, err = await stopped(proc)  # at once: the reports may still be queued
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert "Traceback" not in err, err
+    stop = events[-1]
+    assert stop["event"] == "milter_stopped"
+    assert (stop["reports_sent"], stop["reports_pending_dropped"]) == (3, 0)
+    assert "milter_reports_dropped_at_exit" not in [e["event"] for e in events]
+    assert await window(pd, pb.Client(ip="203.0.113.90")) == {UNKNOWN: 3}
