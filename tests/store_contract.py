@@ -246,6 +246,46 @@ class StoreContract:
         assert set(ids[:24]) <= set(seen)
         assert ids[24] not in seen[10:]
 
+    async def test_paging_sees_every_penalty_once_whatever_its_length(self) -> None:
+        esc = Escalation(multiplier=3.0, cap_ms=120_000, memory_ms=60_000)
+        long = [f"198.51.100.{i}" for i in range(4)]
+        for identity in long:  # a first offence, over before paging starts
+            await self.store.start_penalty(identity, 300, "r", esc)
+        short = [f"198.51.100.{i}" for i in range(10, 14)]
+        for identity in short:
+            await self.store.start_penalty(identity, 300, "short")
+        await self.advance(450)
+        for identity in short:
+            await self.store.start_penalty(identity, 400, "short")
+        plain = [f"198.51.100.{i}" for i in range(20, 30)]
+        for i, identity in enumerate(plain + long):  # escalated ones last 3x: out of order
+            await self.store.start_penalty(identity, 20_000 + 1000 * (i % 3), "r", esc)
+        assert await self.store.count_penalties() == len(plain + long + short)
+        seen: list[str] = []
+        cursor: PageCursor | None = None
+        pages = 0
+        while True:
+            page, cursor = await self.store.list_penalties(cursor, 3)
+            seen += [p.identity for p in page]
+            pages += 1
+            if pages == 1:
+                await self.advance(550)  # the short ones end under the pager
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen))
+        assert set(plain + long) <= set(seen)
+        assert not set(short) & set(seen[3:])
+        assert await self.store.count_penalties() == len(plain + long)
+
+    async def test_page_cursor_before_everything_and_a_crafted_shard(self) -> None:
+        for i in range(3):
+            await self.store.start_penalty(f"203.0.113.{i}", 60_000, "r")
+        page, cursor = await self.store.list_penalties(PageCursor(0, 0, ""), 10)
+        assert sorted(p.identity for p in page) == [f"203.0.113.{i}" for i in range(3)]
+        assert cursor is None
+        with pytest.raises(ValueError, match="page token"):
+            await self.store.list_penalties(PageCursor(-1, 0, ""), 10)
+
     async def test_page_token_rejects_garbage(self) -> None:
         with pytest.raises(ValueError, match="page token"):
             PageCursor.decode("not-a-token!!")

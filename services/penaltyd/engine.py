@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import structlog
 
@@ -48,7 +47,6 @@ from penaltyd.store.base import (
     LiftRecord,
     PageCursor,
     Penalty,
-    RawSnapshot,
     ReportItem,
     StatsDelta,
     Store,
@@ -62,14 +60,6 @@ log = structlog.get_logger("penaltyd.engine")
 
 _IDENTITY_SLICE = 2000  # identities per stats pipeline (each with its own deadline)
 _MAX_PENDING_IDENTITIES = 2_000_000  # identities kept for the next flush after a failure
-
-
-def _raw_snapshot(store: Store) -> RawSnapshot:
-    raw = getattr(store, "snapshot_raw", None)
-    if raw is not None:
-        return cast(RawSnapshot, raw())
-    penalties, shared, allow = store.snapshot()
-    return {p.identity: (p.expires_at_ms, p.reason) for p in penalties}, dict(shared), allow
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +137,7 @@ class Engine:
             ),
         )
         self.hub = WatchHub(
-            lambda: _raw_snapshot(self.store),
+            lambda: self.store.snapshot_raw(),
             store.now_ms,
             functools.lru_cache(maxsize=4096)(reasons.render),
             done,
@@ -366,6 +356,12 @@ class Engine:
         started = await self.store.start_penalties(starts, self._escalation)
         penalties = {}
         for (identity, decision), (penalty, created) in zip(firing.items(), started, strict=True):
+            if not created and penalty.remaining_ms <= 0:
+                # The store refused to start it (the embedded store's penalty table is
+                # full): fail open, counted, never a tempfail of its own making.
+                self.metrics.penalties_refused.inc()
+                self._degraded_log.warning("penalty_refused_store_full", identity=identity)
+                continue
             penalties[identity] = penalty
             if created:
                 self.metrics.penalties_started.labels(decision.rule).inc()
@@ -376,7 +372,7 @@ class Engine:
                     rule=decision.rule,
                     seconds=penalty.seconds_left,
                 )
-        return [p if isinstance(p, Answer) else Answer(p[0], penalties[p[0]]) for p in plans]
+        return [p if isinstance(p, Answer) else Answer(p[0], penalties.get(p[0])) for p in plans]
 
     def _buffer_reports(self, items: Sequence[ReportItem]) -> None:
         for item in items:

@@ -56,6 +56,11 @@ class Metrics:
             "Reports whose store deadline expired (a slow store may still apply them)",
             registry=r,
         )
+        self.penalties_refused = Counter(
+            "penaltyd_penalties_refused",
+            "Penalties not started because the embedded store's penalty table was full",
+            registry=r,
+        )
         self.stats_flush_failures = Counter(
             "penaltyd_stats_flush_failures",
             "Fleet statistics flushes or reads the store did not take (retried next time)",

@@ -54,6 +54,8 @@ def make_store(settings: Settings) -> Store:
         bucket_seconds=settings.bucket_seconds,
         shared_min_sub_identities=settings.shared_min_sub_identities,
         shared_ttl_seconds=settings.shared_ttl_seconds,
+        max_identities=settings.memory_max_identities,
+        max_penalties=settings.memory_max_penalties,
     )
 
 

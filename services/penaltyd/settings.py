@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     admin_timeout_ms: int = Field(2000, ge=1, le=60_000)  # store deadline for admin calls
     report_buffer: int = Field(10_000, ge=0, le=1_000_000)  # reports kept while the store is down
     use_penalty_view: bool = True  # answer checks from the in-process view fed by pub/sub
+    memory_max_identities: int = Field(1_000_000, ge=100, le=100_000_000)  # embedded store bound
+    memory_max_penalties: int = Field(250_000, ge=100, le=100_000_000)  # embedded: more refused
 
     # --- WatchPenalties (live replicas on MX nodes)
     max_watchers: int = Field(1000, ge=1, le=100_000)  # more concurrent watchers: refused

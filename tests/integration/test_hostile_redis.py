@@ -59,13 +59,13 @@ async def test_a_stalled_stats_flush_is_not_degraded_and_loses_no_identity(
     assert len((await call.read()).reports) == 1000
     await call.done_writing()
     admin = redis_sync.Redis(port=redis_server.port)
-    admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    admin.client_pause(1500)
     try:
         assert not await pd.engine.refresh_stats()  # timed out: nothing marked degraded
         assert not pd.engine.degraded
         assert len(pd.engine._agg.identities) == 1000  # kept for the next flush
     finally:
-        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.client_unpause()
     assert await pd.engine.refresh_stats()
     stats = await pd.admin.Stats(pb.StatsRequest())
     assert 990 <= stats.tracked_identities <= 1010  # HyperLogLog: ~1 % error

@@ -203,8 +203,8 @@ async def test_service_stores_nothing_for_rejected_reports(
     store = pd.engine.store
     assert isinstance(store, MemoryStore)
 
-    def snapshot() -> dict[str, dict[int, list[int]]]:
-        return {k: {b: list(c) for b, c in w.buckets.items()} for k, w in store._windows.items()}
+    def snapshot() -> dict[str, dict[int, tuple[int, ...]]]:
+        return store.window_buckets()
 
     before = snapshot()
     try:

@@ -38,7 +38,9 @@ class TestMemoryStore(StoreContract):
         await store.start_penalty("203.0.113.8", 1000, "r")
         await self.advance(25_000)
         store.sweep()
-        assert store._windows == {}
-        assert store._penalties == {}
-        assert store._clients == {}
+        assert store.window_buckets() == {}
+        assert store.tracked_windows == 0
+        assert store.identity_units == 0
+        assert store.snapshot() == ([], [], [])
+        assert await store.count_penalties() == 0
         assert (await self.read("203.0.113.7")).counts == counts()

@@ -272,6 +272,10 @@ class Store(Protocol):
     def snapshot(self) -> tuple[list[Penalty], list[tuple[str, int]], list[AllowEntry]]:
         """Active penalties, shared addresses (address, expires_at_ms), allowlist: from memory."""
 
+    def snapshot_raw(self) -> RawSnapshot:
+        """The same as plain copies, without an object per penalty (the watch hub takes
+        one per snapshot it serves: cheap, and safe to read across awaits)."""
+
     @property
     def feed_exact(self) -> bool:
         """Whether `snapshot` and the listener's events are complete right now."""
