@@ -299,8 +299,13 @@ def main() -> None:
     ap.add_argument("--identities", type=int, default=1_000_000)
     ap.add_argument("--penalties", type=int, default=100_000)
     ap.add_argument("--impl", default=None, help='"worktree" or a git ref (one run, this process)')
-    ap.add_argument("--baseline", default="HEAD", help="git ref of the before column")
-    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument(
+        "--baseline",
+        default="",
+        help="git ref of a before column, e.g. 446637d (the store before it was bounded; "
+        "it imports today's modules, so refs far back may not load)",
+    )
+    ap.add_argument("--no-baseline", action="store_true", help="(the default) no before column")
     ap.add_argument("--max-identities", type=int, default=None, help="this tree's bound")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -311,7 +316,9 @@ def main() -> None:
         return
     after = _in_subprocess("worktree", args.identities, args.penalties, args.max_identities)
     before = (
-        None if args.no_baseline else _in_subprocess(args.baseline, args.identities, args.penalties)
+        None
+        if args.no_baseline or not args.baseline
+        else _in_subprocess(args.baseline, args.identities, args.penalties)
     )
     print(f"embedded store: {args.identities:,} identities, {args.penalties:,} penalties")
     head = f"{'':34} {'after':>12}" + (
