@@ -25,6 +25,20 @@ Client-controlled text (addresses, HELO names, pipelined input) follows Postfix'
 words in most lines, so patterns anchor on the fixed part before it, and reject reasons
 that mean "not an error" are checked last and anchored at the end of the reply text:
 a client cannot turn its own error into an ignored line by choosing an address.
+
+Hostile input costs linear time and bounded memory:
+
+- A line longer than `MAX_PARSE_CHARS` (4096) is not parsed (`too-long`): Postfix cuts
+  every record at 2000 characters (msg_syslog(3), postlogd), so only a line Postfix did
+  not write can be longer.
+- Every pattern is linear in the line: anchored at its start, with each repetition
+  stopped by a character it cannot contain. The two that look for the *rightmost*
+  occurrence of something (the reject envelope, the address of a content rejection,
+  both after client text) do it with string searches and memoised suffix matches
+  (`split_envelope`, `_content_reject_tail`) instead of a backtracking `.*`, which was
+  quadratic on lines made of `; to=<` or ` from x[1]; from=<` repeated.
+- Counts from `disconnect` summaries are clamped (`penalty.identity.bound_count`), HELO
+  and sender bounded (`bound_client`), and per-session state is capped.
 """
 
 from __future__ import annotations
@@ -32,11 +46,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from penalty.identity import InvalidAddress, parse_ip
+from penalty.identity import InvalidAddress, bound_client, bound_count, parse_ip
 from penalty.v1 import penalty_pb2 as pb
 
 K = TypeVar("K")
@@ -75,16 +89,27 @@ _HEADER = re.compile(
     r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?) "
     r"(?P<host>\S+) (?P<tag>[\w./-]+)(?:\[(?P<pid>\d+)\])?: (?P<msg>.*)$"
 )
-# The envelope Postfix appends to reject lines; the greedy text makes it the rightmost.
-_ENVELOPE = re.compile(
-    r"^(?P<text>.*); (?:from=<(?P<from>[^>]*)>,? )?(?:to=<.*?>,? )?proto=\w+"
+#: Lines longer than this (characters) are not parsed, counted as `too-long`. Postfix cuts
+#: every log record at 2000 characters (msg_syslog(3) and postlogd's MSG_*_RECLEN), plus
+#: a syslog header of a few dozen (RFC 3339 stamp, host name, tag): twice that is room
+#: enough, and it bounds what any one line can cost.
+MAX_PARSE_CHARS = 4096
+
+# The envelope Postfix appends to reject lines, after "; " (smtpd_check.c log_whatsup):
+# `from=<sender> to=<recipient> proto=ESMTP helo=<name>`, each part optional but proto.
+# It is the rightmost "; " the tail matches (the text before holds the client's
+# recipient): `split_envelope` finds that one in linear time.
+_ENVELOPE_TAIL = re.compile(
+    r"(?:from=<(?P<from>[^>]*)>,? )?(?:to=<.*?>,? )?proto=\w+"
     r"(?:,? helo=<(?P<helo>[^>]*)>)?$"
 )
+# Pieces of it, matched where `split_envelope` has pinned their position.
+_PROTO_HELO_END = re.compile(r">,? proto=\w+,? helo=<[^>]*>$")  # the same with a helo
+_PROTO_HELO = re.compile(r"proto=\w+,? helo=<")  # right after "; ", helo to the end
+_WORDS = re.compile(r"\w+")
 _COUNTER = re.compile(r"([\w-]+)=(\d+)(?:/(\d+))?")
-
-# Field limits penaltyd enforces (a message with one bad report is refused whole).
-_MAX_HELO = 255
-_MAX_MAIL_FROM = 512
+_MAX_COUNTER_DIGITS = 12  # more digits than this (or than int() takes): the count is huge
+_MAX_EXPLAINED = 64  # distinct commands one session can account for (bounded state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +120,8 @@ class Rule:
     session, `summary` is the disconnect line, `queue` links a queue id to its session,
     `reject` lines take their outcome from `REASONS`. `explains` names the summary
     counter (`rcpt`, `mail`, `unknown`...) whose failure this line accounts for; `{cmd}`
-    means the command named in the line.
+    means the command named in the line. `tail`, if set, matches the rest of the message
+    from where `pattern` stopped (for what a regex could only find by backtracking).
     """
 
     name: str
@@ -106,10 +132,26 @@ class Rule:
     example: str  # the message part of a real (or realistic) Postfix 3.7 line
     kind: str = "event"
     explains: str = ""
+    tail: Callable[[str, int], dict[str, str] | None] | None = field(
+        default=None, repr=False, compare=False
+    )
     regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "regex", re.compile(self.pattern))
+
+    def match(self, msg: str) -> dict[str, str | None] | None:
+        """The named groups if this rule matches the message part of a line, else None."""
+        m = self.regex.match(msg)
+        if m is None:
+            return None
+        groups: dict[str, str | None] = m.groupdict()
+        if self.tail is not None:
+            rest = self.tail(msg, m.end())
+            if rest is None:
+                return None
+            groups |= rest
+        return groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +167,51 @@ class Reason:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "regex", re.compile(self.pattern))
+
+
+_CONTENT_HEAD = re.compile(rf"{_NAMEADDR}; from=<")
+_CONTENT_SUFFIX = re.compile(
+    r"> to=<[^>]*> proto=\w+ helo=<(?P<helo>[^>]*)>: 5\.\d{1,3}\.\d{1,3}\b"
+)
+
+
+def _content_reject_tail(msg: str, start: int) -> dict[str, str] | None:
+    """`.* from NAME[ADDR]; from=<F> to=<T> proto=P helo=<H>: 5.X.Y` from `start`.
+
+    The header text before the address is the client's, so the address is the rightmost
+    ` from ` that fits, as a greedy `.*` finds it, but in linear time: candidates are
+    tried right to left with `rfind`, the first `>` after each sender is found by
+    searching only up to where the previous candidate's search began, and the part from
+    that `>` on (the same for every candidate that shares it) is matched once.
+    """
+    suffixes: dict[int, re.Match[str] | None] = {}
+    end = len(msg)
+    gt_from, gt = end, -1  # gt: the first ">" at or after gt_from (-1: none)
+    while (p := msg.rfind(" from ", start, end)) >= 0:
+        end = p + 5  # the next candidate starts before this one
+        head = _CONTENT_HEAD.match(msg, p + 6)
+        if head is None:
+            continue
+        f = head.end()
+        if f < gt_from:
+            i = msg.find(">", f, gt_from)
+            gt, gt_from = (i if i >= 0 else gt), f
+            first = gt
+        else:  # not reached (a head ends before the candidate to its right); kept exact
+            first = gt if gt >= f else msg.find(">", f)
+        if first < 0:
+            continue
+        if first not in suffixes:
+            suffixes[first] = _CONTENT_SUFFIX.match(msg, first)
+        suffix = suffixes[first]
+        if suffix is not None:
+            return {
+                "name": head["name"],
+                "ip": head["ip"],
+                "from": msg[f:first],
+                "helo": suffix["helo"],
+            }
+    return None
 
 
 RULES: tuple[Rule, ...] = (
@@ -245,16 +332,17 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "content-reject",
         "cleanup",
-        rf"^(?P<qid>\w+): reject: (?:header|body|mime-header|nested-header) .* from "
-        rf"{_NAMEADDR}; from=<(?P<from>[^>]*)> to=<[^>]*> proto=\w+ helo=<(?P<helo>[^>]*)>: "
-        r"5\.\d{1,3}\.\d{1,3}\b",
+        # ... .* from NAME[ADDR]; from=<..> to=<..> proto=.. helo=<..>: 5.X.Y (the tail)
+        r"^(?P<qid>\w+): reject: (?:header|body|mime-header|nested-header) ",
         CONTENT_REJECTED,
         "header_checks/body_checks REJECT (5xx only). The header text before `from` is "
-        "the client's, so the address is the rightmost one.",
+        "the client's, so the address is the rightmost one; the queue id's `client=` "
+        "line, when seen, names the client instead.",
         "4F2B1C0A1: reject: header Subject: cheap pills from unknown[203.0.113.33]; "
         "from=<a@spam.example> to=<root@test.example> proto=ESMTP helo=<spam.example>: "
         "5.7.1 message content rejected",
         explains="data",
+        tail=_content_reject_tail,
     ),
     Rule(
         "milter-content-reject",
@@ -466,32 +554,86 @@ def client_address(text: str) -> str | None:
         return None
 
 
-def _clamp_helo(helo: str) -> str:
-    return helo if len(helo) <= _MAX_HELO else ""
-
-
-def _clamp_sender(sender: str) -> str:
-    """penaltyd uses only the sender's domain; keep that when the address is too long."""
-    if len(sender) <= _MAX_MAIL_FROM:
-        return sender
-    domain = "@" + sender.rpartition("@")[2]
-    return domain if len(domain) <= _MAX_MAIL_FROM else ""
+def _number(digits: str) -> int:
+    """A count from the log; absurdly long digit runs are just "huge" (int() refuses
+    more than 4300 digits, and a count is clamped to MAX_COUNT later anyway)."""
+    return int(digits) if len(digits) <= _MAX_COUNTER_DIGITS else 10**_MAX_COUNTER_DIGITS
 
 
 def parse_counters(text: str) -> dict[str, tuple[int, int]]:
     """`ehlo=2 xclient=0/1 commands=5/12` -> {"ehlo": (2, 2), "xclient": (0, 1), ...}."""
     out: dict[str, tuple[int, int]] = {}
     for name, ok, total in _COUNTER.findall(text):
-        out[name.lower()] = (int(ok), int(total) if total else int(ok))
+        out[name.lower()] = (_number(ok), _number(total) if total else _number(ok))
     return out
+
+
+def split_envelope(reply: str) -> tuple[int, re.Match[str]] | None:
+    """Where the envelope of a reject's reply starts (the index of its "; ") and its match.
+
+    The same answer as `^(?P<text>.*); <_ENVELOPE_TAIL>` (the rightmost "; " whose tail
+    matches) for one line, in linear time: a backtracking `.*` tries every "; " and
+    scans to the end from each, quadratic on a line of `; to=<` repeated. Instead, the
+    end of the line pins the tail down. `proto=WORD` or `proto=WORD helo=<NAME>` ends
+    it, and a helo holds no `>`, so the `>` that closes `to=<..>` or `from=<..>` (if
+    either is there) is the last one before that end (`h`). What can start the
+    envelope is then: "; proto=" right at that end part (A), the rightmost "; to=<"
+    before `h` (B), the rightmost "; from=<" whose sender ends at `h` (C1) or at a `>`
+    followed by ` to=<` (C2). The rightmost of those is the answer, confirmed by one
+    match of the tail.
+    """
+    n = len(reply)
+    starts: list[int] = []
+    h = -1  # the ">" that ends to=<..> or from=<..>, if the tail allows one
+    if reply.endswith(">"):
+        q = reply.rfind(">", 0, n - 1)
+        end = n - 1
+        while (i := reply.rfind("; proto=", q + 1, end)) >= 0:  # (A)
+            if _PROTO_HELO.match(reply, i + 2):
+                starts.append(i)
+                break
+            end = i + 7
+        if q >= 0 and _PROTO_HELO_END.match(reply, q):
+            h = q
+    else:
+        i = reply.rfind("proto=")
+        if i < 0 or _WORDS.fullmatch(reply, i + 6) is None:
+            return None
+        lead = reply[max(0, i - 3) : i]
+        if lead.endswith("; "):  # (A)
+            starts.append(i - 2)
+        if lead.endswith("> "):
+            h = i - 2
+        elif lead == ">, ":
+            h = i - 3
+    if h >= 0:
+        starts.append(reply.rfind("; to=<", 0, h))  # (B)
+        g = reply.rfind(">", 0, h)
+        starts.append(reply.rfind("; from=<", g + 1, h))  # (C1)
+        while g >= 0:  # (C2): the rightmost ">" that ends a sender and starts to=<..>
+            before = reply.rfind(">", 0, g)
+            if (reply.startswith(" to=<", g + 1) and g + 6 <= h) or (
+                reply.startswith(", to=<", g + 1) and g + 7 <= h
+            ):
+                i = reply.rfind("; from=<", before + 1, g)
+                if i >= 0:
+                    starts.append(i)
+                    break
+            g = before
+    start = max(starts, default=-1)
+    if start < 0:
+        return None
+    m = _ENVELOPE_TAIL.match(reply, start + 2)
+    return None if m is None else (start, m)
 
 
 def classify_reply(reply: str) -> tuple[Reason | None, str, str]:
     """A reject's reply text -> (reason or None, helo, sender) from its envelope."""
-    env = _ENVELOPE.match(reply)
     text, helo, sender = reply, "", ""
+    env = split_envelope(reply)
     if env is not None:
-        text, helo, sender = env["text"], env["helo"] or "", env["from"] or ""
+        start, m = env
+        text, helo, sender = reply[:start], m["helo"] or "", m["from"] or ""
     for reason in REASONS:
         if reason.regex.search(text):
             return reason, helo, sender
@@ -505,7 +647,13 @@ def _command_name(cmd: str) -> str:
 
 
 def parse_line(line: str) -> Parsed | Ignored:
-    """Classify one log line. Pure: the same line always gives the same answer."""
+    """Classify one log line. Pure: the same line always gives the same answer.
+
+    Linear in the line's length, which is bounded: a line over `MAX_PARSE_CHARS` is not
+    one Postfix wrote and is ignored as `too-long`.
+    """
+    if len(line) > MAX_PARSE_CHARS:
+        return Ignored("too-long")
     header = _HEADER.match(line.rstrip("\r\n"))
     if header is None:
         return Ignored("not-syslog")
@@ -514,31 +662,39 @@ def parse_line(line: str) -> Parsed | Ignored:
     if rules is None:
         return Ignored("other-program")
     msg = header["msg"]
-    for rule in rules:
+    groups: dict[str, str | None] = {}
+    for rule in rules:  # Rule.match, inlined: this loop is the watcher's hot path
         m = rule.regex.match(msg)
-        if m is not None:
+        if m is None:
+            continue
+        groups = m.groupdict()
+        if rule.tail is None:
+            break
+        rest = rule.tail(msg, m.end())
+        if rest is not None:
+            groups |= rest
             break
     else:
         return Ignored("no-pattern")
     session = (header["host"], header["tag"], header["pid"] or "")
-    groups = m.groupdict()
     ip, loopback = "", False
     if rule.kind != "session":
-        normalised = client_address(groups["ip"])
+        normalised = client_address(groups["ip"] or "")
         if normalised is None:
             return Ignored("bad-address")
         ip, loopback = normalised, ipaddress.ip_address(normalised).is_loopback
     outcome, label = rule.outcome, rule.name
     helo, sender = groups.get("helo") or "", groups.get("from") or ""
     if rule.kind == "reject":
-        reason, helo, sender = classify_reply(groups["reply"])
+        reason, helo, sender = classify_reply(groups["reply"] or "")
         outcome = reason.outcome if reason is not None else None
         label = reason.name if reason is not None else "reject-unmatched"
     command = ""
     if rule.explains == "{cmd}":
-        command = _command_name(groups["cmd"])
+        command = _command_name(groups["cmd"] or "")
     elif rule.explains:
         command = rule.explains
+    helo, sender, _ = bound_client(helo, sender)  # as every client bounds them
     return Parsed(
         rule=rule,
         session=session,
@@ -547,10 +703,10 @@ def parse_line(line: str) -> Parsed | Ignored:
         outcome=outcome,
         label=label,
         command=command,
-        helo=_clamp_helo(helo),
-        mail_from=_clamp_sender(sender),
+        helo=helo,
+        mail_from=sender,
         queue_id=groups.get("qid") or "",
-        counters=parse_counters(groups["counters"]) if rule.kind == "summary" else {},
+        counters=parse_counters(groups["counters"] or "") if rule.kind == "summary" else {},
     )
 
 
@@ -602,7 +758,10 @@ class Tally:
         self.ignore_loopback = ignore_loopback
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[tuple[str, str, str], _Session] = OrderedDict()
-        self._queue_ids: OrderedDict[tuple[str, str], tuple[str, str, str]] = OrderedDict()
+        # (host, queue id) -> the smtpd session and the client address of its `client=` line
+        self._queue_ids: OrderedDict[tuple[str, str], tuple[tuple[str, str, str], str]] = (
+            OrderedDict()
+        )
         self.lines = 0
         self.reports = 0
         self.outcomes: Counter[str] = Counter()  # outcome name -> events reported
@@ -627,17 +786,25 @@ class Tally:
             _lru_put(
                 self._queue_ids,
                 (parsed.session[0], parsed.queue_id),
-                parsed.session,
+                (parsed.session, parsed.ip),
                 self.max_sessions,
             )
             self._ignore(rule.name)
             return None
-        session_key = parsed.session
-        if rule.program == "cleanup":  # cleanup's pid is not the session's: use the queue id
-            session_key = self._queue_ids.get((parsed.session[0], parsed.queue_id), session_key)
+        session_key, ip, loopback = parsed.session, parsed.ip, parsed.loopback
+        if rule.program == "cleanup":
+            # cleanup's pid is not the session's: the queue id links them. Its `client=`
+            # line is Postfix's own words, while the address in a content rejection
+            # follows the client's header text and precedes its sender: trust the former.
+            linked = self._queue_ids.get((parsed.session[0], parsed.queue_id))
+            if linked is not None:
+                session_key, ip = linked
+                loopback = ipaddress.ip_address(ip).is_loopback
         session = self._sessions.get(session_key)
         if session is not None:
-            if parsed.command:
+            if parsed.command and (
+                parsed.command in session.explained or len(session.explained) < _MAX_EXPLAINED
+            ):
                 session.explained[parsed.command] += 1
             session.helo = parsed.helo or session.helo
             session.mail_from = parsed.mail_from or session.mail_from
@@ -654,14 +821,14 @@ class Tally:
         if not counts:
             self._ignore("nothing-to-report" if rule.kind == "summary" else parsed.label)
             return None
-        if self.ignore_loopback and parsed.loopback:
+        if self.ignore_loopback and loopback:
             self._ignore("loopback")
             return None
         for outcome, n in counts.items():
             self.outcomes[OUTCOME_NAMES[outcome]] += n
         self.reports += 1
         return Report(
-            ip=parsed.ip,
+            ip=ip,
             counts=counts,
             helo=parsed.helo or (session.helo if session else ""),
             mail_from=parsed.mail_from or (session.mail_from if session else ""),
@@ -683,11 +850,11 @@ class Tally:
                 if name == "unknown" and self.no_rejects:
                     continue  # penalty-milter reports unknown commands itself
                 unexplained += max(0, total - good - session.explained[name])
-        counts: dict[int, int] = {}
+        counts: dict[int, int] = {}  # clamped: penaltyd refuses n > MAX_COUNT
         if ok and not self.no_accepted:
-            counts[ACCEPTED] = ok
+            counts[ACCEPTED] = bound_count(ok)
         if unexplained:
-            counts[PROTOCOL_VIOLATION] = unexplained
+            counts[PROTOCOL_VIOLATION] = bound_count(unexplained)
         return counts
 
 
