@@ -212,9 +212,8 @@ class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):
                 f"more than {self.engine.settings.max_watchers} watchers; retry later",
             )
         try:
-            async for chunk in hub.stream(request.chunked_snapshot):
-                async with asyncio.timeout(hub.stall_seconds):
-                    await context.write(chunk)
+            async for data, bulk in hub.stream(request.chunked_snapshot):
+                await hub.write(context.write, data, bulk)
         except TimeoutError:
             hub.ended_slow += 1
             log.info("watcher_too_slow", peer=context.peer(), stall_seconds=hub.stall_seconds)

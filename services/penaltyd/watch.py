@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -40,6 +40,8 @@ from penaltyd.feed import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, RESYNC, SHARED, ST
 from penaltyd.store.base import AllowEntry, RawSnapshot
 
 log = structlog.get_logger("penaltyd.watch")
+
+_TURN_SECONDS = 0.05  # a snapshot write slower than this gives its sending turn up
 Kind = pb.PenaltyEvent.Kind
 
 
@@ -254,29 +256,54 @@ class WatchHub:
 
     # --- output: one watcher
 
-    async def stream(self, chunked: bool) -> AsyncIterator[bytes]:
-        """The serialized events for one watcher: snapshot, SNAPSHOT_DONE, live changes.
+    async def write(
+        self, write: Callable[[bytes], Awaitable[None]], data: bytes, bulk: bool
+    ) -> None:
+        """Write one event within `stall_seconds` (TimeoutError otherwise).
+
+        Snapshot chunks (`bulk`) are written a few watchers at a time: a hundred replicas
+        re-subscribing at once then cost the same total work, but never a hundred writes
+        per turn of the event loop ahead of the checks. A turn is held only while the
+        write progresses: a write still waiting after `_TURN_SECONDS` (a reader that does
+        not read) gives its turn up and waits alone, so stalled readers never hold the
+        others back.
+        """
+        if not bulk:
+            async with asyncio.timeout(self.stall_seconds):
+                await write(data)
+            return
+        async with self._senders:
+            pending = asyncio.ensure_future(write(data))
+            done, _ = await asyncio.wait((pending,), timeout=_TURN_SECONDS)
+        if not done:
+            try:
+                async with asyncio.timeout(self.stall_seconds - _TURN_SECONDS):
+                    await pending
+            finally:
+                pending.cancel()
+        else:
+            pending.result()
+
+    async def stream(self, chunked: bool) -> AsyncIterator[tuple[bytes, bool]]:
+        """The serialized events for one watcher: snapshot, SNAPSHOT_DONE, live changes,
+        each with whether it is part of the snapshot (see `write`).
 
         Raises `WatchEnded` when the watcher must stop (feed lost, fell behind). The
         caller writes each item within `stall_seconds` or ends the stream.
         """
         self.watchers += 1
         try:
-            # A few snapshots are sent at a time: a hundred replicas re-subscribing at
-            # once then cost the same total work, but never a hundred writes per turn of
-            # the event loop ahead of the checks.
             snap = await self._snapshot_for_new_watcher()
             epoch, cursor = snap.epoch, snap.seq
-            async with self._senders:
-                if chunked:
-                    for chunk in snap.chunks:
-                        yield chunk + _now_field(self._now_ms())
-                else:
-                    for i, body in enumerate(self._entries(snap.raw)):
-                        yield body + _now_field(self._now_ms())
-                        if i % 1000 == 999:
-                            await asyncio.sleep(0)
-            yield self._done + _now_field(self._now_ms())
+            if chunked:
+                for chunk in snap.chunks:
+                    yield chunk + _now_field(self._now_ms()), True
+            else:
+                for i, body in enumerate(self._entries(snap.raw)):
+                    yield body + _now_field(self._now_ms()), True
+                    if i % 1000 == 999:
+                        await asyncio.sleep(0)
+            yield self._done + _now_field(self._now_ms()), False
             while True:
                 if self.epoch != epoch:
                     raise WatchEnded("UNAVAILABLE", "penalty feed resynced; watch again")
@@ -290,6 +317,6 @@ class WatchHub:
                     await self._changed.wait()
                     continue
                 cursor += 1
-                yield self._ring[cursor % self._size] + _now_field(self._now_ms())
+                yield self._ring[cursor % self._size] + _now_field(self._now_ms()), False
         finally:
             self.watchers -= 1

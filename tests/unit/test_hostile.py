@@ -436,3 +436,29 @@ async def test_a_full_penalty_table_fails_open_and_counts(serve: ServeFactory) -
     assert not v.tempfail
     assert pd.engine.metrics.penalties_refused._value.get() >= 1
     assert (await pd.service.Check(check("203.0.113.60"))).tempfail  # never evicted
+
+
+async def test_stalled_watchers_never_hold_back_a_replica_s_snapshot(
+    serve: ServeFactory,
+) -> None:
+    """Snapshots are sent a few at a time; a reader that does not read must not keep
+    its turn (before: four stalled readers blocked every new replica for 30 s)."""
+    pd = await serve(MemoryStore())
+    await penalize_many(pd, 5000)
+    small = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
+    channels = [grpc.aio.insecure_channel(pd.address, options=small) for _ in range(8)]
+    stalled = [
+        pbg.PenaltyServiceStub(ch).WatchPenalties(pb.WatchRequest(chunked_snapshot=True))
+        for ch in channels
+    ]
+    for s in stalled:
+        await s.wait_for_connection()
+    got = 0
+    async with asyncio.timeout(10):  # far below watch_stall_seconds (30 s)
+        async for event in pd.service.WatchPenalties(pb.WatchRequest(chunked_snapshot=True)):
+            if event.kind == Kind.KIND_SNAPSHOT_DONE:
+                break
+            got += len(event.penalties)
+    assert got == 5000
+    for ch in channels:
+        await ch.close()
