@@ -16,14 +16,15 @@ LISTEN ?= 127.0.0.1:50051
 PROTO_SETS := proto:proto/penalty/v1/penalty.proto services:proto/relaycheck/v1/relaycheck.proto
 PROTOC = PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto
 
-.PHONY: help venv run test unit integration e2e lint fmt proto proto-check bench simulate deploy-check deps redis-server h2load clean
+.PHONY: help venv run test unit integration e2e lint fmt proto proto-check bench bench-hostile simulate deploy-check deps redis-server h2load clean
 
 help:
 	@echo "make run        penaltyd on $(LISTEN) with the embedded store"
 	@echo "make test       lint + the whole test suite (installs what it needs)"
 	@echo "make lint       ruff, mypy, and generated code up to date"
 	@echo "make proto      regenerate protobuf/gRPC code from proto/"
-	@echo "make bench      benchmarks (table + JSON in bench/results/)"
+	@echo "make bench      benchmarks (table + JSON in bench/results/), then bench-hostile"
+	@echo "make bench-hostile  what hostile clients cost (docs/reliability.md)"
 	@echo "make deploy-check  render the kustomize overlays and validate deploy/ offline"
 	@echo "make simulate   simulated SMTP traffic through the detector (SIM_ARGS=--quick ...)"
 
@@ -106,6 +107,17 @@ integration: venv deps
 
 bench: venv redis-server h2load
 	$(PY) -m bench $(BENCH_ARGS)
+	$(MAKE) --no-print-directory bench-hostile
+
+# What hostile clients cost (docs/reliability.md): floods, stalled watchers, the bounded
+# embedded store, forged Received chains, the sidecars under attack.
+bench-hostile: venv redis-server
+	$(PY) -m bench.hostile
+	$(PY) -m bench.hostile --store redis
+	$(PY) -m bench.memory_store
+	$(PY) -m bench.relaycheck_hostile
+	$(PY) -m bench.policyd_bench --rounds 3 --seconds 8 --fairness
+	$(PY) -m bench.milter_rss
 
 # In process, on a simulated clock: 2 simulated hours in well under a minute, no servers.
 simulate: venv
