@@ -31,12 +31,12 @@ import redis
 import uvloop
 
 from bench.stats import latency_summary
-from penalty.testing import RedisClusterServers, RedisServer
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient import AsyncPenaltyClient
 from penaltyd.store.base import ReportItem
 from penaltyd.store.redis import RedisStore
-from penaltyd.testing import PenaltydProcess
+from tests.harness.processes import PenaltydProcess
+from tests.harness.redis import RedisClusterServers, RedisServer
 
 RESULTS = Path(__file__).parent / "results"
 SHARDS = 16  # penaltyd's default index_shards

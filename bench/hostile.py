@@ -29,10 +29,10 @@ import grpc
 import uvloop
 
 from bench.stats import latency_summary
-from penalty.testing import RedisServer
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
-from penaltyd.testing import PenaltydProcess
+from tests.harness.processes import PenaltydProcess
+from tests.harness.redis import RedisServer
 
 UNKNOWN = pb.OUTCOME_UNKNOWN_RECIPIENT
 ACCEPTED = pb.OUTCOME_ACCEPTED

@@ -31,11 +31,12 @@ from typing import Any
 import uvloop
 
 from bench.stats import latency_summary
-from penalty.testing import RedisServer, free_port, wait_port
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient import AsyncPenaltyClient
 from penaltyclient.replica import ReplicaState
-from penaltyd.testing import PenaltydProcess
+from tests.harness.ports import free_port, wait_port
+from tests.harness.processes import PenaltydProcess
+from tests.harness.redis import RedisServer
 
 UNKNOWN = pb.OUTCOME_UNKNOWN_RECIPIENT
 RESULTS = Path(__file__).parent / "results"

@@ -41,9 +41,9 @@ from typing import Any
 
 import grpc
 
-from penalty.testing import free_port, wait_port
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
+from tests.harness.ports import free_port, wait_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path(__file__).resolve().parent / "policy_load.c"

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from penalty.testing import RedisServer, ServiceProcess, free_port, wait_port
-from penaltyd.testing import PenaltydProcess
+from tests.harness.ports import free_port, wait_port
+from tests.harness.processes import PenaltydProcess, ServiceProcess
+from tests.harness.redis import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ Classify with a 0.5 s deadline and lets the mail through when it passes (fail-op
 header block that makes the walk slow is a way past the check. This bench times
 `Engine.classify` (what the gRPC Classify calls, customer lookup on the embedded store,
 blocks over 64 KiB walked in a worker thread) on the hostile blocks built here, which
-tests/unit/test_relaycheck_hostile.py also uses:
+tests/unit/relaycheck/test_hostile.py also uses:
 
 - `old_127k`: 64 Received lines of 2,000 characters whose `by` comment is a long run of
   digits after ``1.1.`` (the Sendmail-version regex backtracked quadratically on it);

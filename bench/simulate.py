@@ -40,15 +40,15 @@ import pydantic
 
 from bench import scenarios
 from bench.scenarios import ACCEPTED, LOST, Scenario, Sender
-from penalty import logs
 from penalty.identity import address_of
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd import reasons
 from penaltyd.engine import Answer, Engine
-from penaltyd.feed import SHARED, STARTED, FeedEvent
+from penaltyd.events import SHARED, STARTED, FeedEvent
 from penaltyd.settings import Settings
 from penaltyd.store.memory import MemoryStore
 from penaltyd.validation import ClientRef, Validator
+from serving import logs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "bench" / "results" / "simulate-latest.json"
@@ -134,8 +134,14 @@ class Simulation:
             clock=self.clock,
         )
         # The engine is never started: its background loops run on real time. `run`
-        # replays them on the simulated clock instead (see `_stats` and `_sweep`).
-        self.engine = Engine(settings, self.store)
+        # replays them on the simulated clock instead (see `_stats` and `_sweep`), and
+        # the engine itself reads the simulated clock.
+        self.engine = Engine(
+            settings,
+            self.store,
+            clock=lambda: self.clock.now_ms / 1000,
+            wall_ms=lambda: self.clock.now_ms,
+        )
         self.validator = Validator(settings)
         self.store.listen(self._on_feed)
         self.end_ms = START_MS + int(scenario.seconds * 1000)

@@ -1,30 +1,27 @@
-"""Fixtures: real servers, never mocks.
+"""Fixtures every test directory shares: real servers, never mocks.
 
 - `redis_server`: one real redis-server per test session on a free loopback port
-  (`penalty.testing.RedisServer`); `redis_url` hands each test a flushed database.
+  (`tests.harness.redis.RedisServer`); `redis_url` hands each test a flushed database.
 - `serve`: a factory that starts an in-process penaltyd (bound to port 0) on a given
-  store and cleans up after the test, in the style of httpx's and redis-py's conftests.
+  store and cleans up after the test (`tests.harness.inprocess.penaltyd_factory`).
 
-Markers follow the directory: tests/unit -> unit, tests/integration -> integration,
-tests/e2e -> e2e.
+Tests are grouped by component (`tests/unit/<component>/`,
+`tests/integration/<component>/`, `tests/e2e/`), each directory with its own conftest
+for its own fixtures; helpers are imported from `tests.harness`, never from a conftest.
+Markers follow the layer directory: unit, integration, e2e.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import hypothesis
 import pytest
 import redis
 
-from penalty.testing import RedisServer
-from penalty.v1 import penalty_pb2_grpc
-from penaltyd.server import Running, start_server
-from penaltyd.settings import Settings
-from penaltyd.store.base import Store
+from tests.harness.inprocess import ServeFactory, penaltyd_factory
+from tests.harness.redis import RedisServer
 
 # One Hypothesis profile for the whole suite: examples are bounded by count, never by
 # wall-clock time, so a busy machine (CI sharing two cores) makes tests slower, not red.
@@ -37,12 +34,15 @@ hypothesis.settings.register_profile(
 )
 hypothesis.settings.load_profile("penaltyd")
 
+_TESTS = Path(__file__).resolve().parent
+_LAYERS = ("unit", "integration", "e2e")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        kind = Path(str(item.fspath)).parent.name
-        if kind in ("unit", "integration", "e2e"):
-            item.add_marker(getattr(pytest.mark, kind))
+        parts = Path(str(item.fspath)).resolve().relative_to(_TESTS).parts
+        if parts and parts[0] in _LAYERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
 
 
 @pytest.fixture(scope="session")
@@ -57,37 +57,7 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-class Served:
-    """A running in-process penaltyd and stubs bound to it."""
-
-    def __init__(self, running: Running, channel: grpc.aio.Channel) -> None:
-        self.running = running
-        self.channel = channel
-        self.address = f"127.0.0.1:{running.port}"
-        self.service = penalty_pb2_grpc.PenaltyServiceStub(channel)
-        self.admin = penalty_pb2_grpc.PenaltyAdminStub(channel)
-
-    @property
-    def engine(self) -> Any:
-        return self.running.engine
-
-
-ServeFactory = Callable[..., Awaitable[Served]]
-
-
 @pytest.fixture
 async def serve() -> AsyncIterator[ServeFactory]:
-    started: list[Served] = []
-
-    async def factory(store: Store | None = None, **overrides: Any) -> Served:
-        settings = Settings(**{"listen": "127.0.0.1:0", **overrides})
-        running = await start_server(settings, store=store)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        served = Served(running, channel)
-        started.append(served)
-        return served
-
-    yield factory
-    for s in started:
-        await s.channel.close()
-        await s.running.stop(grace=0)
+    async with penaltyd_factory() as factory:
+        yield factory

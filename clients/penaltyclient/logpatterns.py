@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from penalty import outcomes
 from penalty.identity import InvalidAddress, bound_client, bound_count, parse_ip
 from penalty.v1 import penalty_pb2 as pb
 
@@ -67,10 +68,6 @@ CONTENT_REJECTED: int = pb.OUTCOME_CONTENT_REJECTED
 DNSBL_LISTED: int = pb.OUTCOME_DNSBL_LISTED
 LOST_CONNECTION: int = pb.OUTCOME_LOST_CONNECTION
 
-#: `OUTCOME_UNKNOWN_RECIPIENT` -> `unknown_recipient`, as in penaltyd's logs and reasons.
-OUTCOME_NAMES: dict[int, str] = {
-    int(v): k.removeprefix("OUTCOME_").lower() for k, v in pb.Outcome.items()
-}
 
 #: Summary counters that are not the client's fault: XCLIENT/XFORWARD come from the
 #: trusted proxy (`xclient=0/1` in every XCLIENT session), a failed STARTTLS ends in a
@@ -825,7 +822,7 @@ class Tally:
             self._ignore("loopback")
             return None
         for outcome, n in counts.items():
-            self.outcomes[OUTCOME_NAMES[outcome]] += n
+            self.outcomes[outcomes.NAMES[outcome]] += n
         self.reports += 1
         return Report(
             ip=ip,
@@ -884,7 +881,7 @@ def _outcome_cell(outcome: int | None, kind: str) -> str:
         return "by reason (next table)"
     if kind == "summary":
         return "ACCEPTED (+ PROTOCOL_VIOLATION)"
-    return "—" if outcome is None else OUTCOME_NAMES[outcome].upper()
+    return "—" if outcome is None else outcomes.NAMES[outcome].upper()
 
 
 def markdown_tables() -> str:
@@ -905,7 +902,7 @@ def markdown_tables() -> str:
         "|---|---|---|---|---|",
     ]
     for s in REASONS:
-        outcome = "—" if s.outcome is None else OUTCOME_NAMES[s.outcome].upper()
+        outcome = "—" if s.outcome is None else outcomes.NAMES[s.outcome].upper()
         out.append(
             f"| `{s.name}` | `{_cell(s.pattern)}` | `{_cell(s.example)}` | {outcome} | "
             f"{_cell(s.why)} |"

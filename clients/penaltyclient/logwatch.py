@@ -52,11 +52,12 @@ from typing import Any, Protocol
 import structlog
 from google.protobuf.message import DecodeError
 
+from penalty import outcomes
 from penalty.identity import MAX_COUNT, InvalidAddress, bound_client, parse_ip
-from penalty.logs import RateLimitedLog
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, SessionReporter
-from penaltyclient.logpatterns import OUTCOME_NAMES, Tally, markdown_tables
+from penaltyclient.logpatterns import Tally, markdown_tables
+from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("penalty-logwatch")
 
@@ -510,7 +511,7 @@ class DryRun:
     ) -> bool:
         tally = self.clients.setdefault(ip, Counter())
         for outcome, n in counts.items():
-            tally[OUTCOME_NAMES[outcome]] += n
+            tally[outcomes.NAMES[outcome]] += n
         return True
 
 
@@ -567,9 +568,9 @@ def _valid_report(r: pb.ReportRequest) -> bool:
         return False
     if bound_client(c.helo, c.mail_from, c.fingerprint) != (c.helo, c.mail_from, c.fingerprint):
         return False
-    if not 0 < len(r.counts) <= len(OUTCOME_NAMES):
+    if not 0 < len(r.counts) <= len(outcomes.NAMES):
         return False
-    return all(n.outcome in OUTCOME_NAMES and n.outcome and 0 < n.n <= MAX_COUNT for n in r.counts)
+    return all(n.outcome in outcomes.NAMES and 0 < n.n <= MAX_COUNT for n in r.counts)
 
 
 @dataclass(slots=True)
@@ -1140,7 +1141,7 @@ class _ToStructlog(logging.Handler):
 
 
 def _configure_logs(level: str) -> None:
-    from penalty import logs
+    from serving import logs
 
     logs.configure(level)
     root = logging.getLogger()

@@ -50,11 +50,7 @@ from ipaddress import ip_address
 
 import structlog
 
-from penalty.identity import MAX_HELO, InvalidAddress, bound_client, bounded, parse_ip
-from penalty.v1 import penalty_pb2 as pb
-from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter
-from penaltyclient.channel import grpc_target
-from penaltyclient.milter_protocol import (
+from milterkit.protocol import (
     ACCEPT,
     CONTINUE,
     MAX_FRAME,
@@ -91,7 +87,12 @@ from penaltyclient.milter_protocol import (
     reply_code,
     strip_brackets,
 )
-from penaltyclient.milter_server import MilterServer, parse_listen
+from milterkit.server import MilterServer, parse_listen
+from penalty import outcomes
+from penalty.identity import MAX_HELO, InvalidAddress, bound_client, bounded, parse_ip
+from penalty.v1 import penalty_pb2 as pb
+from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter
+from penaltyclient.channel import grpc_target
 
 log = structlog.get_logger("penalty.milter")
 
@@ -108,12 +109,6 @@ SYMLISTS = {SMFIM_ENVRCPT: RCPT_MACROS}
 # The only macros kept (bare names), and only from a macro packet for RCPT.
 RCPT_MACRO_NAMES = frozenset(name.strip("{}") for name in RCPT_MACROS)
 
-OUTCOMES: dict[str, int] = {
-    name.removeprefix("OUTCOME_").lower(): value
-    for name, value in pb.Outcome.items()
-    if value not in (pb.OUTCOME_UNSPECIFIED, pb.OUTCOME_ACCEPTED)
-}
-OUTCOME_NAMES = {value: name for name, value in OUTCOMES.items()}
 
 # --- classification of rejected recipients (pure)
 
@@ -334,12 +329,12 @@ class MilterSession:
                 rcpt=rcpt[:128],
                 status=status[:32],
                 text=text[:200],
-                outcome="ignored" if outcome is None else OUTCOME_NAMES.get(outcome, str(outcome)),
+                outcome="ignored" if outcome is None else outcomes.NAMES.get(outcome, str(outcome)),
             )
             if outcome is None:
                 stats.rcpt_ignored += 1
             else:
-                stats.rcpt_rejected[OUTCOME_NAMES.get(outcome, str(outcome))] += 1
+                stats.rcpt_rejected[outcomes.NAMES.get(outcome, str(outcome))] += 1
                 self._report(outcome)
             return CONTINUE  # Postfix has rejected it already; our answer is not used
         if self.milter.options.tempfail_at_rcpt:
@@ -510,10 +505,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--default-outcome",
         default="unknown_recipient",
-        choices=sorted(OUTCOMES),
+        choices=sorted(outcomes.ERROR_NAMES),
         metavar="KIND",
         help="error kind for a permanent rejection no rule recognises, one of "
-        f"{', '.join(sorted(OUTCOMES))} (default unknown_recipient)",
+        f"{', '.join(sorted(outcomes.ERROR_NAMES))} (default unknown_recipient)",
     )
     p.add_argument(
         "--deadline",
@@ -600,7 +595,7 @@ async def run(args: argparse.Namespace) -> int:
         tempfail_at_rcpt=args.tempfail_at_rcpt,
         report_accepted=not args.no_accepted,
         ignore_loopback=args.ignore_loopback,
-        default_outcome=OUTCOMES[args.default_outcome],
+        default_outcome=outcomes.number(args.default_outcome),
         check_timeout=args.deadline + 0.05,
         idle_timeout=args.idle_timeout,
         packet_timeout=args.write_timeout,
@@ -674,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvloop
 
-    from penalty import logs
+    from serving import logs
 
     logs.configure(args.log_level)
 

@@ -58,9 +58,9 @@ from typing import cast
 import structlog
 
 from penalty.identity import InvalidAddress, address_and_identity, bound_count
-from penalty.logs import RateLimitedLog
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter, client_msg
+from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("penalty.policyd")
 
@@ -869,7 +869,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from penalty import logs
+    from serving import logs
 
     logs.configure(args.log_level)
     stages = {s.strip().upper() for s in args.stage.split(",") if s.strip()}

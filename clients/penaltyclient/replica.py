@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 
+from penalty import replies
 from penalty.identity import (
     IdentityRules,
     InvalidAddress,
@@ -25,17 +26,17 @@ from penalty.identity import (
     parse_network,
     sub_identity,
 )
+from penalty.replies import DEFAULT_SMTP_REPLY
 from penalty.v1 import penalty_pb2 as pb
 
 Kind = pb.PenaltyEvent.Kind
-DEFAULT_REPLY = "450 4.7.1 too many SMTP errors from {ip}; try again in {seconds} seconds"
 
 
 class ReplicaState:
     def __init__(self, rules: IdentityRules | None = None) -> None:
         self.rules = rules or IdentityRules()
         self.synced = False
-        self.template = DEFAULT_REPLY
+        self.template = DEFAULT_SMTP_REPLY
         self.events = 0
         self._offset_ms = 0.0  # store clock - local monotonic clock
         self._penalties: dict[str, tuple[int, str]] = {}
@@ -119,7 +120,7 @@ class ReplicaState:
             expires_at_unix_ms=found[0],
             identity=key,
             reason=found[1],
-            smtp_reply=self.template.format(ip=ip, identity=key, seconds=seconds),
+            smtp_reply=replies.render(self.template, ip, key, seconds),
         )
 
     def sweep(self) -> None:

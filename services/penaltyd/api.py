@@ -21,14 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import structlog
 
-from penalty.grpc_support import (
-    AdminGate,
-    BadField,
-    BadMessage,
-    CallerGate,
-    abort_invalid,
-    abort_store_error,
-)
+from penalty import replies
 from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import reasons
 from penaltyd.detector import Decision
@@ -36,6 +29,8 @@ from penaltyd.engine import Answer, Engine, Explained
 from penaltyd.store.base import PageCursor, Penalty, StoreError
 from penaltyd.validation import Validator
 from penaltyd.watch import WatchEnded, allow_message
+from serving.errors import BadField, BadMessage, abort_invalid, abort_store_error
+from serving.gates import AdminGate, CallerGate
 
 log = structlog.get_logger("penaltyd.api")
 
@@ -66,7 +61,7 @@ class Replies:
             expires_at_unix_ms=p.expires_at_ms,
             identity=answer.identity,
             reason=self.render(p.reason),
-            smtp_reply=self._template.format(ip=ip, identity=answer.identity, seconds=seconds),
+            smtp_reply=replies.render(self._template, ip, answer.identity, seconds),
             degraded=answer.degraded,
         )
 

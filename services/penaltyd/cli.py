@@ -8,15 +8,11 @@ the environment; the most used ones also have flags.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tomllib
-
-import pydantic
 
 from penaltyd import __version__
 from penaltyd.settings import load_settings
+from serving.cli import add_serving_arguments, run_server
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,37 +29,11 @@ def parser() -> argparse.ArgumentParser:
             "`penaltyd --print-config` shows the effective configuration."
         ),
     )
-    p.add_argument(
-        "--config",
-        metavar="FILE",
-        default=os.environ.get("PENALTYD_CONFIG"),
-        help="TOML settings file (env PENALTYD_CONFIG)",
-    )
-    p.add_argument(
-        "--listen",
-        metavar="HOST:PORT",
-        help="gRPC address (env PENALTYD_LISTEN; default 127.0.0.1:50051)",
-    )
-    p.add_argument(
-        "--redis-url",
-        metavar="URL",
-        help="redis://HOST:PORT/DB of the shared store (env PENALTYD_REDIS_URL; "
-        "default: none, embedded store)",
-    )
-    p.add_argument(
-        "--metrics-listen",
-        metavar="HOST:PORT",
-        help="serve Prometheus /metrics here (env PENALTYD_METRICS_LISTEN; default off)",
-    )
-    p.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="log threshold (env PENALTYD_LOG_LEVEL; default info)",
-    )
-    p.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the effective configuration as JSON and exit",
+    add_serving_arguments(
+        p,
+        env_prefix="PENALTYD",
+        default_listen="127.0.0.1:50051",
+        redis_help="redis:// (or +sentinel, +cluster) URL of the shared store",
     )
     p.add_argument("--version", action="version", version=f"penaltyd {__version__}")
     return p
@@ -71,36 +41,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        settings = load_settings(
-            args.config,
-            listen=args.listen,
-            redis_url=args.redis_url,
-            metrics_listen=args.metrics_listen,
-            log_level=args.log_level,
-        )
-    except pydantic.ValidationError as exc:
-        print(f"penaltyd: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        print(f"penaltyd: cannot read config file {args.config}: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(settings.redacted(), indent=2))
-        return 0
-
-    import uvloop
-
-    from penalty import logs
     from penaltyd.server import serve
 
-    logs.configure(settings.log_level)
-    try:
-        uvloop.run(serve(settings))
-    except OSError as exc:
-        print(f"penaltyd: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_server("penaltyd", args, load_settings, serve)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from penalty.v1 import penalty_pb2
+from penalty import outcomes
 from penaltyd.settings import Settings
 
 #: Outcome enum numbers index every per-outcome vector (0 is UNSPECIFIED, never stored).
-N_OUTCOMES = max(penalty_pb2.Outcome.values()) + 1
-ACCEPTED = penalty_pb2.OUTCOME_ACCEPTED
-
-
-def outcome_name(number: int) -> str:
-    """`OUTCOME_UNKNOWN_RECIPIENT` -> `unknown_recipient` (for reasons and logs)."""
-    return penalty_pb2.Outcome.Name(number).removeprefix("OUTCOME_").lower()  # type: ignore[arg-type]  # enum int
+N_OUTCOMES = outcomes.COUNT
+ACCEPTED = outcomes.ACCEPTED
+outcome_name = outcomes.name
 
 
 def wilson_lower_bound(errors: float, n: float, z: float) -> float:
@@ -91,9 +87,8 @@ class Detector:
     def __init__(self, settings: Settings) -> None:
         w = settings.weights
         weights = [0.0] * N_OUTCOMES
-        for number in penalty_pb2.Outcome.values():
-            if number not in (penalty_pb2.OUTCOME_UNSPECIFIED, ACCEPTED):
-                weights[number] = getattr(w, outcome_name(number))
+        for name in outcomes.ERROR_NAMES:
+            weights[outcomes.number(name)] = getattr(w, name)
         self.weights: tuple[float, ...] = tuple(weights)
         self.z = settings.z
         self.burst_min_ratio = settings.burst_min_ratio

@@ -1,15 +1,12 @@
 """The penalty loop: store + detector + fail-open, independent of gRPC.
 
 `api` validates requests and maps answers to protobuf; this module does the work: record
-outcomes, evaluate windows, start penalties, answer checks, keep the fleet aggregates,
-and fail open (DESIGN.md section 8): every store call has a deadline, and a store that is
-late or down yields "no penalty, degraded" instead of an error.
-
-Reports that failed to reach the store (connection refused or lost: the store is down,
-and whatever was in flight died with it) wait in a bounded buffer and are replayed when
-the store is back; drops are counted. A report whose *deadline* expired is not buffered:
-a slow or paused Redis still holds the command and applies it when it catches up, so
-replaying it would count it twice. It is counted as "in doubt" instead.
+outcomes, evaluate windows, start penalties, answer checks and admin calls, and fail
+open (DESIGN.md section 8): every store call has a deadline, and a store that is late or
+down yields "no penalty, degraded" instead of an error. It composes three units of its
+own: `ReportBuffer` (reports kept while the store is down; a report whose deadline
+expired is counted "in doubt" instead, a paused Redis still applies it),
+`FleetStatistics` (the baseline and fleet figures) and `WatchHub` (WatchPenalties).
 
 Shared addresses (DESIGN.md section 3): as soon as a second client fingerprint shows up
 on an address, the store keeps a window per client as well as the address's; each
@@ -21,24 +18,24 @@ not yet seen enough of its clients: the decision always asks first.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import structlog
 
 from penalty.identity import NetworkSet, parse_network
-from penalty.logs import RateLimitedLog
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd import reasons
 from penaltyd.batching import Coalescer
 from penaltyd.detector import Baseline, Decision, Detector
-from penaltyd.feed import FeedEvent
+from penaltyd.events import FeedEvent
+from penaltyd.fleetstats import FleetStatistics
 from penaltyd.metrics import Metrics
+from penaltyd.reportbuffer import ReportBuffer
 from penaltyd.settings import Settings
 from penaltyd.store.base import (
     AllowEntry,
@@ -48,18 +45,15 @@ from penaltyd.store.base import (
     PageCursor,
     Penalty,
     ReportItem,
-    StatsDelta,
     Store,
     StoreError,
     Window,
 )
 from penaltyd.validation import ClientRef
 from penaltyd.watch import WatchHub
+from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("penaltyd.engine")
-
-_IDENTITY_SLICE = 2000  # identities per stats pipeline (each with its own deadline)
-_MAX_PENDING_IDENTITIES = 2_000_000  # identities kept for the next flush after a failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,17 +79,22 @@ class Explained:
     window_seconds: int
 
 
-@dataclass(slots=True)
-class _Aggregates:
-    """What this replica saw since its last flush (flushed every stats_flush_seconds)."""
-
-    events: int = 0
-    weighted: float = 0.0
-    identities: set[str] = field(default_factory=set)
-
-
 class Engine:
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
+    """Checks, reports and admin calls over a store, failing open.
+
+    `clock` (monotonic seconds) times the degraded window and `wall_ms` stamps lift
+    records: injected, so the simulator runs the engine on simulated time.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        metrics: Metrics | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.detector = Detector(settings)
@@ -114,17 +113,15 @@ class Engine:
         self._shared_cidrs: NetworkSet[bool] = NetworkSet()
         for cidr in settings.shared_cidrs:
             self._shared_cidrs.add(parse_network(cidr), True)
-        self._buffer: collections.deque[ReportItem] = collections.deque()
-        self._buffer_max = settings.report_buffer
+        self._clock = clock
+        self._wall_ms = wall_ms
+        self.buffer = ReportBuffer(settings.report_buffer, self.metrics)
         self._degraded_log = RateLimitedLog(log)
         self._tasks: list[asyncio.Task[None]] = []
         self._reports: Coalescer[tuple[ClientRef, Sequence[tuple[int, int]]], Answer] | None = None
-        self._agg = _Aggregates()
         # The bulk lane: large Session messages are processed one at a time, in slices of
         # `slice_size` items with a yield between, so checks never wait behind a flood.
         self.slice_size = settings.bulk_slice
-        self._baseline_cap = settings.baseline_identity_events
-        self._stats_log = RateLimitedLog(log)
         self._bulk = asyncio.Semaphore(settings.bulk_lanes)
         rules = settings.identity_rules
         done = pb.PenaltyEvent(
@@ -145,8 +142,15 @@ class Engine:
             stall_seconds=settings.watch_stall_seconds,
         )
         self.degraded_until = 0.0
-        self.fleet = FleetStats(0, 0, 0, 0, 0, 0.0)
-        self.baseline = Baseline(0, 0.0)
+        self.stats = FleetStatistics(
+            store,
+            self.detector,
+            self.metrics,
+            replica=self.replica,
+            identity_cap=settings.baseline_identity_events,
+            timeout_s=self._admin_timeout,
+            degraded=lambda: self.degraded,
+        )
 
     async def start(self) -> None:
         self.store.listen(self._on_event)
@@ -169,7 +173,7 @@ class Engine:
     # --- fail-open bookkeeping
 
     def failed(self, op: str, exc: BaseException) -> None:
-        self.degraded_until = time.monotonic() + 10.0
+        self.degraded_until = self._clock() + 10.0
         self.metrics.degraded.set(1)
         self._degraded_log.warning(
             "store_unavailable_fail_open", op=op, error=str(exc) or type(exc).__name__
@@ -177,7 +181,16 @@ class Engine:
 
     @property
     def degraded(self) -> bool:
-        return time.monotonic() < self.degraded_until
+        return self._clock() < self.degraded_until
+
+    @property
+    def baseline(self) -> Baseline:
+        """The fleet-wide baseline the threshold adapts to (from the last stats read)."""
+        return self.stats.baseline
+
+    @property
+    def fleet(self) -> FleetStats:
+        return self.stats.fleet
 
     # --- checks
 
@@ -297,35 +310,12 @@ class Engine:
             return [Answer(i.identity, None, degraded=True) for i in items]
         except StoreError as exc:
             self.failed("report", exc)
-            self._buffer_reports(items)
+            self.buffer.add(items)
             return [Answer(i.identity, None, degraded=True) for i in items]
         self.metrics.store_latency.labels("report").observe(time.perf_counter() - t0)
         self.metrics.reports.inc(len(items))
-        self._aggregate(items, windows)
+        self.stats.add(items, windows)
         return answers
-
-    def _aggregate(self, items: Sequence[ReportItem], windows: Sequence[Window]) -> None:
-        """Add a batch to this replica's baseline aggregates, robustly.
-
-        No caller may move the fleet baseline far (DESIGN.md s. 4): an identity counts
-        for at most `baseline_identity_events` events per window, whatever it reports.
-        The window the store just returned says how many it already had, fleet-wide, so
-        the cap holds across replicas without any state of our own; the excess of a
-        report is dropped, its error ratio kept. One crafted Report with n=100000 thus
-        weighs like 100 events, not like the rest of the fleet together.
-        """
-        agg, cap = self._agg, self._baseline_cap
-        for item, window in zip(items, windows, strict=True):
-            agg.identities.add(item.identity)
-            events = sum(n for _, n in item.counts)
-            if not events:
-                continue
-            room = cap - (sum(window.counts) - events)
-            if room <= 0:
-                continue
-            share = 1.0 if events <= room else room / events
-            agg.events += min(events, room)
-            agg.weighted += self.detector.weighted(item.counts) * share
 
     def _plan(self, item: ReportItem, window: Window) -> Answer | tuple[str, Decision]:
         """The answer a window gives, or the penalty it starts (pure: no I/O)."""
@@ -374,34 +364,17 @@ class Engine:
                 )
         return [p if isinstance(p, Answer) else Answer(p[0], penalties.get(p[0])) for p in plans]
 
-    def _buffer_reports(self, items: Sequence[ReportItem]) -> None:
-        for item in items:
-            if len(self._buffer) >= self._buffer_max:
-                self.metrics.reports_dropped.inc()
-                continue
-            self._buffer.append(item)
-        self.metrics.reports_buffered.set(len(self._buffer))
-
     async def flush_buffer(self) -> int:
-        """Replay buffered reports; returns how many were stored. Stops at the first failure."""
-        stored = 0
-        while self._buffer:
-            chunk = [self._buffer.popleft() for _ in range(min(500, len(self._buffer)))]
-            try:
-                async with asyncio.timeout(self._admin_timeout):
-                    await self._decide(chunk, await self.store.record(chunk))
-            except (StoreError, TimeoutError):
-                self._buffer.extendleft(reversed(chunk))
-                break
-            stored += len(chunk)
-        self.metrics.reports_buffered.set(len(self._buffer))
-        if stored:
-            log.info("buffered_reports_replayed", reports=stored, left=len(self._buffer))
-        return stored
+        """Replay buffered reports; returns how many were stored (stops at a failure)."""
+
+        async def apply(chunk: Sequence[ReportItem]) -> None:
+            await self._decide(chunk, await self.store.record(chunk))
+
+        return await self.buffer.replay(apply, self._admin_timeout)
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self.buffer)
 
     # --- admin
 
@@ -446,7 +419,7 @@ class Engine:
 
     async def lift(self, ref: ClientRef, actor: str, note: str) -> list[str]:
         """Lift the address's penalty and, with a fingerprint, the client's; returns what ended."""
-        record = LiftRecord(actor, note, int(time.time() * 1000))
+        record = LiftRecord(actor, note, self._wall_ms())
         targets = [ref.identity] + ([ref.sub_identity] if ref.fingerprint else [])
         lifted = []
         async with asyncio.timeout(self._admin_timeout):
@@ -474,8 +447,8 @@ class Engine:
 
     async def fleet_stats(self) -> FleetStats:
         async with asyncio.timeout(self._admin_timeout):
-            self.fleet = await self.store.fleet_stats()
-        return self.fleet
+            self.stats.fleet = await self.store.fleet_stats()
+        return self.stats.fleet
 
     async def list_penalties(
         self, after: PageCursor | None, limit: int
@@ -495,7 +468,7 @@ class Engine:
         while True:
             await asyncio.sleep(0.25)
             self.metrics.feed_synced.set(1 if self.store.feed_exact else 0)
-            if self._buffer:
+            if self.buffer:
                 await self.flush_buffer()
             if self.degraded_until and not self.degraded:
                 self.degraded_until = 0.0
@@ -512,56 +485,5 @@ class Engine:
             await self.refresh_stats()
 
     async def refresh_stats(self) -> bool:
-        """One flush of this replica's aggregates and one read of the fleet's: baseline
-        and gauges. Returns False if the store did not take it (nothing is lost: what
-        could not be flushed is kept for the next time).
-
-        Statistics are not traffic: a slow flush never marks the replica degraded. The
-        baseline and degraded mark go in one small pipeline (a timeout there is in doubt,
-        like a report's, and not re-sent); identities seen (for Stats) go in slices, each
-        with its own deadline, and slices that fail are kept and sent next time (adding
-        to a HyperLogLog twice changes nothing). Under a flood of reports this used to
-        time out as a whole, undercounting identities and raising a false `degraded`.
-        """
-        agg, self._agg = self._agg, _Aggregates()
-        ok = True
-        try:
-            async with asyncio.timeout(self._admin_timeout):
-                await self.store.flush_stats(
-                    StatsDelta(self.replica, agg.events, agg.weighted, frozenset(), self.degraded)
-                )
-        except TimeoutError as exc:
-            ok = self._stats_failed("baseline", exc)
-        except StoreError as exc:  # not applied: keep it for the next flush
-            self._agg.events += agg.events
-            self._agg.weighted += agg.weighted
-            ok = self._stats_failed("baseline", exc)
-        identities = list(agg.identities)
-        for start in range(0, len(identities), _IDENTITY_SLICE):
-            part = identities[start : start + _IDENTITY_SLICE]
-            try:
-                async with asyncio.timeout(self._admin_timeout):
-                    await self.store.flush_stats(
-                        StatsDelta(self.replica, identities=frozenset(part))
-                    )
-            except (StoreError, TimeoutError) as exc:
-                if len(self._agg.identities) < _MAX_PENDING_IDENTITIES:
-                    self._agg.identities.update(identities[start:])
-                ok = self._stats_failed("identities", exc)
-                break
-        try:
-            async with asyncio.timeout(self._admin_timeout):
-                self.fleet = await self.store.fleet_stats()
-        except (StoreError, TimeoutError) as exc:
-            return self._stats_failed("read", exc)
-        self.baseline = Baseline(self.fleet.baseline_events, self.fleet.baseline_errors)
-        self.metrics.active_penalties.set(self.fleet.active_penalties)
-        self.metrics.shared_addresses.set(self.fleet.shared_addresses)
-        return ok
-
-    def _stats_failed(self, part: str, exc: BaseException) -> bool:
-        self.metrics.stats_flush_failures.inc()
-        self._stats_log.warning(
-            "stats_flush_failed", part=part, error=str(exc) or type(exc).__name__
-        )
-        return False
+        """One flush and read of the fleet statistics (`FleetStatistics.refresh`)."""
+        return await self.stats.refresh()

@@ -8,7 +8,8 @@ same sentence anywhere: ``rule;events;weighted;lower_bound;threshold;o=n,o=n``.
 
 from __future__ import annotations
 
-from penaltyd.detector import Decision, outcome_name
+from penalty.outcomes import name as outcome_name
+from penaltyd.detector import Decision
 
 
 def encode(decision: Decision) -> str:

@@ -13,9 +13,7 @@ import gc
 from collections.abc import Callable
 
 import structlog
-from grpc_health.v1 import health_pb2
 
-from penalty import grpc_support
 from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import __version__
 from penaltyd.api import PenaltyAdmin, PenaltyService, Replies
@@ -26,6 +24,8 @@ from penaltyd.store.base import Store, StoreError
 from penaltyd.store.memory import MemoryStore
 from penaltyd.store.redis import RedisStore
 from penaltyd.validation import Validator
+from serving import codec, gates
+from serving import server as wiring
 
 log = structlog.get_logger("penaltyd.server")
 
@@ -59,10 +59,10 @@ def make_store(settings: Settings) -> Store:
     )
 
 
-Running = grpc_support.Running[Engine]
+Running = wiring.Running[Engine]
 
 
-def _caller_gate(settings: Settings) -> grpc_support.CallerGate | None:
+def _caller_gate(settings: Settings) -> gates.CallerGate | None:
     """Who may report (and check): service tokens (the admin token counts too) or mTLS."""
     if settings.service_auth == "none":
         return None
@@ -70,7 +70,7 @@ def _caller_gate(settings: Settings) -> grpc_support.CallerGate | None:
     admin = settings.admin_token.get_secret_value()
     if admin:
         tokens.setdefault("admin", admin)
-    return grpc_support.CallerGate(tokens, mtls=bool(settings.tls_client_ca_file))
+    return gates.CallerGate(tokens, mtls=bool(settings.tls_client_ca_file))
 
 
 def _store_failed(engine: Engine) -> Callable[[BaseException | None], None]:
@@ -110,54 +110,32 @@ async def start_server(
     engine = Engine(settings, store or make_store(settings), metrics)
     validator = Validator(settings)
     replies = Replies(settings.smtp_reply)
-    server = grpc_support.grpc_server(
-        settings.max_message_bytes,
-        ("grpc.keepalive_permit_without_calls", 1),
-        # Clients re-resolve DNS only when a connection ends: recycling connections
-        # lets replicas added by the autoscaler take their share of calls.
-        ("grpc.max_connection_age_ms", 300_000),
-        ("grpc.max_connection_age_grace_ms", 30_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        # Bound what the server buffers per stream: with grpc's default (0) a write
-        # completes at once whatever the reader's flow control says, and a WatchPenalties
-        # reader that never reads grew the process without limit (measured: 490 MB for
-        # one stalled stream). With a bound, a write waits for the reader's window.
-        ("grpc.http2.write_buffer_size", 64 * 1024),
-    )
-    grpc_support.register_guarded(
+    server = wiring.grpc_server(settings.max_message_bytes)
+    codec.register_guarded(
         penalty_pb2_grpc.add_PenaltyServiceServicer_to_server,
         PenaltyService(engine, validator, replies, _caller_gate(settings)),
         server,
         settings.max_message_bytes,
         raw_responses=("WatchPenalties",),
     )
-    grpc_support.register_guarded(
+    codec.register_guarded(
         penalty_pb2_grpc.add_PenaltyAdminServicer_to_server,
         PenaltyAdmin(engine, validator, replies),
         server,
         settings.max_message_bytes,
     )
-    health = grpc_support.add_health_and_reflection(server, _SERVICE_NAMES)
-    credentials = grpc_support.server_credentials(
-        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    running = await wiring.launch(
+        server,
+        settings,
+        engine,
+        metrics,
+        service_names=_SERVICE_NAMES,
+        store_health=STORE_HEALTH,
+        ping=engine.store.ping,
+        on_ping=_store_failed(engine),
+        after_start=lambda: _first_ping(engine),
     )
-    if credentials is None:
-        port = server.add_insecure_port(settings.listen)
-    else:
-        port = server.add_secure_port(settings.listen, credentials)
-    await engine.start()
-    await health.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in _SERVICE_NAMES:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await server.start()
-    await _first_ping(engine)
-    running = Running(server, port, engine, health, settings.grace_seconds)
-    watch = grpc_support.watch_component(
-        health, STORE_HEALTH, engine.store.ping, (StoreError,), _store_failed(engine)
-    )
-    running.beside(watch, "store-health")
-    if settings.metrics_listen:
-        running.on_stop((await metrics.serve(settings.metrics_listen)).close)
+    port = running.port
     log.info(
         "penaltyd_started",
         version=__version__,
@@ -165,7 +143,8 @@ async def start_server(
         port=port,
         store=engine.store.kind,
         metrics=settings.metrics_listen or None,
-        tls=credentials is not None,
+        tls=bool(settings.tls_cert_file),
+        mtls=bool(settings.tls_client_ca_file),
         admin="token" if settings.admin_token.get_secret_value() else "loopback-only",
     )
     return running
@@ -186,4 +165,4 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and exit cleanly."""
     running = await start_server(settings)
     _tune_gc()  # after start-up, so what start-up built is frozen too
-    await grpc_support.serve_until_signalled(running, log, "penaltyd")
+    await wiring.serve_until_signalled(running, log, "penaltyd")

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from penalty import config
 from penalty.identity import IdentityRules, InvalidAddress, nat64_network, parse_network
+from penalty.replies import DEFAULT_SMTP_REPLY
+from serving import settings as serving_settings
+from serving.settings import ServingSettings
 
 
 class Weights(BaseModel):
@@ -33,17 +35,16 @@ class Weights(BaseModel):
     lost_connection: float = Field(0.25, ge=0, le=10)  # hang-ups; also flaky networks
 
 
-class Settings(BaseSettings):
-    """Everything penaltyd can be told. Defaults suit one node on the embedded store."""
+class Settings(ServingSettings):
+    """Everything penaltyd can be told. Defaults suit one node on the embedded store.
 
-    model_config = SettingsConfigDict(
-        env_prefix="PENALTYD_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    Serving (listen, metrics, TLS, admin token, Redis URL, ...) is `ServingSettings`'s;
+    these are penaltyd's own knobs."""
 
-    # --- serving
+    model_config = SettingsConfigDict(env_prefix="PENALTYD_")
+
+    # --- serving (defaults of penaltyd)
     listen: str = "127.0.0.1:50051"  # gRPC HOST:PORT ([::1]:50051 for IPv6)
-    metrics_listen: str = ""  # Prometheus /metrics HOST:PORT; empty disables it
-    grace_seconds: float = Field(5.0, ge=0, le=120)  # SIGTERM drain time for in-flight calls
     max_message_bytes: int = Field(
         1 << 20, ge=1024, le=4 << 20
     )  # larger requests: INVALID_ARGUMENT
@@ -52,13 +53,6 @@ class Settings(BaseSettings):
     max_count: int = Field(100_000, ge=1, le=10_000_000)  # largest n in one OutcomeCount
     bulk_slice: int = Field(100, ge=1, le=100_000)  # larger Session messages take the bulk lane
     bulk_lanes: int = Field(1, ge=1, le=64)  # large messages processed at once (checks first)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    admin_token: SecretStr = SecretStr(
-        ""
-    )  # bearer token for PenaltyAdmin; empty: loopback-only admin
-    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the listener speaks TLS
-    tls_key_file: str = ""  # PEM private key
-    tls_client_ca_file: str = ""  # PEM CA bundle; when set, clients must present a certificate
     # PenaltyService callers (MX sidecars): "none" (anyone who reaches the port), "reports"
     # (Report and Session need a token or client certificate; Check and Watch stay open)
     # or "all".
@@ -67,16 +61,13 @@ class Settings(BaseSettings):
     service_tokens_file: str = ""  # lines "name token" (# comments), read at start-up
 
     # --- store
-    redis_url: str = ""  # redis://HOST:PORT/DB; empty selects the embedded memory store
     key_prefix: str = Field("pd", pattern=r"^[A-Za-z0-9_.-]{1,16}$")  # namespace of every key
     index_shards: int = Field(16, ge=1, le=1024)  # active-penalty index split over this many keys
-    redis_max_connections: int = Field(32, ge=1, le=1024)  # pool size per replica
     check_timeout_ms: int = Field(20, ge=1, le=10_000)  # store deadline for a check, then fail open
     report_timeout_ms: int = Field(50, ge=1, le=10_000)  # store deadline for a report
     report_timeout_per_item_ms: float = Field(
         0.5, ge=0, le=100
     )  # + this per extra report in a batch
-    admin_timeout_ms: int = Field(2000, ge=1, le=60_000)  # store deadline for admin calls
     report_buffer: int = Field(10_000, ge=0, le=1_000_000)  # reports kept while the store is down
     use_penalty_view: bool = True  # answer checks from the in-process view fed by pub/sub
     memory_max_identities: int = Field(1_000_000, ge=100, le=100_000_000)  # embedded store bound
@@ -134,9 +125,7 @@ class Settings(BaseSettings):
 
     # --- penalties (DESIGN.md section 7)
     penalty_seconds: int = Field(300, ge=1, le=86_400)  # how long a penalty lasts
-    smtp_reply: str = (  # {ip}, {identity} and {seconds} are filled in; must be a 4xx
-        "450 4.7.1 too many SMTP errors from {ip}; try again in {seconds} seconds"
-    )
+    smtp_reply: str = DEFAULT_SMTP_REPLY  # {ip}, {identity}, {seconds} filled in; a 4xx
 
     @field_validator("smtp_reply")
     @classmethod
@@ -171,42 +160,12 @@ class Settings(BaseSettings):
     def _nat64(cls, value: list[str]) -> list[str]:
         return [str(nat64_network(text)) for text in value]
 
-    @field_validator("listen", "metrics_listen")
-    @classmethod
-    def _host_port(cls, value: str, info: Any) -> str:
-        if value == "" and info.field_name == "metrics_listen":
-            return value
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT")
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        if not value:
-            return value
-        from penaltyd.store.base import StoreMisconfigured
-        from penaltyd.store.topology import parse
-
-        try:
-            parse(value)
-        except StoreMisconfigured as exc:
-            raise ValueError(
-                f"{exc} (use redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://)"
-            ) from exc
-        return value
-
     @model_validator(mode="after")
     def _window_fits(self) -> Settings:
         if self.window_seconds % self.bucket_seconds:
             raise ValueError("window_seconds must be a multiple of bucket_seconds")
         if self.window_seconds // self.bucket_seconds > 120:
             raise ValueError("at most 120 buckets per window (memory per identity)")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_cert_file and tls_key_file go together")
-        if self.tls_client_ca_file and not self.tls_cert_file:
-            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.service_auth != "none" and not (
             self.service_tokens or self.service_tokens_file or self.tls_client_ca_file
         ):
@@ -240,14 +199,6 @@ class Settings(BaseSettings):
         """How addresses become identities (`penalty.identity`), as configured."""
         return IdentityRules(self.ipv4_prefix, self.ipv6_prefix, tuple(self.nat64_prefixes))
 
-    @property
-    def store_kind(self) -> str:
-        return "redis" if self.redis_url else "memory"
-
-    def redacted(self) -> dict[str, Any]:
-        """The effective configuration with secrets masked, for --print-config and logs."""
-        return config.redacted(self.model_dump(mode="json"), self.admin_token, self.redis_url)
-
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build the settings from flags (`overrides`), environment, TOML file and defaults.
@@ -255,4 +206,4 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     Raises `pydantic.ValidationError` naming the offending knob, or `OSError` /
     `tomllib.TOMLDecodeError` for an unreadable file.
     """
-    return config.load_settings(Settings, "penaltyd settings", config_file, overrides)
+    return serving_settings.load_settings(Settings, "penaltyd settings", config_file, overrides)

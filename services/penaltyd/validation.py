@@ -1,6 +1,6 @@
 """Request validation: every bad input is refused with the field named, nothing stored.
 
-`BadField` (`penalty.grpc_support`, shared with relaycheck) carries the protobuf field
+`BadField` (`serving.errors`, shared with relaycheck) carries the protobuf field
 path (e.g. ``reports[3].counts[0].n``); the API maps it to `INVALID_ARGUMENT` once.
 Undecodable requests never get here: the guarded deserializer hands the servicer a
 `BadMessage` instead.
@@ -12,7 +12,6 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from penalty.grpc_support import BadField
 from penalty.identity import (
     InvalidAddress,
     IPAddress,
@@ -23,6 +22,7 @@ from penalty.identity import (
 )
 from penalty.v1 import penalty_pb2
 from penaltyd.settings import Settings
+from serving.errors import BadField
 
 _VALID_OUTCOMES = frozenset(penalty_pb2.Outcome.values()) - {penalty_pb2.OUTCOME_UNSPECIFIED}
 

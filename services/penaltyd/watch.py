@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import structlog
 
 from penalty.v1 import penalty_pb2 as pb
-from penaltyd.feed import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, RESYNC, SHARED, STARTED, FeedEvent
+from penaltyd.events import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, RESYNC, SHARED, STARTED, FeedEvent
 from penaltyd.store.base import AllowEntry, RawSnapshot
 
 log = structlog.get_logger("penaltyd.watch")

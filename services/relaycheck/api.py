@@ -17,13 +17,6 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from penalty.grpc_support import (
-    AdminGate,
-    BadField,
-    BadMessage,
-    abort_invalid,
-    abort_store_error,
-)
 from relaycheck.chain import Judgement
 from relaycheck.customers import Customer
 from relaycheck.engine import Classified, Engine, ProbeRefused
@@ -33,6 +26,8 @@ from relaycheck.store.base import NetworkConflict, StoreError
 from relaycheck.v1 import relaycheck_pb2 as pb
 from relaycheck.v1 import relaycheck_pb2_grpc as pbg
 from relaycheck.validation import Validator
+from serving.errors import BadField, BadMessage, abort_invalid, abort_store_error
+from serving.gates import AdminGate
 
 R = TypeVar("R")
 

@@ -26,18 +26,17 @@ import asyncio
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pydantic
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from relaycheck import __version__
 from relaycheck.settings import load_settings
+from serving.cli import add_serving_arguments, run_server
 
 DEFAULT_SERVER = "127.0.0.1:50061"
 EXIT_OK, EXIT_RELAYING, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -71,25 +70,16 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the gRPC service")
-    s.add_argument(
-        "--config",
-        metavar="FILE",
-        default=os.environ.get("RELAYCHECK_CONFIG"),
-        help="TOML settings file (env RELAYCHECK_CONFIG)",
-    )
-    s.add_argument("--listen", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:50061)")
-    s.add_argument(
-        "--redis-url", metavar="URL", help="customers in Redis (default: embedded store)"
+    add_serving_arguments(
+        s,
+        env_prefix="RELAYCHECK",
+        default_listen="127.0.0.1:50061",
+        redis_help="customers in Redis: a redis:// (or +sentinel, +cluster) URL",
     )
     s.add_argument(
         "--penaltyd",
         metavar="HOST:PORT",
         help="report relayed origins to this penaltyd (default: no reports)",
-    )
-    s.add_argument("--metrics-listen", metavar="HOST:PORT", help="Prometheus /metrics here")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    s.add_argument(
-        "--print-config", action="store_true", help="print the effective configuration and exit"
     )
 
     def client_options(a: argparse.ArgumentParser) -> None:
@@ -378,37 +368,9 @@ async def _customer(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(
-            args.config,
-            listen=args.listen,
-            redis_url=args.redis_url,
-            penaltyd=args.penaltyd,
-            metrics_listen=args.metrics_listen,
-            log_level=args.log_level,
-        )
-    except pydantic.ValidationError as exc:
-        print(f"relaycheck: invalid configuration:\n{exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        print(f"relaycheck: cannot read config file {args.config}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.print_config:
-        print(json.dumps(settings.redacted(), indent=2))
-        return EXIT_OK
-
-    import uvloop
-
-    from penalty import logs
     from relaycheck.server import serve
 
-    logs.configure(settings.log_level)
-    try:
-        uvloop.run(serve(settings))
-    except OSError as exc:
-        print(f"relaycheck: {exc}", file=sys.stderr)
-        return 1
-    return EXIT_OK
+    return run_server("relaycheck", args, load_settings, serve, penaltyd=args.penaltyd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from typing import TypeVar
 import structlog
 
 from penalty.identity import IPAddress, NetworkSet, parse_network
-from penalty.logs import RateLimitedLog
 from relaycheck.chain import (
     Envelope,
     Evidence,
@@ -36,6 +35,7 @@ from relaycheck.report import PenaltyReporter
 from relaycheck.settings import Settings
 from relaycheck.store.base import CustomerStore, StoreError
 from relaycheck.validation import ClassifyInput, ProbeInput
+from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("relaycheck.engine")
 T = TypeVar("T")

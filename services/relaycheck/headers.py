@@ -15,7 +15,7 @@ addresses). So the parser is built for hostile input:
 - **Linear time.** Every regular expression here either is anchored (`match`) with
   nothing after an unbounded repetition that could fail, or, used with `search`/`sub`,
   fails at a start position in bounded steps; the quadratic shapes are spelt out at the
-  patterns (tests/unit/test_relaycheck_hostile.py checks each against the old pattern
+  patterns (tests/unit/relaycheck/test_hostile.py checks each against the old pattern
   and for linear growth). Scanning is done by regular expressions in C over runs of
   ordinary characters, Python steps only at the special ones.
 - **Never raises.** Binary junk decodes with replacement characters; a line without a
@@ -30,7 +30,7 @@ addresses). So the parser is built for hostile input:
   recognised only in the `with` protocol (RFC 3848) or in comments whose wording needs a
   space, which no MTA lets into a HELO name or a DNS name.
 
-The formats covered (tests/unit/test_relaycheck_headers.py has one of each)::
+The formats covered (tests/unit/relaycheck/test_headers.py has one of each)::
 
     Postfix   from HELO (RDNS [IP]) (Authenticated sender: U) by H (Postfix) with ESMTPSA
               id X for <R>

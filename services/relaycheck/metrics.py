@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from penalty.metrics_http import MetricsServer
+from serving.metrics import MetricsServer
 
 
 class Metrics:

@@ -11,20 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import structlog
-from grpc_health.v1 import health_pb2
 
-from penalty import grpc_support
 from relaycheck import __version__
 from relaycheck.api import RelayCheck
 from relaycheck.engine import Engine
 from relaycheck.metrics import Metrics
 from relaycheck.report import PenaltyReporter
 from relaycheck.settings import Settings
-from relaycheck.store.base import CustomerStore, StoreError
+from relaycheck.store.base import CustomerStore
 from relaycheck.store.memory import MemoryStore
 from relaycheck.store.redis import RedisStore
 from relaycheck.v1 import relaycheck_pb2, relaycheck_pb2_grpc
 from relaycheck.validation import Validator
+from serving import codec
+from serving import server as wiring
 
 log = structlog.get_logger("relaycheck.server")
 
@@ -54,7 +54,7 @@ def make_reporter(settings: Settings) -> PenaltyReporter | None:
     )
 
 
-Running = grpc_support.Running[Engine]
+Running = wiring.Running[Engine]
 
 
 def _store_gauge(engine: Engine) -> Callable[[BaseException | None], None]:
@@ -77,30 +77,24 @@ async def start_server(
     engine = Engine(
         settings, store or make_store(settings), metrics, reporter or make_reporter(settings)
     )
-    server = grpc_support.grpc_server(settings.max_message_bytes)
-    grpc_support.register_guarded(
+    server = wiring.grpc_server(settings.max_message_bytes)
+    codec.register_guarded(
         relaycheck_pb2_grpc.add_RelayCheckServicer_to_server,
         RelayCheck(engine, Validator(settings)),
         server,
         settings.max_message_bytes,
     )
-    health = grpc_support.add_health_and_reflection(server, (SERVICE_NAME,))
-    credentials = grpc_support.server_credentials(settings.tls_cert_file, settings.tls_key_file)
-    if credentials is None:
-        port = server.add_insecure_port(settings.listen)
-    else:
-        port = server.add_secure_port(settings.listen, credentials)
-    await engine.start()
-    await health.set(STORE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await server.start()
-    running = Running(server, port, engine, health, settings.grace_seconds)
-    watch = grpc_support.watch_component(
-        health, STORE_HEALTH, engine.store.ping, (StoreError,), _store_gauge(engine)
+    running = await wiring.launch(
+        server,
+        settings,
+        engine,
+        metrics,
+        service_names=(SERVICE_NAME,),
+        store_health=STORE_HEALTH,
+        ping=engine.store.ping,
+        on_ping=_store_gauge(engine),
     )
-    running.beside(watch, "store-health")
-    if settings.metrics_listen:
-        running.on_stop((await metrics.serve(settings.metrics_listen)).close)
+    port = running.port
     log.info(
         "relaycheck_started",
         version=__version__,
@@ -111,10 +105,12 @@ async def start_server(
         report_outcome=settings.report_outcome if settings.penaltyd else None,
         metrics=settings.metrics_listen or None,
         operator_api="token" if settings.admin_token.get_secret_value() else "loopback-only",
+        tls=bool(settings.tls_cert_file),
+        mtls=bool(settings.tls_client_ca_file),
     )
     return running
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and exit cleanly."""
-    await grpc_support.serve_until_signalled(await start_server(settings), log, "relaycheck")
+    await wiring.serve_until_signalled(await start_server(settings), log, "relaycheck")

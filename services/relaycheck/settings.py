@@ -8,48 +8,30 @@ TOML file (`--config` or `RELAYCHECK_CONFIG`), then the defaults below. `relaych
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from penalty import config
+from penalty import outcomes
 from penalty.identity import InvalidAddress, parse_network
-from penalty.v1 import penalty_pb2
 from relaycheck.customers import DEFAULT_PRIVATE_NETWORKS, normalise_domain
-
-# penaltyd outcomes a relayed verdict may be reported as (DESIGN.md s. 6 names).
-OUTCOMES: dict[str, int] = {
-    name.removeprefix("OUTCOME_").lower(): value
-    for name, value in penalty_pb2.Outcome.items()
-    if value != penalty_pb2.OUTCOME_UNSPECIFIED
-}
+from serving import settings as serving_settings
+from serving.settings import ServingSettings, host_port
 
 
-def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("must be HOST:PORT")
-    return value
+class Settings(ServingSettings):
+    """Everything relaycheck can be told. Defaults suit one node on the embedded store.
 
+    Serving (listen, metrics, TLS and mutual TLS, admin token for customer and probe
+    calls, the Redis URL of any topology, ...) is `ServingSettings`'s."""
 
-class Settings(BaseSettings):
-    """Everything relaycheck can be told. Defaults suit one node on the embedded store."""
+    model_config = SettingsConfigDict(env_prefix="RELAYCHECK_")
 
-    model_config = SettingsConfigDict(
-        env_prefix="RELAYCHECK_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
-
-    # --- serving
+    # --- serving (defaults of relaycheck)
     listen: str = "127.0.0.1:50061"  # gRPC HOST:PORT ([::1]:50061 for IPv6)
-    metrics_listen: str = ""  # Prometheus /metrics HOST:PORT; empty disables it
-    grace_seconds: float = Field(5.0, ge=0, le=120)  # SIGTERM drain time for in-flight calls
     max_message_bytes: int = Field(2 << 20, ge=4096, le=16 << 20)  # request size; larger: refused
-    log_level: Literal["debug", "info", "warning", "error"] = "info"  # log threshold
-    admin_token: SecretStr = SecretStr("")  # bearer token for customer and probe calls
-    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the listener speaks TLS
-    tls_key_file: str = ""  # PEM private key
+    redis_max_connections: int = Field(16, ge=1, le=1024)  # pool size per replica
 
     # --- classification
     max_header_bytes: int = Field(1 << 20, ge=1024, le=8 << 20)  # larger `headers`: refused
@@ -62,13 +44,10 @@ class Settings(BaseSettings):
     )  # clients here are inside every customer
 
     # --- customer store
-    redis_url: str = ""  # redis://HOST:PORT/DB; empty selects the embedded memory store
     key_prefix: str = Field("rc", pattern=r"^[A-Za-z0-9_.-]{1,16}$")  # namespace of every key
-    redis_max_connections: int = Field(16, ge=1, le=1024)  # pool size per replica
     store_timeout_ms: int = Field(
         100, ge=1, le=10_000
     )  # customer lookup deadline, then UNDETERMINED
-    admin_timeout_ms: int = Field(2000, ge=1, le=60_000)  # store deadline for customer calls
     customer_ttl_days: int = Field(
         400, ge=1, le=3650
     )  # a record not upserted for this long expires
@@ -88,23 +67,6 @@ class Settings(BaseSettings):
     probe_foreign_domain: str = "relay-test.invalid"  # where test mail must not be relayed to
     probe_allowed_networks: list[str] = Field(default_factory=list)  # targets allowed; empty: any
     probe_max_concurrent: int = Field(4, ge=1, le=256)  # batteries running at once
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, value: str) -> str:
-        return _host_port(value)
-
-    @field_validator("metrics_listen")
-    @classmethod
-    def _metrics(cls, value: str) -> str:
-        return _host_port(value) if value else value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL (or empty)")
-        return value
 
     @field_validator("private_networks", "probe_allowed_networks")
     @classmethod
@@ -135,8 +97,8 @@ class Settings(BaseSettings):
     @classmethod
     def _outcome(cls, value: str) -> str:
         name = value.lower().removeprefix("outcome_")
-        if name not in OUTCOMES or name == "accepted":
-            raise ValueError(f"must be one of {sorted(set(OUTCOMES) - {'accepted'})}")
+        if name not in outcomes.ERROR_NAMES:
+            raise ValueError(f"must be one of {sorted(outcomes.ERROR_NAMES)}")
         return name
 
     @field_validator("penaltyd")
@@ -145,13 +107,11 @@ class Settings(BaseSettings):
         for part in value.split(","):
             part = part.strip()
             if part and "://" not in part:
-                _host_port(part)
+                host_port(part)
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> Settings:
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_cert_file and tls_key_file go together")
+    def _consistent(self) -> Settings:  # TLS pairs are checked by ServingSettings
         if self.probe_budget_ms > self.probe_max_budget_ms:
             raise ValueError("probe_budget_ms must not exceed probe_max_budget_ms")
         if self.max_header_bytes > self.max_message_bytes:
@@ -159,16 +119,8 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def store_kind(self) -> str:
-        return "redis" if self.redis_url else "memory"
-
-    @property
     def report_outcome_value(self) -> int:
-        return OUTCOMES[self.report_outcome]
-
-    def redacted(self) -> dict[str, Any]:
-        """The effective configuration with secrets masked, for --print-config and logs."""
-        return config.redacted(self.model_dump(mode="json"), self.admin_token, self.redis_url)
+        return outcomes.number(self.report_outcome)
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -177,4 +129,4 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     Raises `pydantic.ValidationError` naming the offending knob, or `OSError` /
     `tomllib.TOMLDecodeError` for an unreadable file.
     """
-    return config.load_settings(Settings, "relaycheck settings", config_file, overrides)
+    return serving_settings.load_settings(Settings, "relaycheck settings", config_file, overrides)

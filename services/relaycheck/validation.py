@@ -1,6 +1,6 @@
 """Request validation: every bad input is refused with the field named, nothing stored.
 
-`BadField` (`penalty.grpc_support`, shared with penaltyd) carries the protobuf field
+`BadField` (`serving.errors`, shared with penaltyd) carries the protobuf field
 path (e.g. ``relay_networks[2]``); the API maps it to `INVALID_ARGUMENT` once.
 Undecodable requests never get here: the guarded deserializer hands the servicer a
 `BadMessage` instead. The header bytes themselves are never refused for
@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from penalty.grpc_support import BadField
 from penalty.identity import InvalidAddress, IPAddress, parse_ip
 from relaycheck.customers import (
     ID_PATTERN,
@@ -25,6 +24,7 @@ from relaycheck.customers import (
 from relaycheck.probe import TEST_NAMES
 from relaycheck.settings import Settings
 from relaycheck.v1 import relaycheck_pb2 as pb
+from serving.errors import BadField
 
 _LIMITS = {"helo": 255, "mail_from": 512}
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")

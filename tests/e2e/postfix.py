@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from penalty.testing import free_port, wait_port
+from tests.harness.ports import free_port, wait_port
 
 MAIN_CF = """\
 compatibility_level = 3.6

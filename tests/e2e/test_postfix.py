@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from penalty.testing import free_port, wait_port
-from penaltyd.testing import PenaltydProcess
 from tests.e2e.postfix import Postfix
+from tests.harness.ports import free_port, wait_port
+from tests.harness.processes import PenaltydProcess
 
 
 class Sidecar:

@@ -12,24 +12,13 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from penalty.identity import IPAddress, sub_identity
-
-if TYPE_CHECKING:
-    from penaltyd.feed import FeedEvent
-
-
-class StoreError(Exception):
-    """Base of everything a store raises."""
-
-
-class StoreUnavailable(StoreError):
-    """The store did not answer within the deadline or cannot be reached: fail open."""
-
-
-class StoreMisconfigured(StoreError):
-    """The store answered but cannot serve us (bad URL, auth, missing commands)."""
+from penaltyd.events import FeedEvent
+from serving.errors import StoreError as StoreError  # the store tree, re-exported
+from serving.errors import StoreMisconfigured as StoreMisconfigured
+from serving.errors import StoreUnavailable as StoreUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +160,7 @@ class PageCursor:
 
 
 #: Receives every change to penalties, shared marks and the allowlist (WatchPenalties).
-Listener = Callable[["FeedEvent"], None]
+Listener = Callable[[FeedEvent], None]
 
 #: A copy of what the feed describes, taken at one instant: active penalties
 #: (identity -> (expires_at_ms, compact reason)), shared addresses (address ->

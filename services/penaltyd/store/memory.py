@@ -37,7 +37,8 @@ flat tuple, untracked by the garbage collector::
     (last bucket, used-up marker, fingerprint generation, fingerprints of that
      generation, of the one before, distinct in both, code, n, code, n, ...)
 
-where `code` is `~(bucket * 16 + outcome)` (negative, so it never equals a count) and
+where `code` is `~(bucket * SLOT_WIDTH + outcome)` (`penalty.outcomes.SLOT_WIDTH`, 16;
+negative, so it never equals a count) and
 fingerprints are None, one 30-bit hash, or a set of them. Bucket numbers and codes are
 shared int objects, so a window of one bucket with two outcomes costs its key string, a
 dict slot, a 10-slot tuple and a wheel slot: see `bench/memory_store.py`.
@@ -59,9 +60,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
+from penalty import outcomes
 from penalty.identity import IPAddress, NetworkSet, address_of, parse_network
-from penaltyd.detector import N_OUTCOMES
-from penaltyd.feed import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, SHARED, STARTED, FeedEvent
+from penaltyd.events import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, SHARED, STARTED, FeedEvent
 from penaltyd.store.base import (
     AllowEntry,
     Escalation,
@@ -87,12 +88,14 @@ def wall_ms() -> int:
 
 _LAST, _MARK, _GEN, _CUR, _PREV, _UNION = range(6)
 _H = 6  # header length; (code, n) pairs follow
-_SLOTS_PER_BUCKET = 16  # codes are bucket * 16 + outcome, as the Redis window hash fields
+_SLOTS_PER_BUCKET = outcomes.SLOT_WIDTH  # codes: bucket * width + outcome, as Redis fields
+_SLOT_BITS = _SLOTS_PER_BUCKET.bit_length() - 1  # the width is a power of two: shifts, masks
+_SLOT_MASK = _SLOTS_PER_BUCKET - 1
 _FP_MASK = (1 << 30) - 1  # fingerprints are kept as 30-bit hashes: one-digit ints
 _NEW: tuple[Any, ...] = (-1, -1, -1, None, None, 0)  # header of a window never written
 _SLICE_SECONDS = 0.001  # a sweep slice also ends after this long (two can run back to back)
 
-assert N_OUTCOMES <= _SLOTS_PER_BUCKET
+assert _SLOTS_PER_BUCKET == 1 << _SLOT_BITS
 
 Record = tuple[Any, ...]
 Fingerprints = int | set[int] | None
@@ -556,7 +559,7 @@ class MemoryStore:
         self._degraded: dict[str, int] = {}  # replica -> last degraded (ms)
         self._listener: Listener | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._zero = (0,) * N_OUTCOMES
+        self._zero = (0,) * outcomes.COUNT
         self._b = -1  # the current bucket (a shared int object), see `_tick`
         self._g = -1  # the current fingerprint generation
         self._oldest = 0
@@ -599,8 +602,8 @@ class MemoryStore:
             buckets: dict[int, list[int]] = {}
             for i in range(_H, len(rec), 2):
                 code = ~rec[i]
-                row = buckets.setdefault(code >> 4, [0] * N_OUTCOMES)
-                row[code & 15] += rec[i + 1]
+                row = buckets.setdefault(code >> _SLOT_BITS, [0] * outcomes.COUNT)
+                row[code & _SLOT_MASK] += rec[i + 1]
             out[key] = {b: tuple(row) for b, row in buckets.items()}
         return out
 
@@ -729,7 +732,7 @@ class MemoryStore:
         b = now // self._bucket_ms
         if b != self._b:
             self._b = b
-            self._codes = tuple(~(b * _SLOTS_PER_BUCKET + o) for o in range(N_OUTCOMES))
+            self._codes = tuple(~(b * _SLOTS_PER_BUCKET + o) for o in range(outcomes.COUNT))
             self._oldest = b - self._nbuckets + 1
             self._stale = ~(self._oldest * _SLOTS_PER_BUCKET)  # codes <= this still count
         g = now // self._window_ms
@@ -808,11 +811,11 @@ class MemoryStore:
         marker: int = rec[_MARK]
         if marker >= self._oldest:
             limit = ~((marker + 1) * _SLOTS_PER_BUCKET)
-        totals = [0] * N_OUTCOMES
+        totals = [0] * outcomes.COUNT
         for i in range(_H, len(rec), 2):
             code = rec[i]
             if code <= limit:
-                totals[~code & 15] += rec[i + 1]
+                totals[~code & _SLOT_MASK] += rec[i + 1]
         return tuple(totals)
 
     def _distinct(self, rec: Record | None) -> int:

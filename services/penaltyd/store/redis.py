@@ -3,7 +3,8 @@
 Key scheme (every key has a TTL; `{...}` is the Redis Cluster hash tag). `A` is an
 address identity, `fp` a client fingerprint behind it (see `penalty.identity`)::
 
-    <p>:{A}:w[:fp]      hash   window: field bucket*16+outcome -> count, "m" -> last bucket
+    <p>:{A}:w[:fp]      hash   window: field bucket*SLOTS+outcome -> count (SLOTS:
+                               penalty.outcomes.SLOT_WIDTH), "m" -> last bucket
                                already used by a penalty, and the penalty itself: "p" its
                                compact reason, "x" its expiry (unix ms, Redis clock);
                                expires with its newest bucket or its penalty, the later
@@ -47,20 +48,9 @@ from redis.exceptions import (
     RedisError,
 )
 
+from penalty import outcomes
 from penalty.identity import IPAddress, address_of
-from penalty.redis_support import error_mapper, load_scripts
-from penaltyd.detector import N_OUTCOMES
-from penaltyd.feed import (
-    ALLOW_ADDED,
-    ALLOW_REMOVED,
-    LIFTED,
-    RESYNC,
-    SHARED,
-    STARTED,
-    FeedEvent,
-    PenaltyView,
-    StoreClock,
-)
+from penaltyd.events import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, RESYNC, SHARED, STARTED, FeedEvent
 from penaltyd.store.base import (
     AllowEntry,
     Escalation,
@@ -76,15 +66,17 @@ from penaltyd.store.base import (
     StoreUnavailable,
     Window,
 )
-from penaltyd.store.topology import connect
+from penaltyd.store.view import PenaltyView, StoreClock
+from serving.redis.errors import mapped_errors
+from serving.redis.scripts import Scripts
+from serving.redis.topology import connect
 
 log = structlog.get_logger("penaltyd.store.redis")
 
 _SCRIPT_NAMES = ("record", "peek", "start_penalty", "index_add", "lift")
 
 
-_SCRIPTS = load_scripts("penaltyd.store", _SCRIPT_NAMES)
-_mapped_errors = error_mapper(StoreUnavailable, StoreMisconfigured)
+_SCRIPTS = Scripts("penaltyd.store", _SCRIPT_NAMES)
 
 
 def _penalty(identity: str, pttl: int, reason: bytes | None, now_ms: int) -> Penalty | None:
@@ -96,9 +88,10 @@ def _penalty(identity: str, pttl: int, reason: bytes | None, now_ms: int) -> Pen
 def _window(item: ReportItem, r: Sequence[Any]) -> Window:
     now = int(r[2])
     base = 9
-    counts = tuple(int(n) for n in r[base : base + N_OUTCOMES])
+    counts = tuple(int(n) for n in r[base : base + outcomes.COUNT])
     kept = bool(r[8])
-    sub_counts = tuple(int(n) for n in r[base + 16 : base + 16 + N_OUTCOMES]) if kept else None
+    sub = base + outcomes.SLOT_WIDTH  # record.lua returns SLOTS totals for each window
+    sub_counts = tuple(int(n) for n in r[sub : sub + outcomes.COUNT]) if kept else None
     return Window(
         counts=counts,
         penalty=_penalty(item.identity, int(r[0]), r[1], now),
@@ -205,7 +198,7 @@ class RedisStore:
     async def ping(self) -> None:
         """A write, not a PING: a Redis at `maxmemory` with `noeviction` answers PING but
         refuses every write (OOM), and health must say so. The probe key expires."""
-        async with _mapped_errors():
+        async with mapped_errors():
             await self._client.set(self._probe_key, b"1", px=10_000)
 
     def listen(self, listener: Listener | None) -> None:
@@ -225,12 +218,7 @@ class RedisStore:
         return self.view.snapshot_raw()
 
     async def _evalsha(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        sha, src = self._scripts[name]
-        async with _mapped_errors():
-            try:
-                return await self._client.evalsha(sha, len(keys), *keys, *args)
-            except NoScriptError:
-                return await self._client.eval(src, len(keys), *keys, *args)
+        return await self._scripts.run(self._client, name, keys, args)
 
     async def _pipeline(
         self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
@@ -239,21 +227,20 @@ class RedisStore:
         round trip; reloads the scripts once after a script flush or a Redis restart."""
         if self._cluster:
             return await self._cluster_batch(calls)
-        async with _mapped_errors():
+        async with mapped_errors():
             for attempt in (0, 1):
                 pipe = self._client.pipeline(transaction=False)
                 for name, keys, args in calls:
                     if name.isupper():
                         pipe.execute_command(name, *keys, *args)
                     else:
-                        pipe.evalsha(self._scripts[name][0], len(keys), *keys, *args)
+                        pipe.evalsha(self._scripts.sha(name), len(keys), *keys, *args)
                 try:
                     return list(await pipe.execute())
                 except NoScriptError:
                     if attempt:
                         raise
-                    for _, src in self._scripts.values():
-                        await self._client.script_load(src)
+                    await self._scripts.reload(self._client)
             raise AssertionError("unreachable")
 
     async def _cluster_batch(
@@ -265,7 +252,7 @@ class RedisStore:
         results: list[Any] = [None] * len(calls)
         plain = [(k, c) for k, c in enumerate(calls) if c[0].isupper()]
         scripts = [(k, c) for k, c in enumerate(calls) if not c[0].isupper()]
-        async with _mapped_errors():
+        async with mapped_errors():
             pending = [self._evalsha(*c) for _, c in scripts]
             if plain:
                 pipe = self._client.pipeline()
@@ -365,7 +352,7 @@ class RedisStore:
         return bool(removed)
 
     async def last_lift(self, identity: str) -> LiftRecord | None:
-        async with _mapped_errors():
+        async with mapped_errors():
             raw = await self._client.get(self._key(identity, "l"))
         return LiftRecord.decode(cast(bytes, raw).decode()) if raw else None
 
@@ -408,7 +395,7 @@ class RedisStore:
     # --- fleet-wide indexes
 
     async def _store_now_ms(self) -> int:
-        async with _mapped_errors():
+        async with mapped_errors():
             sec, usec = await self._client.time()
         return int(sec) * 1000 + int(usec) // 1000
 
@@ -464,7 +451,7 @@ class RedisStore:
         keys = self._shard_keys("active")
         rows: list[tuple[int, str, int]] = []  # (shard, identity, expires)
         shard = after.shard if after else 0
-        async with _mapped_errors():
+        async with mapped_errors():
             while shard < self._shards and len(rows) <= limit:
                 resume = after is not None and after.shard == shard
                 lo = max(now + 1, after.expires_at_ms) if after and resume else now + 1
@@ -584,7 +571,7 @@ class RedisStore:
 
     async def allowlist(self) -> list[AllowEntry]:
         now = await self._store_now_ms()
-        async with _mapped_errors():
+        async with mapped_errors():
             members = await self._index_page(self._allow_index, now + 1, 0, 100_000)
             raw = await self._mget([self._allow_key(c) for c, _ in members])
         return sorted((AllowEntry.decode(r) for r in raw if r), key=lambda e: e.cidr)
@@ -597,7 +584,7 @@ class RedisStore:
         now = await self._store_now_ms()
         entries: dict[str, tuple[int, str]] = {}
         shared: dict[str, int] = {}
-        async with _mapped_errors():
+        async with mapped_errors():
             for key in self._shard_keys("active"):
                 offset = 0
                 while batch := await self._index_page(key, now + 1, offset, 5000):
@@ -619,7 +606,7 @@ class RedisStore:
         while True:
             pubsub: Any = None
             try:
-                async with _mapped_errors():
+                async with mapped_errors():
                     if self._cluster:
                         # Cluster pubsub needs the slot map; refresh it on every (re)subscribe,
                         # a failover may have moved the channel's node.

@@ -1,6 +1,7 @@
 """The customer store contract: the same semantics on every backend.
 
-Exception tree (mapped once at the RPC boundary, `relaycheck.api`)::
+Exception tree (`serving.errors`'s, plus one leaf; mapped once at the RPC boundary,
+`relaycheck.api`)::
 
     StoreError
      ├── StoreUnavailable      no answer in time, connection refused: Classify fails open
@@ -18,18 +19,9 @@ from typing import Protocol, runtime_checkable
 
 from penalty.identity import IPAddress
 from relaycheck.customers import Customer
-
-
-class StoreError(Exception):
-    """Base of everything a customer store raises."""
-
-
-class StoreUnavailable(StoreError):
-    """The store did not answer within the deadline or cannot be reached: fail open."""
-
-
-class StoreMisconfigured(StoreError):
-    """The store answered but cannot serve us (bad URL, auth, missing commands)."""
+from serving.errors import StoreError as StoreError  # the store tree, re-exported
+from serving.errors import StoreMisconfigured as StoreMisconfigured
+from serving.errors import StoreUnavailable as StoreUnavailable
 
 
 class NetworkConflict(StoreError):

@@ -23,26 +23,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
-
 from penalty.identity import IPAddress
-from penalty.redis_support import error_mapper, load_scripts
 from relaycheck.customers import Customer
 from relaycheck.store.base import (
     NetworkConflict,
-    StoreMisconfigured,
-    StoreUnavailable,
     candidate_networks,
 )
+from serving.redis.errors import mapped_errors
+from serving.redis.scripts import Scripts
+from serving.redis.topology import connect
 
 _SCRIPT_NAMES = ("upsert", "lookup", "delete")
 
 
-_SCRIPTS = load_scripts("relaycheck.store", _SCRIPT_NAMES)
-_mapped_errors = error_mapper(StoreUnavailable, StoreMisconfigured)
+_SCRIPTS = Scripts("relaycheck.store", _SCRIPT_NAMES)
 
 
 def _decode(value: bytes | None) -> Customer | None:
@@ -53,7 +47,7 @@ def _decode(value: bytes | None) -> Customer | None:
 
 
 class RedisStore:
-    """`CustomerStore` on Redis (one node; the scripts touch one slot, Cluster-ready)."""
+    """`CustomerStore` on Redis: one node, Sentinel or Cluster (`serving.redis.topology`)."""
 
     kind = "redis"
 
@@ -67,17 +61,10 @@ class RedisStore:
         relay_min_prefix_v6: int = 32,
         max_connections: int = 16,
     ) -> None:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=None,
-            socket_timeout=None,
-            socket_connect_timeout=0.5,
-            health_check_interval=0,
-            decode_responses=False,
-        )
-        # One retry covers the stale pooled connection after a Redis restart.
-        self._client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
+        # Any topology (one node, Sentinel, Cluster): every key carries the `{cust}` hash
+        # tag, so each script touches one slot. No feed here: the second client is unused.
+        self.topology, self._client, feed = connect(url, max_connections)
+        self._unused_feed = feed
         self._keys = (f"{key_prefix}:{{cust}}:rec", f"{key_prefix}:{{cust}}:relay")
         self.ttl_ms = ttl_ms
         self._min_prefix = {4: relay_min_prefix_v4, 6: relay_min_prefix_v6}
@@ -91,19 +78,15 @@ class RedisStore:
         return None
 
     async def close(self) -> None:
+        await self._unused_feed.aclose()
         await self._client.aclose()
 
     async def ping(self) -> None:
-        async with _mapped_errors():
+        async with mapped_errors():
             await self._client.ping()
 
     async def _evalsha(self, name: str, args: Sequence[Any]) -> Any:
-        sha, src = self._scripts[name]
-        async with _mapped_errors():
-            try:
-                return await self._client.evalsha(sha, 2, *self._keys, *args)
-            except NoScriptError:
-                return await self._client.eval(src, 2, *self._keys, *args)
+        return await self._scripts.run(self._client, name, self._keys, args)
 
     async def get(self, customer_id: str) -> Customer | None:
         value, _, _ = await self._evalsha("lookup", ("id", customer_id))

@@ -1,7 +1,7 @@
 -- record.lua: add outcomes to one address's windows and read them back, atomically.
 -- With no outcome pairs it only reads (Explain) and changes nothing.
 -- Every key carries the address's hash tag: one Cluster slot, one round trip.
--- KEYS[1] address window  {A}:w       hash: bucket*16+outcome -> count, "m" -> used-up bucket,
+-- KEYS[1] address window  {A}:w       hash: bucket*SLOTS+outcome -> count, "m" -> used-up bucket,
 --                                      "p" -> penalty reason, "x" -> penalty expiry (unix ms)
 -- KEYS[2] distinct clients {A}:h:<g>  HyperLogLog of client fingerprints, this generation
 -- KEYS[3] previous generation {A}:h:<g-1> (read only)
@@ -11,7 +11,9 @@
 -- ARGV[4] K (more distinct clients than this: shared)  ARGV[5] "1" if configured shared
 -- ARGV[6] shared mark ttl ms  ARGV[7] HLL ttl ms  ARGV[8..] outcome, n pairs (none: read only)
 -- Returns {pttl, reason|false, now_ms, distinct, shared, newly_shared, sub_pttl,
---          sub_reason|false, sub_kept, totals[16]..., sub_totals[16]...}
+--          sub_reason|false, sub_kept, totals[SLOTS]..., sub_totals[SLOTS]...}
+-- Outcome slots per bucket: penalty.outcomes.SLOT_WIDTH (a test checks they agree).
+local SLOTS = 16
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local bucket_ms = tonumber(ARGV[1])
@@ -22,7 +24,7 @@ local writing = #ARGV > 7
 
 local function add(key)
   for i = 8, #ARGV, 2 do
-    redis.call('HINCRBY', key, bucket * 16 + tonumber(ARGV[i]), ARGV[i + 1])
+    redis.call('HINCRBY', key, bucket * SLOTS + tonumber(ARGV[i]), ARGV[i + 1])
   end
   -- The key dies when its newest bucket has left the window, or when its penalty ends if
   -- that is later: nothing outlives its window or its penalty.
@@ -44,16 +46,17 @@ local function read(key)
     elseif f == 'p' then reason = all[i + 1]
     elseif f == 'x' then expires = tonumber(all[i + 1]) end
   end
-  local totals = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  local totals = {}
+  for i = 1, SLOTS do totals[i] = 0 end
   for i = 1, #all, 2 do
     local f = all[i]
     if f ~= 'm' and f ~= 'p' and f ~= 'x' then
       local code = tonumber(f)
-      local b = math.floor(code / 16)
+      local b = math.floor(code / SLOTS)
       if b < oldest then
         if writing then redis.call('HDEL', key, f) end
       elseif b > marker then
-        local o = code % 16 + 1
+        local o = code % SLOTS + 1
         totals[o] = totals[o] + tonumber(all[i + 1])
       end
     end
@@ -69,7 +72,8 @@ local totals, pttl, reason = read(KEYS[1])
 local fp = ARGV[3]
 local distinct, shared, newly, kept = 0, 0, 0, 0
 local sub_pttl, sub_reason = -2, false
-local sub_totals = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+local sub_totals = {}
+for i = 1, SLOTS do sub_totals[i] = 0 end
 if fp ~= '' then
   if writing then
     redis.call('PFADD', KEYS[2], fp)
@@ -92,6 +96,6 @@ if fp ~= '' then
 end
 
 local out = {pttl, reason, now_ms, distinct, shared, newly, sub_pttl, sub_reason, kept}
-for i = 1, 16 do out[#out + 1] = totals[i] end
-for i = 1, 16 do out[#out + 1] = sub_totals[i] end
+for i = 1, SLOTS do out[#out + 1] = totals[i] end
+for i = 1, SLOTS do out[#out + 1] = sub_totals[i] end
 return out

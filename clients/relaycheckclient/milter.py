@@ -1,0 +1,389 @@
+"""`relaycheck-milter`: the smart relay asks relaycheck at end of headers.
+
+Classify needs the `Received:` chain, and a Postfix smart relay only has the headers
+once DATA has started, so the question is asked from a milter at end of headers
+(SMFIC_EOH): the connecting customer relay's address (CONNECT), its HELO, the envelope
+(MAIL, RCPT) and the header block go to `RelayCheck.Classify`; a
+VERDICT_RELAYED_THIRD_PARTY is answered with the configured reply (451 4.7.1 by default:
+a temporary refusal on the customer's behalf, RFC 2505 section 1.6), anything else with
+"continue".
+
+Never a cause of lost mail (DESIGN.md section 8): Classify has a deadline and any error
+or timeout is "continue"; relaycheck itself fails open (UNDETERMINED) when its store is
+down; a milter connection that breaks the protocol is closed, and Postfix applies
+`milter_default_action = accept`. `--dry-run` classifies and logs without refusing and
+without reporting to penaltyd, for a first week in production.
+
+The wire format is `milterkit.protocol` (one implementation for both milters);
+this module is the relaycheck conversation on top of it. Postfix main.cf on the smart
+relay::
+
+    smtpd_milters = inet:127.0.0.1:10042
+    milter_default_action = accept
+    milter_protocol = 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+
+from milterkit.protocol import (
+    ACCEPT,
+    CONTINUE,
+    MAX_FRAME,
+    SMFIA_INET,
+    SMFIA_INET6,
+    SMFIC_ABORT,
+    SMFIC_BODY,
+    SMFIC_BODYEOB,
+    SMFIC_CONNECT,
+    SMFIC_DATA,
+    SMFIC_EOH,
+    SMFIC_HEADER,
+    SMFIC_HELO,
+    SMFIC_MACRO,
+    SMFIC_MAIL,
+    SMFIC_OPTNEG,
+    SMFIC_QUIT,
+    SMFIC_QUIT_NC,
+    SMFIC_RCPT,
+    SMFIC_UNKNOWN,
+    SMFIM_ENVFROM,
+    Connect,
+    Frame,
+    Negotiation,
+    Proto,
+    ProtocolError,
+    cstrings,
+    negotiate,
+    parse_args,
+    parse_connect,
+    parse_helo,
+    parse_macros,
+    parse_optneg,
+    reply_code,
+    strip_brackets,
+)
+from milterkit.server import MilterServer, parse_listen
+from penalty.identity import InvalidAddress, parse_ip
+from relaycheck.v1 import relaycheck_pb2 as pb
+from relaycheck.v1 import relaycheck_pb2_grpc as pbg
+
+log = structlog.get_logger("relaycheck.milter")
+
+# Headers are what we came for; the body, DATA and unknown commands are not. Headers
+# are not answered one by one when the MTA allows it (NR_HDR): fewer round trips.
+WANTED_PROTOCOL = Proto.NOBODY | Proto.NODATA | Proto.NOUNKNOWN | Proto.NR_HDR
+SYMLISTS = {SMFIM_ENVFROM: ("{auth_authen}",)}  # the SASL login, for --customer-from-auth
+DEFAULT_REPLY = (
+    "451 4.7.1 Relaying denied for {customer}: this message came from {origin}, "
+    "not from {customer}'s users (open relay?)"
+)
+_REPLY = re.compile(r"(?!421)[45]\d\d \d\.\d{1,3}\.\d{1,3} ")
+
+
+def check_reply(template: str) -> str:
+    """A one-line 4xx/5xx (never 421: it closes the connection) with only {origin} and
+    {customer} placeholders; raises ValueError otherwise."""
+    if not _REPLY.match(template):
+        raise ValueError("must start with a 4xx or 5xx code (not 421) and an enhanced status")
+    try:
+        reply_code(template.format(origin="192.0.2.1", customer="x"))
+    except (KeyError, IndexError) as exc:
+        raise ValueError(f"only {{origin}} and {{customer}} may be used: {exc}") from exc
+    return template
+
+
+def connect_ip(conn: Connect) -> str:
+    """The client address of a CONNECT, or "" (unix socket, unknown family, garbage)."""
+    if conn.family not in (SMFIA_INET, SMFIA_INET6):
+        return ""
+    text = conn.address
+    if text[:5].lower() == "ipv6:":  # Sendmail's form; Postfix sends the bare address
+        text = text[5:]
+    try:
+        return str(parse_ip(text.strip("[]")))
+    except InvalidAddress:
+        return ""
+
+
+@dataclass(frozen=True)
+class MilterOptions:
+    reply: str = DEFAULT_REPLY  # template for relayed mail
+    deadline: float = 0.5  # seconds Classify may take; then "continue"
+    dry_run: bool = False  # classify and log, never refuse, never report
+    customer_from_auth: bool = False  # the SASL login ({auth_authen}) names the customer
+    max_header_bytes: int = 256 * 1024  # header bytes sent; the newest come first
+    idle_timeout: float = 3600.0  # a silent milter connection is dead
+    packet_timeout: float = 30.0  # a packet started must be complete within this
+    write_timeout: float = 30.0  # a reply the MTA has not read by then closes the connection
+    max_frame: int = MAX_FRAME
+    max_connections: int = 1000  # more are closed at once (milter_default_action)
+
+
+@dataclass
+class MilterStats:
+    connections: int = 0
+    active: int = 0
+    connections_refused: int = 0  # closed at once: max_connections were open
+    classified: dict[str, int] = field(default_factory=dict)  # by verdict name
+    refused: int = 0  # relayed messages answered with the reply
+    failed_open: int = 0  # Classify errors and timeouts answered "continue"
+    protocol_errors: int = 0
+    handler_errors: int = 0
+
+
+class MilterSession:
+    """One milter connection (one SMTP session of the smart relay)."""
+
+    def __init__(self, milter: RelayMilter) -> None:
+        self.milter = milter
+        self.negotiation: Negotiation | None = None
+        self.done = False
+        self.header_replies = True
+        self._reset_connection()
+
+    def _reset_connection(self) -> None:
+        self.ip = ""
+        self.helo = ""
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self.mail_from = ""
+        self.auth = ""
+        self.rcpts: list[str] = []
+        self.headers = bytearray()
+        self.headers_cut = False
+        self._macros: dict[bytes, dict[str, str]] = {}
+
+    async def handle(self, frame: Frame) -> bytes | None:
+        cmd, data = frame
+        if cmd == SMFIC_MACRO:
+            stage, values = parse_macros(data, ("auth_authen",))  # the only one used
+            if stage == SMFIC_MAIL:  # the only stage read: others would pile up
+                self._macros[stage] = values
+            return None
+        if cmd == SMFIC_HEADER:
+            self._header(data)
+            return CONTINUE if self.header_replies else None
+        if cmd == SMFIC_EOH:
+            return await self._eoh()
+        if cmd == SMFIC_RCPT:
+            if len(self.rcpts) < 1000:
+                self.rcpts.append(strip_brackets(parse_args(data)[0])[:512])
+            return CONTINUE
+        if cmd == SMFIC_MAIL:
+            macros = self._macros.get(SMFIC_MAIL, {})  # sent just before MAIL
+            self._reset_message()
+            self.mail_from = strip_brackets(parse_args(data)[0])[:512]
+            self.auth = macros.get("auth_authen", "")[:128]
+            return CONTINUE
+        if cmd == SMFIC_OPTNEG:
+            self.negotiation = negotiate(parse_optneg(data), WANTED_PROTOCOL, SYMLISTS)
+            self.header_replies = Proto.NR_HDR not in self.negotiation.protocol
+            return self.negotiation.encode()
+        if cmd == SMFIC_CONNECT:
+            self._reset_connection()
+            self.ip = connect_ip(parse_connect(data))
+            return CONTINUE if self.ip else ACCEPT  # no address: nothing to ask about
+        if cmd == SMFIC_HELO:
+            self.helo = parse_helo(data)[:255]
+            return CONTINUE
+        if cmd in (SMFIC_BODYEOB, SMFIC_ABORT):
+            self._reset_message()
+            return CONTINUE if cmd == SMFIC_BODYEOB else None
+        if cmd in (SMFIC_DATA, SMFIC_BODY, SMFIC_UNKNOWN):
+            return CONTINUE  # negotiated away; answered if an MTA sends them anyway
+        if cmd == SMFIC_QUIT_NC:
+            self._reset_connection()
+            return None
+        if cmd == SMFIC_QUIT:
+            self.done = True
+            return None
+        raise ProtocolError(f"unknown milter command {cmd!r}")
+
+    def _header(self, data: bytes) -> None:
+        strings = cstrings(data)
+        if len(strings) != 2:
+            raise ProtocolError("header packet without exactly a name and a value")
+        if self.headers_cut:
+            return
+        name, value = strings
+        sep = ":" if value[:1] in (" ", "\t") else ": "
+        line = f"{name}{sep}{value}\r\n".encode("utf-8", errors="replace")
+        if len(self.headers) + len(line) > self.milter.options.max_header_bytes:
+            self.headers_cut = True  # keep the newest: they come first and decide
+            return
+        self.headers += line
+
+    async def _eoh(self) -> bytes:
+        milter, options = self.milter, self.milter.options
+        customer = self.auth if options.customer_from_auth else ""
+        request = pb.ClassifyRequest(
+            customer_id=customer,
+            client_ip=self.ip,
+            helo=self.helo,
+            mail_from=self.mail_from,
+            rcpt_to=self.rcpts,
+            headers=bytes(self.headers),
+            no_report=options.dry_run,
+        )
+        try:
+            answer: pb.Classification = await milter.stub.Classify(
+                request, timeout=options.deadline
+            )
+        except grpc.aio.AioRpcError as exc:
+            milter.stats.failed_open += 1
+            milter.warn(exc)
+            return CONTINUE
+        verdict = pb.Verdict.Name(answer.verdict).removeprefix("VERDICT_")
+        milter.stats.classified[verdict] = milter.stats.classified.get(verdict, 0) + 1
+        relayed = answer.verdict == pb.VERDICT_RELAYED_THIRD_PARTY
+        log.info(
+            "milter_classified",
+            ip=self.ip,
+            customer=answer.customer_id or None,
+            verdict=verdict,
+            origin=answer.origin_ip or None,
+            mail_from=self.mail_from,
+            rcpts=len(self.rcpts),
+            refused=relayed and not options.dry_run,
+            degraded=answer.degraded or None,
+        )
+        if not relayed or options.dry_run:
+            return CONTINUE
+        milter.stats.refused += 1
+        text = options.reply.format(
+            origin=answer.origin_ip or "an outside address",
+            customer=answer.customer_id or "the customer",
+        )
+        return reply_code(text)
+
+
+class RelayMilter(MilterServer):
+    """The milter server: one task per connection, one gRPC channel to relaycheck."""
+
+    log: Any = structlog.get_logger("relaycheck.milter")
+
+    def __init__(self, target: str, options: MilterOptions | None = None) -> None:
+        super().__init__()
+        self.options: MilterOptions = options or MilterOptions()
+        check_reply(self.options.reply)
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pbg.RelayCheckStub(self.channel)
+        self.stats: MilterStats = MilterStats()
+        self._last_warning = -1e9
+
+    def session(self, peer: str) -> MilterSession:
+        return MilterSession(self)
+
+    async def on_close(self) -> None:
+        await self.channel.close()
+
+    def warn(self, exc: grpc.aio.AioRpcError) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._last_warning >= 5.0:
+            self._last_warning = now
+            log.warning(
+                "milter_classify_failed",
+                code=exc.code().name,
+                error=exc.details(),
+                failed_open=self.stats.failed_open,
+            )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="relaycheck-milter",
+        description=(
+            "Milter for a Postfix smart relay: asks relaycheck at end of headers whose mail "
+            "each message is and answers relayed third-party mail with a temporary refusal "
+            "on the customer's behalf. Fails open: relaycheck slow or down never stops mail."
+        ),
+        epilog="main.cf: smtpd_milters = inet:127.0.0.1:10042, milter_default_action = accept",
+    )
+    p.add_argument("--listen", default="127.0.0.1:10042", metavar="HOST:PORT|unix:/path")
+    p.add_argument(
+        "--relaycheck",
+        default=os.environ.get("RELAYCHECK_ADDRESS", "127.0.0.1:50061"),
+        metavar="HOST:PORT",
+        help="the relaycheck service (env RELAYCHECK_ADDRESS; default 127.0.0.1:50061)",
+    )
+    p.add_argument(
+        "--reply",
+        default=DEFAULT_REPLY,
+        help="SMTP reply for relayed mail; {origin} and {customer} are filled in "
+        "(default: a 451 4.7.1)",
+    )
+    p.add_argument(
+        "--deadline", type=float, default=0.5, metavar="SECONDS", help="Classify deadline"
+    )
+    p.add_argument("--dry-run", action="store_true", help="log verdicts, never refuse")
+    p.add_argument(
+        "--customer-from-auth",
+        action="store_true",
+        help="the relay's SASL login ({auth_authen}) is the customer id",
+    )
+    p.add_argument("--max-header-bytes", type=int, default=256 * 1024, metavar="N")
+    p.add_argument("--drain-seconds", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, then drain connections and return 0."""
+    options = MilterOptions(
+        reply=args.reply,
+        deadline=args.deadline,
+        dry_run=args.dry_run,
+        customer_from_auth=args.customer_from_auth,
+        max_header_bytes=args.max_header_bytes,
+    )
+    milter = RelayMilter(args.relaycheck, options)
+    try:
+        address = await milter.start(args.listen)
+    except OSError as exc:
+        log.error("milter_listen_failed", listen=args.listen, error=str(exc))
+        await milter.close(drain=0)
+        return 1
+    log.info("milter_started", listen=address, relaycheck=args.relaycheck, dry_run=args.dry_run)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("milter_stopping", active=milter.stats.active)
+    await milter.close(drain=args.drain_seconds)
+    log.info("milter_stopped", refused=milter.stats.refused, failed_open=milter.stats.failed_open)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        parse_listen(args.listen)
+        check_reply(args.reply)
+    except ValueError as exc:
+        print(f"relaycheck-milter: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    from serving import logs
+
+    logs.configure(args.log_level)
+    return int(uvloop.run(run(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

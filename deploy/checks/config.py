@@ -1,0 +1,57 @@
+"""Where deploy/ keeps things, and what the checks expect of them.
+
+The facts several checks share live here, so that a new overlay, a newer Kubernetes
+version or a newly required series is a one-line change in one place: the paths under
+deploy/, the Kubernetes version whose schemas apply, the Redis URL scheme each overlay
+stands for, and the series the alerts and the dashboard must look at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve()  # named by the "unknown overlay" problem
+DEPLOY = CONFIG.parents[1]
+ROOT = DEPLOY.parent
+K8S = DEPLOY / "k8s"
+OVERLAYS_DIR = K8S / "overlays"
+EXAMPLES_DIR = K8S / "examples"
+DASHBOARD = DEPLOY / "grafana" / "penaltyd-dashboard.json"
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+# A version whose schemas kubernetes-validate bundles (1.30+ packages do). Native gRPC
+# probes are GA since 1.27, autoscaling/v2 since 1.23.
+KUBERNETES_VERSION = "1.30"
+
+# What each overlay stands for: the scheme its PENALTYD_REDIS_URL must use.
+REDIS_SCHEMES: dict[str, str] = {
+    "single": "redis://",
+    "sentinel": "redis+sentinel://",
+    "cluster": "redis+cluster://",
+}
+
+# Kinds whose spec.template is a pod template.
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet")
+PENALTYD_NAME = "penaltyd"  # app.kubernetes.io/name of the penaltyd server pods
+
+# Every series the alerts and the dashboard must look at (issue 6).
+REQUIRED_ALERT_SERIES = (
+    "penaltyd_degraded",
+    "penaltyd_store_latency_seconds_bucket",
+    "penaltyd_penalties_started_total",
+    "penaltyd_feed_synced",
+    "penaltyd_reports_dropped_total",
+)
+REQUIRED_DASHBOARD_SERIES = (
+    "penaltyd_active_penalties",
+    "penaltyd_checks_total",
+    "penaltyd_reports_total",
+    "penaltyd_penalties_started_total",
+    "penaltyd_store_latency_seconds_bucket",
+    "penaltyd_degraded",
+    "penaltyd_feed_synced",
+    "penaltyd_reports_buffered",
+    "penaltyd_reports_dropped_total",
+    "penaltyd_reports_in_doubt_total",
+    "penaltyd_shared_addresses",
+)

@@ -1,0 +1,101 @@
+"""The command line every service's server shares: the same flags, the same errors.
+
+`add_serving_arguments` adds `--config`, `--listen`, `--redis-url`, `--metrics-listen`,
+`--log-level` and `--print-config`; `run_server` loads the settings (flags > environment
+> file > defaults), prints them or reports a bad configuration on stderr (exit 2), then
+configures logs and runs the server on uvloop until SIGTERM (a start-up failure such as
+a port in use is one line on stderr, exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pydantic
+
+from serving.settings import ServingSettings
+
+S = TypeVar("S", bound=ServingSettings)
+
+
+def add_serving_arguments(
+    p: argparse.ArgumentParser, *, env_prefix: str, default_listen: str, redis_help: str
+) -> None:
+    """The flags of a server (the most used settings; every setting has an env var)."""
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=os.environ.get(f"{env_prefix}_CONFIG"),
+        help=f"TOML settings file (env {env_prefix}_CONFIG)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help=f"gRPC address (env {env_prefix}_LISTEN; default {default_listen})",
+    )
+    p.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help=f"{redis_help} (env {env_prefix}_REDIS_URL; default: none, embedded store)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help=f"serve Prometheus /metrics here (env {env_prefix}_METRICS_LISTEN; default off)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help=f"log threshold (env {env_prefix}_LOG_LEVEL; default info)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as JSON and exit",
+    )
+
+
+def run_server(
+    prog: str,
+    args: argparse.Namespace,
+    load: Callable[..., S],
+    serve: Callable[[S], Coroutine[Any, Any, None]],
+    **overrides: Any,
+) -> int:
+    """Load the settings from `args` (and `overrides`), then print them or serve."""
+    try:
+        settings = load(
+            args.config,
+            listen=args.listen,
+            redis_url=args.redis_url,
+            metrics_listen=args.metrics_listen,
+            log_level=args.log_level,
+            **overrides,
+        )
+    except pydantic.ValidationError as exc:
+        print(f"{prog}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        print(f"{prog}: cannot read config file {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(settings.redacted(), indent=2))
+        return 0
+
+    import uvloop
+
+    from serving import logs
+
+    logs.configure(settings.log_level)
+    try:
+        uvloop.run(serve(settings))
+    except OSError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    return 0

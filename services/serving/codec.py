@@ -1,0 +1,132 @@
+"""Requests decoded defensively, responses that may be pre-serialized.
+
+grpc answers a request its deserializer cannot parse with INTERNAL; bad input must get
+INVALID_ARGUMENT (DESIGN.md s. 6). `register_guarded` installs a service's generated
+handlers with deserializers that turn oversized or undecodable bytes into a
+`BadMessage` (with the message's id when it can be read, so a stream can answer that
+one message and go on), and, for the methods named, a serializer that passes bytes
+through (events serialized once and shared by many streams).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from serving.errors import BadMessage
+
+
+def leading_varint_field(raw: bytes, number: int = 1, scan: int = 64) -> int:
+    """The value of varint field `number` if it is among the first fields of `raw`.
+
+    Reads protobuf wire format by hand, only far enough to find it (at most `scan`
+    fields, each skipped in O(1)): linear, and safe on any bytes. 0 when not found.
+    """
+    pos, end = 0, len(raw)
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while pos < end and shift < 64:
+            byte = raw[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+        raise ValueError("truncated varint")
+
+    try:
+        for _ in range(scan):
+            if pos >= end:
+                return 0
+            key = varint()
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value = varint()
+                if field == number:
+                    return value
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                pos += varint()
+            elif wire == 5:
+                pos += 4
+            else:
+                return 0
+    except ValueError:
+        return 0
+    return 0
+
+
+def guarded_deserializer(
+    deserialize: Callable[[bytes], Any], type_name: str, max_bytes: int
+) -> Callable[[bytes], Any]:
+    """Wrap a generated deserializer so oversized or undecodable bytes become a `BadMessage`."""
+
+    def guarded(raw: bytes) -> Any:
+        if len(raw) > max_bytes:
+            return BadMessage("message", f"{len(raw)} bytes exceeds the limit of {max_bytes}")
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            # Invalid UTF-8 in a string field is the usual cause; say so plainly.
+            return BadMessage(
+                "message", f"not a valid {type_name}: {exc}", leading_varint_field(raw)
+            )
+
+    return guarded
+
+
+def _bytes_or(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that passes bytes through (events serialized once, shared)."""
+
+    def serializer(message: Any) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+
+    return serializer
+
+
+class _Capture:
+    """Stands in for a server to collect the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        return None
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def register_guarded(
+    add: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    max_bytes: int,
+    raw_responses: Sequence[str] = (),
+) -> None:
+    """Register generated handlers (`add_XServicer_to_server`) with guarded deserializers.
+
+    grpc answers a request its deserializer cannot parse with INTERNAL; bad input must
+    get INVALID_ARGUMENT (DESIGN.md s. 6), so the servicer receives a `BadMessage`.
+    Methods named in `raw_responses` may also answer with already serialized bytes.
+    """
+    cap = _Capture()
+    add(servicer, cap)
+    wrapped = {
+        name: h._replace(
+            request_deserializer=guarded_deserializer(h.request_deserializer, name, max_bytes),
+            response_serializer=(
+                _bytes_or(h.response_serializer) if name in raw_responses else h.response_serializer
+            ),
+        )
+        for name, h in cap.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.service, wrapped),))
+    server.add_registered_method_handlers(cap.service, wrapped)

@@ -1,0 +1,250 @@
+"""penalty-policyd speaking the Postfix policy protocol to a real in-process penaltyd.
+
+What it does for well-behaved clients: answers in order on one connection (pipelined or
+one at a time, whole or split across reads), the 450 with the seconds left, accepted
+recipients reported, garbage answered DUNNO, Exim's half-close, the idle timeout, unix
+sockets, failing open, and a clean SIGTERM. Hostile clients: test_policyd_hostile.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from penalty.v1 import penalty_pb2 as pb
+from penaltyclient.aio import AsyncPenaltyClient
+from penaltyclient.policyd import MAX_REQUEST
+from penaltyd.store.memory import MemoryStore
+from tests.harness.builders import eventually
+from tests.harness.inprocess import ServeFactory
+from tests.harness.policy import (
+    DUNNO,
+    Policy,
+    next_event,
+    penalize,
+    policyd_cli,
+    request,
+    start_policy,
+)
+from tests.harness.ports import free_port
+
+
+async def test_tempfail_with_seconds_on_the_same_connection(policy: Policy) -> None:
+    conn = await policy.connect()
+    assert await policy.ask(conn, request()) == DUNNO
+    await penalize(policy.policy.client)
+
+    async def answer() -> str:
+        return await policy.ask(conn, request())
+
+    action = await eventually(answer, lambda a: a != DUNNO, within=2)
+    assert action.startswith(
+        "action=450 4.7.1 too many SMTP errors from 203.0.113.7; try again in "
+    )
+    seconds = int(action.split("try again in ")[1].split()[0])
+    assert 295 <= seconds <= 300
+    # other stages and other clients are untouched
+    assert await policy.ask(conn, request("MAIL")) == DUNNO
+    assert await policy.ask(conn, request(ip="198.51.100.1")) == DUNNO
+    conn[1].close()
+
+
+async def test_accepted_recipients_are_reported(policy: Policy) -> None:
+    conn = await policy.connect()
+    for _ in range(5):
+        assert await policy.ask(conn, request(ip="198.51.100.33")) == DUNNO
+    assert await policy.policy.flush(5)
+    ex = await policy.policy.client.explain("198.51.100.33")
+    assert [(t.outcome, t.n) for t in ex.window] == [(pb.OUTCOME_ACCEPTED, 5)]
+    assert policy.policy.stats.accepted == 5
+
+
+async def test_pipelined_requests_in_one_write_are_answered_in_order(policy: Policy) -> None:
+    await penalize(policy.policy.client)
+    conn = await policy.connect()
+    await eventually(lambda: policy.ask(conn, request()), lambda a: a != DUNNO, within=2)
+    batch = [request(ip="198.51.100.2"), request(), request("MAIL"), request()]
+    conn[1].write(b"".join(batch))
+    got = await policy.answers(conn, len(batch))
+    assert [a.startswith("action=450 ") for a in got] == [False, True, False, True]
+
+
+async def test_a_request_split_across_reads_byte_by_byte(policy: Policy) -> None:
+    reader, writer = await policy.connect()
+    for i in range(0, len(raw := request() * 2), 7):
+        writer.write(raw[i : i + 7])
+        await writer.drain()  # each piece goes out on its own
+    assert await policy.answers((reader, writer), 2) == [DUNNO, DUNNO]
+    assert policy.policy.stats.requests == 2
+
+
+async def test_crlf_lines_are_understood(policy: Policy) -> None:
+    await penalize(policy.policy.client)
+    conn = await policy.connect()
+    crlf = request().replace(b"\n", b"\r\n")
+    action = await eventually(lambda: policy.ask(conn, crlf), lambda a: a != DUNNO, within=2)
+    assert action.startswith("action=450 ")
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"hello world\n\n",
+        b"request=something_else\nclient_address=1.2.3.4\n\n",
+        b"=novalue\n\n",
+        b"\n",  # an empty line alone is an empty request
+        b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=not-an-ip\n\n",
+        b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=unknown\n\n",
+    ],
+)
+async def test_garbage_gets_dunno_and_a_log_line(policy: Policy, garbage: bytes) -> None:
+    conn = await policy.connect()
+    with capture_logs() as logs:
+        assert await policy.ask(conn, garbage) == DUNNO
+    assert any(e["event"] in ("policy_garbage", "policy_unknown_client") for e in logs)
+    assert await policy.ask(conn, request()) == DUNNO  # the connection still works
+    conn[1].close()
+
+
+async def test_overlong_request_closes_the_connection_only(policy: Policy) -> None:
+    conn = await policy.connect()
+    conn[1].write(b"request=" + b"x" * (MAX_REQUEST * 2) + b"\n\n")
+    async with asyncio.timeout(5):
+        assert (await conn[0].read()) == DUNNO.encode()  # answered, then closed
+    other = await policy.connect()
+    assert await policy.ask(other, request()) == DUNNO
+
+
+async def test_exim_readsocket_style_half_close(policy: Policy) -> None:
+    reader, writer = await policy.connect()
+    writer.write(request().rstrip(b"\n") + b"\n")  # no final empty line, then EOF
+    writer.write_eof()
+    async with asyncio.timeout(5):
+        assert await reader.read() == DUNNO.encode()
+
+
+async def test_exim_half_close_after_a_whole_request(policy: Policy) -> None:
+    await penalize(policy.policy.client)
+    probe = await policy.connect()
+    await eventually(lambda: policy.ask(probe, request()), lambda a: a != DUNNO, within=2)
+    reader, writer = await policy.connect()
+    writer.write(request())
+    writer.write_eof()
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    assert answer.startswith(b"action=450 ")
+    assert answer.endswith(b"seconds\n\n")
+
+
+async def test_many_concurrent_connections(policy: Policy) -> None:
+    async def one(i: int) -> list[str]:
+        conn = await policy.connect()
+        answers = [await policy.ask(conn, request(ip=f"198.51.100.{i}")) for _ in range(10)]
+        conn[1].close()
+        return answers
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    assert all(a == DUNNO for r in results for a in r)
+    assert policy.policy.stats.requests == 500
+
+
+async def test_tempfails_are_logged_once_per_penalty_and_all_counted(policy: Policy) -> None:
+    await penalize(policy.policy.client)
+    conn = await policy.connect()
+    await eventually(lambda: policy.ask(conn, request()), lambda a: a != DUNNO, within=2)
+    before = policy.policy.stats.tempfails
+    with capture_logs() as logs:
+        for _ in range(20):
+            assert (await policy.ask(conn, request())).startswith("action=450 ")
+    assert [e["event"] for e in logs if e["event"] == "policy_tempfail"] == []  # logged before
+    assert policy.policy.stats.tempfails == before + 20
+
+
+async def test_idle_connections_are_closed_by_the_sweep(serve: ServeFactory) -> None:
+    pd = await serve(MemoryStore())
+    async for p in start_policy(pd.address, live=True, idle_timeout=0.2):
+        idle = await p.connect()
+        async with asyncio.timeout(5):
+            assert await idle[0].read() == b""  # closed by the server
+        assert p.policy.stats.idle_closed == 1
+        assert p.policy.stats.open_connections == 0
+
+
+async def test_listens_on_a_unix_socket(serve: ServeFactory, tmp_path: Path) -> None:
+    pd = await serve(MemoryStore())
+    path = str(tmp_path / "policy.sock")
+    async for p in start_policy(pd.address, live=True, listen=f"unix:{path}"):
+        assert os.stat(path).st_mode & 0o777 == 0o666
+        reader, writer = await asyncio.open_unix_connection(path)
+        assert await p.ask((reader, writer), request()) == DUNNO
+        writer.write(request())  # Exim over a unix socket: half-close works there too
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            assert await reader.read() == DUNNO.encode()
+
+
+async def test_checks_are_rpcs_without_the_live_replica_and_answers_keep_order(
+    serve: ServeFactory,
+) -> None:
+    pd = await serve(MemoryStore())
+    async for p in start_policy(pd.address, live=False):
+        await penalize(p.policy.client)
+        conn = await p.connect()
+        batch = [request(), request(ip="198.51.100.9"), request("MAIL"), request()]
+        conn[1].write(b"".join(batch))
+        got = await p.answers(conn, len(batch))
+        assert [a.startswith("action=450 ") for a in got] == [True, False, False, True]
+        assert p.policy.stats.requests == 4
+
+
+async def test_penaltyd_down_is_dunno_within_the_deadline() -> None:
+    async for p in start_policy(f"127.0.0.1:{free_port()}"):
+        conn = await p.connect()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await p.ask(conn, request()) == DUNNO
+        assert loop.time() - t0 < 0.6
+        assert p.policy.stats.degraded == 1
+        conn[1].close()
+
+
+# --- the CLI: SIGTERM with idle connections, reports flushed, one JSON object per line
+
+
+async def test_sigterm_closes_idle_connections_quietly_and_flushes_reports(
+    serve: ServeFactory,
+) -> None:
+    pd = await serve(MemoryStore())
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    events: list[Any] = []
+    async with policyd_cli("--listen", listen, "--penaltyd", pd.address) as proc:
+        await next_event(proc, "policyd_started", events)
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        busy = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(5):
+            busy[1].write(request(ip="198.51.100.77"))
+            async with asyncio.timeout(5):
+                assert await busy[0].readuntil(b"\n\n") == DUNNO.encode()
+        proc.send_signal(signal.SIGTERM)
+        stopped = await next_event(proc, "policyd_stopped", events)
+        assert proc.stdout is not None
+        async with asyncio.timeout(10):
+            rest = await proc.stdout.read()
+            assert await proc.wait() == 0
+        for reader, _ in [*idle, busy]:  # every connection was closed by the server
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""
+    assert [json.loads(line) for line in rest.splitlines()] == []  # nothing after the stop
+    assert (stopped["requests"], stopped["accepted_reported"]) == (5, 5)
+    assert (stopped["reports_dropped"], stopped["open_connections"]) == (0, 0)
+    async with AsyncPenaltyClient(pd.address) as client:
+        ex = await client.explain("198.51.100.77")
+    assert [(t.outcome, t.n) for t in ex.window] == [(pb.OUTCOME_ACCEPTED, 5)]
