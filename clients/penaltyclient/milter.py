@@ -11,7 +11,7 @@ an `Outcome` and queue a report on one batched `Session` stream (`SessionReporte
 - rejected RCPT -> its error kind (`classify_rejection`, table in docs/milter.md);
 - accepted RCPT -> OUTCOME_ACCEPTED, the denominator (off with `--no-accepted` when
   penalty-policyd reports accepted recipients instead: one of the two, never both);
-- an SMTP command Postfix did not recognise (SMFIC_UNKNOWN) -> OUTCOME_PROTOCOL_VIOLATION.
+- an SMTP command Postfix did not recognise (mp.SMFIC_UNKNOWN) -> OUTCOME_PROTOCOL_VIOLATION.
 
 Each report carries the HELO name and envelope sender, so penaltyd can tell the clients
 behind a NAT-shared address apart. With `--tempfail-at-rcpt` the milter also asks
@@ -28,7 +28,7 @@ Hostile input: what the SMTP client chose (HELO, sender) is bounded at the edge 
 `penalty.identity.bound_client`, exactly as every other component bounds it, so a long
 name maps to the same sub-identity everywhere; a connection keeps no recipient, only the
 three RCPT macros of the recipient in progress (each value cut); packet sizes, open
-connections and every wait are bounded by `milter_server`.
+connections and every wait are bounded by `milterkit.server`.
 
 Layout: `milter_protocol` is the wire format (pure); here `classify_rejection` (pure),
 `MilterSession` (one connection's state machine), `PenaltyMilter` (the server) and the
@@ -50,49 +50,14 @@ from ipaddress import ip_address
 
 import structlog
 
-from milterkit.protocol import (
-    ACCEPT,
-    CONTINUE,
-    MAX_FRAME,
-    SMFIA_INET,
-    SMFIA_INET6,
-    SMFIC_ABORT,
-    SMFIC_BODY,
-    SMFIC_BODYEOB,
-    SMFIC_CONNECT,
-    SMFIC_DATA,
-    SMFIC_EOH,
-    SMFIC_HEADER,
-    SMFIC_HELO,
-    SMFIC_MACRO,
-    SMFIC_MAIL,
-    SMFIC_OPTNEG,
-    SMFIC_QUIT,
-    SMFIC_QUIT_NC,
-    SMFIC_RCPT,
-    SMFIC_UNKNOWN,
-    SMFIM_ENVRCPT,
-    Connect,
-    Frame,
-    Negotiation,
-    Proto,
-    ProtocolError,
-    negotiate,
-    parse_address,
-    parse_connect,
-    parse_helo,
-    parse_macros,
-    parse_optneg,
-    parse_unknown,
-    reply_code,
-    strip_brackets,
-)
+from milterkit import protocol as mp
 from milterkit.server import MilterServer, parse_listen
 from penalty import outcomes
 from penalty.identity import MAX_HELO, InvalidAddress, bound_client, bounded, parse_ip
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter
 from penaltyclient.channel import grpc_target
+from serving.cli import run_program
 
 log = structlog.get_logger("penalty.milter")
 
@@ -100,12 +65,14 @@ log = structlog.get_logger("penalty.milter")
 # at content), and send the recipients it rejected itself. CONNECT, HELO, MAIL, RCPT and
 # UNKNOWN stay on; EOM cannot be switched off. Every command keeps its reply (no NR_*
 # flags): our answers are immediate, and a reply per command keeps both sides in step.
-WANTED_PROTOCOL = Proto.NOBODY | Proto.NOHDRS | Proto.NOEOH | Proto.NODATA | Proto.RCPT_REJ
+WANTED_PROTOCOL = (
+    mp.Proto.NOBODY | mp.Proto.NOHDRS | mp.Proto.NOEOH | mp.Proto.NODATA | mp.Proto.RCPT_REJ
+)
 # The macros we need, requested per stage (SMFIF_SETSYMLIST), so main.cf's milter_*_macros
 # do not matter and Postfix sends nothing else. Postfix's default milter_rcpt_macros
 # (i {rcpt_addr} {rcpt_host} {rcpt_mailer}) has them too, for MTAs without macro lists.
 RCPT_MACROS = ("{rcpt_mailer}", "{rcpt_host}", "{rcpt_addr}")
-SYMLISTS = {SMFIM_ENVRCPT: RCPT_MACROS}
+SYMLISTS = {mp.SMFIM_ENVRCPT: RCPT_MACROS}
 # The only macros kept (bare names), and only from a macro packet for RCPT.
 RCPT_MACRO_NAMES = frozenset(name.strip("{}") for name in RCPT_MACROS)
 
@@ -161,10 +128,10 @@ def classify_rejection(
     return default
 
 
-def client_ip(conn: Connect) -> str | None:
+def client_ip(conn: mp.Connect) -> str | None:
     """The client address of a CONNECT, normalised like penaltyd does, or None (unix
     socket, unknown family, or not an address)."""
-    if conn.family not in (SMFIA_INET, SMFIA_INET6):
+    if conn.family not in (mp.SMFIA_INET, mp.SMFIA_INET6):
         return None
     text = conn.address
     if text[:5].lower() == "ipv6:":  # Sendmail's form; Postfix sends the bare address
@@ -190,9 +157,9 @@ def tempfail_reply(verdict: pb.Verdict, ip: str) -> bytes:
             f"try again in {max(verdict.seconds_left, 1)} seconds"
         )
     try:
-        return reply_code(text)
+        return mp.reply_code(text)
     except ValueError:  # a CR/LF or NUL inside the server's text
-        return reply_code(f"450 4.7.1 try again in {max(verdict.seconds_left, 1)} seconds")
+        return mp.reply_code(f"450 4.7.1 try again in {max(verdict.seconds_left, 1)} seconds")
 
 
 # --- the server
@@ -208,7 +175,7 @@ class MilterOptions:
     idle_timeout: float = 3600.0  # a milter connection silent this long is dead
     packet_timeout: float = 30.0  # a packet must be complete this long after its length
     write_timeout: float = 30.0  # a reply the MTA has not read by then closes the connection
-    max_frame: int = MAX_FRAME  # larger packets close the connection (headers, body: more)
+    max_frame: int = mp.MAX_FRAME  # larger packets close the connection (headers, body: more)
     max_connections: int = 1000  # open at once; more are closed at once
 
 
@@ -233,13 +200,13 @@ class MilterSession:
     """One milter connection: the SMTP client it describes and the message in progress.
 
     `handle` answers one packet (None for the commands that take no reply) and raises
-    `ProtocolError` when the packet is malformed; everything else is the server's job.
+    `mp.ProtocolError` when the packet is malformed; everything else is the server's job.
     """
 
     def __init__(self, milter: PenaltyMilter, peer: str) -> None:
         self.milter = milter
         self.peer = peer
-        self.negotiation: Negotiation | None = None
+        self.negotiation: mp.Negotiation | None = None
         self.done = False  # QUIT received
         self._reset_connection()
 
@@ -255,56 +222,56 @@ class MilterSession:
         # at most MAX_MACRO_VALUE bytes, used once.
         self._rcpt_macros: dict[str, str] = {}
 
-    async def handle(self, frame: Frame) -> bytes | None:
+    async def handle(self, frame: mp.Frame) -> bytes | None:
         cmd, data = frame
-        if cmd == SMFIC_MACRO:
-            stage, values = parse_macros(data, RCPT_MACRO_NAMES)
-            if stage == SMFIC_RCPT:
+        if cmd == mp.SMFIC_MACRO:
+            stage, values = mp.parse_macros(data, RCPT_MACRO_NAMES)
+            if stage == mp.SMFIC_RCPT:
                 self._rcpt_macros = values
             return None
-        if cmd == SMFIC_RCPT:
-            return await self._rcpt(parse_address(data))
-        if cmd == SMFIC_OPTNEG:
+        if cmd == mp.SMFIC_RCPT:
+            return await self._rcpt(mp.parse_address(data))
+        if cmd == mp.SMFIC_OPTNEG:
             return self._optneg(data)
-        if cmd == SMFIC_CONNECT:
-            return self._connect(parse_connect(data))
-        if cmd == SMFIC_HELO:
+        if cmd == mp.SMFIC_CONNECT:
+            return self._connect(mp.parse_connect(data))
+        if cmd == mp.SMFIC_HELO:
             # Bounded at the edge the way every component bounds it (same sub-identity).
-            self.helo, self.mail_from, _ = bound_client(parse_helo(data), self.mail_from)
-            return CONTINUE
-        if cmd == SMFIC_MAIL:
-            sender = strip_brackets(parse_address(data))
+            self.helo, self.mail_from, _ = bound_client(mp.parse_helo(data), self.mail_from)
+            return mp.CONTINUE
+        if cmd == mp.SMFIC_MAIL:
+            sender = mp.strip_brackets(mp.parse_address(data))
             self.helo, self.mail_from, _ = bound_client(self.helo, sender)
-            return CONTINUE
-        if cmd == SMFIC_UNKNOWN:
-            line = parse_unknown(data)
+            return mp.CONTINUE
+        if cmd == mp.SMFIC_UNKNOWN:
+            line = mp.parse_unknown(data)
             self.milter.stats.unknown_commands += 1
             log.debug("milter_unknown_command", ip=self.ip, command=line[:80])
             self._report(pb.OUTCOME_PROTOCOL_VIOLATION)
-            return CONTINUE
-        if cmd == SMFIC_BODYEOB:
+            return mp.CONTINUE
+        if cmd == mp.SMFIC_BODYEOB:
             self._reset_message()
-            return CONTINUE
-        if cmd in (SMFIC_DATA, SMFIC_HEADER, SMFIC_EOH, SMFIC_BODY):
-            return CONTINUE  # negotiated away; answered if an MTA sends them anyway
-        if cmd == SMFIC_ABORT:
+            return mp.CONTINUE
+        if cmd in (mp.SMFIC_DATA, mp.SMFIC_HEADER, mp.SMFIC_EOH, mp.SMFIC_BODY):
+            return mp.CONTINUE  # negotiated away; answered if an MTA sends them anyway
+        if cmd == mp.SMFIC_ABORT:
             self._reset_message()
             return None
-        if cmd == SMFIC_QUIT_NC:
+        if cmd == mp.SMFIC_QUIT_NC:
             self._reset_connection()
             return None
-        if cmd == SMFIC_QUIT:
+        if cmd == mp.SMFIC_QUIT:
             self.done = True
             return None
-        raise ProtocolError(f"unknown milter command {cmd!r}")
+        raise mp.ProtocolError(f"unknown milter command {cmd!r}")
 
     def _optneg(self, data: bytes) -> bytes:
-        self.negotiation = negotiate(parse_optneg(data), WANTED_PROTOCOL, SYMLISTS)
-        if Proto.RCPT_REJ in self.negotiation.missing:
+        self.negotiation = mp.negotiate(mp.parse_optneg(data), WANTED_PROTOCOL, SYMLISTS)
+        if mp.Proto.RCPT_REJ in self.negotiation.missing:
             self.milter.warn_no_rcpt_rej(self.negotiation)
         return self.negotiation.encode()
 
-    def _connect(self, conn: Connect) -> bytes:
+    def _connect(self, conn: mp.Connect) -> bytes:
         self._reset_connection()
         self.hostname = bounded(conn.hostname, MAX_HELO)  # a DNS name: at most 253
         self.ip = client_ip(conn)
@@ -314,8 +281,8 @@ class MilterSession:
             # Nothing to report or check for this client (a local socket, no address, or
             # ignored): "accept" tells Postfix to send no more events for this connection.
             log.debug("milter_client_skipped", family=conn.family, address=conn.address[:64])
-            return ACCEPT
-        return CONTINUE
+            return mp.ACCEPT
+        return mp.CONTINUE
 
     async def _rcpt(self, rcpt: str) -> bytes:
         macros, self._rcpt_macros = self._rcpt_macros, {}  # never reuse one RCPT's macros
@@ -336,7 +303,7 @@ class MilterSession:
             else:
                 stats.rcpt_rejected[outcomes.NAMES.get(outcome, str(outcome))] += 1
                 self._report(outcome)
-            return CONTINUE  # Postfix has rejected it already; our answer is not used
+            return mp.CONTINUE  # Postfix has rejected it already; our answer is not used
         if self.milter.options.tempfail_at_rcpt:
             reply = await self._penalty_reply()
             if reply is not None:
@@ -345,7 +312,7 @@ class MilterSession:
         stats.rcpt_accepted += 1
         if self.milter.options.report_accepted:
             self._report(pb.OUTCOME_ACCEPTED)
-        return CONTINUE
+        return mp.CONTINUE
 
     async def _penalty_reply(self) -> bytes | None:
         """The 4xx for a penalized client, or None; never waits past `check_timeout`."""
@@ -407,7 +374,7 @@ class PenaltyMilter(MilterServer):
     def session(self, peer: str) -> MilterSession:
         return MilterSession(self, peer)
 
-    def warn_no_rcpt_rej(self, negotiation: Negotiation) -> None:
+    def warn_no_rcpt_rej(self, negotiation: mp.Negotiation) -> None:
         if not self._warned_rcpt_rej:
             self._warned_rcpt_rej = True
             log.warning(
@@ -667,13 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"penalty-milter: {exc}", file=sys.stderr)
         return 2
-    import uvloop
-
-    from serving import logs
-
-    logs.configure(args.log_level)
-
-    return int(uvloop.run(run(args)))
+    return run_program("penalty-milter", args.log_level, lambda: run(args))
 
 
 if __name__ == "__main__":

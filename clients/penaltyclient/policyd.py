@@ -60,6 +60,7 @@ import structlog
 from penalty.identity import InvalidAddress, address_and_identity, bound_count
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter, client_msg
+from serving.cli import run_program
 from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("penalty.policyd")
@@ -869,9 +870,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from serving import logs
-
-    logs.configure(args.log_level)
     stages = {s.strip().upper() for s in args.stage.split(",") if s.strip()}
     if not stages or not stages <= set(STATES):
         print(f"penalty-policyd: --stage must be among {', '.join(STATES)}", file=sys.stderr)
@@ -880,14 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         print("penalty-policyd: --max-connections and --idle-timeout must be positive",
               file=sys.stderr)  # fmt: skip
         return 2
-    try:
-        import uvloop
-
-        uvloop.run(serve(args))
-    except (OSError, ValueError) as exc:
-        print(f"penalty-policyd: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_program("penalty-policyd", args.log_level, lambda: serve(args))
 
 
 if __name__ == "__main__":

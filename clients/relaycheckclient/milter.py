@@ -2,7 +2,7 @@
 
 Classify needs the `Received:` chain, and a Postfix smart relay only has the headers
 once DATA has started, so the question is asked from a milter at end of headers
-(SMFIC_EOH): the connecting customer relay's address (CONNECT), its HELO, the envelope
+(mp.SMFIC_EOH): the connecting customer relay's address (CONNECT), its HELO, the envelope
 (MAIL, RCPT) and the header block go to `RelayCheck.Classify`; a
 VERDICT_RELAYED_THIRD_PARTY is answered with the configured reply (451 4.7.1 by default:
 a temporary refusal on the customer's behalf, RFC 2505 section 1.6), anything else with
@@ -37,54 +37,19 @@ from typing import Any
 import grpc
 import structlog
 
-from milterkit.protocol import (
-    ACCEPT,
-    CONTINUE,
-    MAX_FRAME,
-    SMFIA_INET,
-    SMFIA_INET6,
-    SMFIC_ABORT,
-    SMFIC_BODY,
-    SMFIC_BODYEOB,
-    SMFIC_CONNECT,
-    SMFIC_DATA,
-    SMFIC_EOH,
-    SMFIC_HEADER,
-    SMFIC_HELO,
-    SMFIC_MACRO,
-    SMFIC_MAIL,
-    SMFIC_OPTNEG,
-    SMFIC_QUIT,
-    SMFIC_QUIT_NC,
-    SMFIC_RCPT,
-    SMFIC_UNKNOWN,
-    SMFIM_ENVFROM,
-    Connect,
-    Frame,
-    Negotiation,
-    Proto,
-    ProtocolError,
-    cstrings,
-    negotiate,
-    parse_args,
-    parse_connect,
-    parse_helo,
-    parse_macros,
-    parse_optneg,
-    reply_code,
-    strip_brackets,
-)
+from milterkit import protocol as mp
 from milterkit.server import MilterServer, parse_listen
 from penalty.identity import InvalidAddress, parse_ip
 from relaycheck.v1 import relaycheck_pb2 as pb
 from relaycheck.v1 import relaycheck_pb2_grpc as pbg
+from serving.cli import run_program
 
 log = structlog.get_logger("relaycheck.milter")
 
 # Headers are what we came for; the body, DATA and unknown commands are not. Headers
 # are not answered one by one when the MTA allows it (NR_HDR): fewer round trips.
-WANTED_PROTOCOL = Proto.NOBODY | Proto.NODATA | Proto.NOUNKNOWN | Proto.NR_HDR
-SYMLISTS = {SMFIM_ENVFROM: ("{auth_authen}",)}  # the SASL login, for --customer-from-auth
+WANTED_PROTOCOL = mp.Proto.NOBODY | mp.Proto.NODATA | mp.Proto.NOUNKNOWN | mp.Proto.NR_HDR
+SYMLISTS = {mp.SMFIM_ENVFROM: ("{auth_authen}",)}  # the SASL login, for --customer-from-auth
 DEFAULT_REPLY = (
     "451 4.7.1 Relaying denied for {customer}: this message came from {origin}, "
     "not from {customer}'s users (open relay?)"
@@ -98,15 +63,15 @@ def check_reply(template: str) -> str:
     if not _REPLY.match(template):
         raise ValueError("must start with a 4xx or 5xx code (not 421) and an enhanced status")
     try:
-        reply_code(template.format(origin="192.0.2.1", customer="x"))
+        mp.reply_code(template.format(origin="192.0.2.1", customer="x"))
     except (KeyError, IndexError) as exc:
         raise ValueError(f"only {{origin}} and {{customer}} may be used: {exc}") from exc
     return template
 
 
-def connect_ip(conn: Connect) -> str:
+def connect_ip(conn: mp.Connect) -> str:
     """The client address of a CONNECT, or "" (unix socket, unknown family, garbage)."""
-    if conn.family not in (SMFIA_INET, SMFIA_INET6):
+    if conn.family not in (mp.SMFIA_INET, mp.SMFIA_INET6):
         return ""
     text = conn.address
     if text[:5].lower() == "ipv6:":  # Sendmail's form; Postfix sends the bare address
@@ -127,7 +92,7 @@ class MilterOptions:
     idle_timeout: float = 3600.0  # a silent milter connection is dead
     packet_timeout: float = 30.0  # a packet started must be complete within this
     write_timeout: float = 30.0  # a reply the MTA has not read by then closes the connection
-    max_frame: int = MAX_FRAME
+    max_frame: int = mp.MAX_FRAME
     max_connections: int = 1000  # more are closed at once (milter_default_action)
 
 
@@ -148,7 +113,7 @@ class MilterSession:
 
     def __init__(self, milter: RelayMilter) -> None:
         self.milter = milter
-        self.negotiation: Negotiation | None = None
+        self.negotiation: mp.Negotiation | None = None
         self.done = False
         self.header_replies = True
         self._reset_connection()
@@ -166,56 +131,56 @@ class MilterSession:
         self.headers_cut = False
         self._macros: dict[bytes, dict[str, str]] = {}
 
-    async def handle(self, frame: Frame) -> bytes | None:
+    async def handle(self, frame: mp.Frame) -> bytes | None:
         cmd, data = frame
-        if cmd == SMFIC_MACRO:
-            stage, values = parse_macros(data, ("auth_authen",))  # the only one used
-            if stage == SMFIC_MAIL:  # the only stage read: others would pile up
+        if cmd == mp.SMFIC_MACRO:
+            stage, values = mp.parse_macros(data, ("auth_authen",))  # the only one used
+            if stage == mp.SMFIC_MAIL:  # the only stage read: others would pile up
                 self._macros[stage] = values
             return None
-        if cmd == SMFIC_HEADER:
+        if cmd == mp.SMFIC_HEADER:
             self._header(data)
-            return CONTINUE if self.header_replies else None
-        if cmd == SMFIC_EOH:
+            return mp.CONTINUE if self.header_replies else None
+        if cmd == mp.SMFIC_EOH:
             return await self._eoh()
-        if cmd == SMFIC_RCPT:
+        if cmd == mp.SMFIC_RCPT:
             if len(self.rcpts) < 1000:
-                self.rcpts.append(strip_brackets(parse_args(data)[0])[:512])
-            return CONTINUE
-        if cmd == SMFIC_MAIL:
-            macros = self._macros.get(SMFIC_MAIL, {})  # sent just before MAIL
+                self.rcpts.append(mp.strip_brackets(mp.parse_args(data)[0])[:512])
+            return mp.CONTINUE
+        if cmd == mp.SMFIC_MAIL:
+            macros = self._macros.get(mp.SMFIC_MAIL, {})  # sent just before MAIL
             self._reset_message()
-            self.mail_from = strip_brackets(parse_args(data)[0])[:512]
+            self.mail_from = mp.strip_brackets(mp.parse_args(data)[0])[:512]
             self.auth = macros.get("auth_authen", "")[:128]
-            return CONTINUE
-        if cmd == SMFIC_OPTNEG:
-            self.negotiation = negotiate(parse_optneg(data), WANTED_PROTOCOL, SYMLISTS)
-            self.header_replies = Proto.NR_HDR not in self.negotiation.protocol
+            return mp.CONTINUE
+        if cmd == mp.SMFIC_OPTNEG:
+            self.negotiation = mp.negotiate(mp.parse_optneg(data), WANTED_PROTOCOL, SYMLISTS)
+            self.header_replies = mp.Proto.NR_HDR not in self.negotiation.protocol
             return self.negotiation.encode()
-        if cmd == SMFIC_CONNECT:
+        if cmd == mp.SMFIC_CONNECT:
             self._reset_connection()
-            self.ip = connect_ip(parse_connect(data))
-            return CONTINUE if self.ip else ACCEPT  # no address: nothing to ask about
-        if cmd == SMFIC_HELO:
-            self.helo = parse_helo(data)[:255]
-            return CONTINUE
-        if cmd in (SMFIC_BODYEOB, SMFIC_ABORT):
+            self.ip = connect_ip(mp.parse_connect(data))
+            return mp.CONTINUE if self.ip else mp.ACCEPT  # no address: nothing to ask about
+        if cmd == mp.SMFIC_HELO:
+            self.helo = mp.parse_helo(data)[:255]
+            return mp.CONTINUE
+        if cmd in (mp.SMFIC_BODYEOB, mp.SMFIC_ABORT):
             self._reset_message()
-            return CONTINUE if cmd == SMFIC_BODYEOB else None
-        if cmd in (SMFIC_DATA, SMFIC_BODY, SMFIC_UNKNOWN):
-            return CONTINUE  # negotiated away; answered if an MTA sends them anyway
-        if cmd == SMFIC_QUIT_NC:
+            return mp.CONTINUE if cmd == mp.SMFIC_BODYEOB else None
+        if cmd in (mp.SMFIC_DATA, mp.SMFIC_BODY, mp.SMFIC_UNKNOWN):
+            return mp.CONTINUE  # negotiated away; answered if an MTA sends them anyway
+        if cmd == mp.SMFIC_QUIT_NC:
             self._reset_connection()
             return None
-        if cmd == SMFIC_QUIT:
+        if cmd == mp.SMFIC_QUIT:
             self.done = True
             return None
-        raise ProtocolError(f"unknown milter command {cmd!r}")
+        raise mp.ProtocolError(f"unknown milter command {cmd!r}")
 
     def _header(self, data: bytes) -> None:
-        strings = cstrings(data)
+        strings = mp.cstrings(data)
         if len(strings) != 2:
-            raise ProtocolError("header packet without exactly a name and a value")
+            raise mp.ProtocolError("header packet without exactly a name and a value")
         if self.headers_cut:
             return
         name, value = strings
@@ -245,7 +210,7 @@ class MilterSession:
         except grpc.aio.AioRpcError as exc:
             milter.stats.failed_open += 1
             milter.warn(exc)
-            return CONTINUE
+            return mp.CONTINUE
         verdict = pb.Verdict.Name(answer.verdict).removeprefix("VERDICT_")
         milter.stats.classified[verdict] = milter.stats.classified.get(verdict, 0) + 1
         relayed = answer.verdict == pb.VERDICT_RELAYED_THIRD_PARTY
@@ -261,13 +226,13 @@ class MilterSession:
             degraded=answer.degraded or None,
         )
         if not relayed or options.dry_run:
-            return CONTINUE
+            return mp.CONTINUE
         milter.stats.refused += 1
         text = options.reply.format(
             origin=answer.origin_ip or "an outside address",
             customer=answer.customer_id or "the customer",
         )
-        return reply_code(text)
+        return mp.reply_code(text)
 
 
 class RelayMilter(MilterServer):
@@ -377,12 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"relaycheck-milter: {exc}", file=sys.stderr)
         return 2
-    import uvloop
-
-    from serving import logs
-
-    logs.configure(args.log_level)
-    return int(uvloop.run(run(args)))
+    return run_program("relaycheck-milter", args.log_level, lambda: run(args))
 
 
 if __name__ == "__main__":

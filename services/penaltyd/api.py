@@ -13,10 +13,9 @@ single node's operator (`make run`); elsewhere it is `PERMISSION_DENIED`.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 import structlog
@@ -26,11 +25,11 @@ from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import reasons
 from penaltyd.detector import Decision
 from penaltyd.engine import Answer, Engine, Explained
-from penaltyd.store.base import PageCursor, Penalty, StoreError
+from penaltyd.store.base import PageCursor, Penalty
 from penaltyd.validation import Validator
 from penaltyd.watch import WatchEnded, allow_message
-from serving.errors import BadField, BadMessage, abort_invalid, abort_store_error
-from serving.gates import AdminGate, CallerGate
+from serving.errors import BadField, BadMessage, abort_invalid
+from serving.gates import AdminGate, CallerGate, operator_call
 
 log = structlog.get_logger("penaltyd.api")
 
@@ -220,26 +219,7 @@ class PenaltyService(penalty_pb2_grpc.PenaltyServiceServicer):
             await context.abort(getattr(grpc.StatusCode, end.code), end.message)
 
 
-AdminMethod = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
-
-
-def admin(method: AdminMethod[R]) -> AdminMethod[R]:
-    """Authorize, refuse undecodable requests, map BadField and store errors: once."""
-
-    @functools.wraps(method)
-    async def wrapper(self: PenaltyAdmin, request: Any, context: grpc.aio.ServicerContext) -> R:
-        await self.gate.authorize(context)
-        if isinstance(request, BadMessage):
-            await _invalid(context, request, self.engine)
-        try:
-            return await method(self, request, context)
-        except BadField as err:
-            await _invalid(context, err, self.engine)
-        except (StoreError, TimeoutError) as exc:
-            await abort_store_error(context, exc)
-        raise AssertionError("abort returned")  # pragma: no cover
-
-    return wrapper
+admin = operator_call()
 
 
 class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
@@ -247,11 +227,9 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         self.engine = engine
         self.validator = validator
         self.replies = replies
-        self.gate = AdminGate(
-            engine.settings.admin_token.get_secret_value(),
-            engine.settings.listen,
-            api="admin",
-            env_var="PENALTYD_ADMIN_TOKEN",
+        self.invalid_requests = engine.metrics.invalid_requests
+        self.gate = AdminGate.for_settings(
+            engine.settings, api="admin", env_var="PENALTYD_ADMIN_TOKEN"
         )
 
     def _decision(

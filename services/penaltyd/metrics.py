@@ -7,9 +7,9 @@ without "duplicated timeseries" errors; `penaltyd.server` exposes it on
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from serving.metrics import MetricsServer
+from serving.metrics import MetricsServer, store_latency
 
 
 class Metrics:
@@ -26,13 +26,7 @@ class Metrics:
         self.penalties_started = Counter(
             "penaltyd_penalties_started", "Penalties started, by rule", ["rule"], registry=r
         )
-        self.store_latency = Histogram(
-            "penaltyd_store_latency_seconds",
-            "Store round trips, by operation",
-            ["op"],
-            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
-            registry=r,
-        )
+        self.store_latency = store_latency("penaltyd", "Store", r)
         self.degraded = Gauge(
             "penaltyd_degraded", "1 while the store is failing and answers fail open", registry=r
         )

@@ -13,10 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from penalty.identity import IdentityRules, InvalidAddress, nat64_network, parse_network
+from penalty.identity import IdentityRules, nat64_network
 from penalty.replies import DEFAULT_SMTP_REPLY
 from serving import settings as serving_settings
-from serving.settings import ServingSettings
+from serving.settings import ServingSettings, cidr_list
 
 
 class Weights(BaseModel):
@@ -148,12 +148,7 @@ class Settings(ServingSettings):
     @field_validator("shared_cidrs")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        for cidr in value:
-            try:
-                parse_network(cidr)
-            except InvalidAddress as exc:
-                raise ValueError(str(exc)) from exc
-        return value
+        return cidr_list(value)
 
     @field_validator("nat64_prefixes")
     @classmethod

@@ -11,9 +11,7 @@ outside `probe_allowed_networks` `PERMISSION_DENIED`.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -22,12 +20,12 @@ from relaycheck.customers import Customer
 from relaycheck.engine import Classified, Engine, ProbeRefused
 from relaycheck.headers import Hop
 from relaycheck.probe import ProbeReport
-from relaycheck.store.base import NetworkConflict, StoreError
+from relaycheck.store.base import NetworkConflict
 from relaycheck.v1 import relaycheck_pb2 as pb
 from relaycheck.v1 import relaycheck_pb2_grpc as pbg
 from relaycheck.validation import Validator
-from serving.errors import BadField, BadMessage, abort_invalid, abort_store_error
-from serving.gates import AdminGate
+from serving.errors import BadField, BadMessage, abort_invalid
+from serving.gates import AdminGate, operator_call
 
 R = TypeVar("R")
 
@@ -111,43 +109,25 @@ async def _invalid(
     await abort_invalid(context, err, engine.metrics.invalid_requests)
 
 
-AdminMethod = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+def _conflict(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    assert isinstance(exc, NetworkConflict)
+    return grpc.StatusCode.ALREADY_EXISTS, f"relay_networks[{exc.index}]: {exc}"
 
 
-def admin(method: AdminMethod[R]) -> AdminMethod[R]:
-    """Authorize, refuse undecodable requests, map BadField and store errors: once."""
+def _refused(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    return grpc.StatusCode.PERMISSION_DENIED, f"host: {exc}"
 
-    @functools.wraps(method)
-    async def wrapper(self: RelayCheck, request: Any, context: grpc.aio.ServicerContext) -> R:
-        await self.gate.authorize(context)
-        if isinstance(request, BadMessage):
-            await _invalid(context, request, self.engine)
-        try:
-            return await method(self, request, context)
-        except BadField as err:
-            await _invalid(context, err, self.engine)
-        except NetworkConflict as exc:
-            await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS, f"relay_networks[{exc.index}]: {exc}"
-            )
-        except ProbeRefused as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"host: {exc}")
-        except (StoreError, TimeoutError) as exc:
-            await abort_store_error(context, exc)
-        raise AssertionError("abort returned")  # pragma: no cover
 
-    return wrapper
+admin = operator_call({NetworkConflict: _conflict, ProbeRefused: _refused})
 
 
 class RelayCheck(pbg.RelayCheckServicer):
     def __init__(self, engine: Engine, validator: Validator) -> None:
         self.engine = engine
         self.validator = validator
-        self.gate = AdminGate(
-            engine.settings.admin_token.get_secret_value(),
-            engine.settings.listen,
-            api="operator",
-            env_var="RELAYCHECK_ADMIN_TOKEN",
+        self.invalid_requests = engine.metrics.invalid_requests
+        self.gate = AdminGate.for_settings(
+            engine.settings, api="operator", env_var="RELAYCHECK_ADMIN_TOKEN"
         )
 
     async def Classify(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from serving.metrics import MetricsServer
+from serving.metrics import MetricsServer, store_latency
 
 
 class Metrics:
@@ -28,13 +28,7 @@ class Metrics:
             "Classify answers that failed open because the customer store did not answer",
             registry=r,
         )
-        self.store_latency = Histogram(
-            "relaycheck_store_latency_seconds",
-            "Customer store round trips, by operation",
-            ["op"],
-            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
-            registry=r,
-        )
+        self.store_latency = store_latency("relaycheck", "Customer store", r)
         self.store_up = Gauge(
             "relaycheck_store_up", "1 while the customer store answers its pings", registry=r
         )

@@ -14,10 +14,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from penalty import outcomes
-from penalty.identity import InvalidAddress, parse_network
 from relaycheck.customers import DEFAULT_PRIVATE_NETWORKS, normalise_domain
 from serving import settings as serving_settings
-from serving.settings import ServingSettings, host_port
+from serving.settings import ServingSettings, cidr_list, host_port
 
 
 class Settings(ServingSettings):
@@ -71,13 +70,7 @@ class Settings(ServingSettings):
     @field_validator("private_networks", "probe_allowed_networks")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        out = []
-        for cidr in value:
-            try:
-                out.append(str(parse_network(cidr)))
-            except InvalidAddress as exc:
-                raise ValueError(str(exc)) from exc
-        return out
+        return cidr_list(value)
 
     @field_validator("own_hostnames")
     @classmethod

@@ -3,8 +3,9 @@
 `add_serving_arguments` adds `--config`, `--listen`, `--redis-url`, `--metrics-listen`,
 `--log-level` and `--print-config`; `run_server` loads the settings (flags > environment
 > file > defaults), prints them or reports a bad configuration on stderr (exit 2), then
-configures logs and runs the server on uvloop until SIGTERM (a start-up failure such as
-a port in use is one line on stderr, exit 1).
+runs the server; `run_program`, what every console script (servers and sidecars) ends
+with, configures logs and runs on uvloop until SIGTERM (a start-up failure such as a port
+in use is one line on stderr, exit 1).
 """
 
 from __future__ import annotations
@@ -88,14 +89,22 @@ def run_server(
         print(json.dumps(settings.redacted(), indent=2))
         return 0
 
+    return run_program(prog, settings.log_level, lambda: serve(settings))
+
+
+def run_program(
+    prog: str, log_level: str, main: Callable[[], Coroutine[Any, Any, int | None]]
+) -> int:
+    """Configure JSON logs and run `main()` on uvloop: every console script ends here. A
+    start-up failure (a port in use, a path refused) is one line on stderr and exit 1."""
     import uvloop
 
     from serving import logs
 
-    logs.configure(settings.log_level)
+    logs.configure(log_level)
     try:
-        uvloop.run(serve(settings))
-    except OSError as exc:
+        code = uvloop.run(main())
+    except (OSError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return int(code or 0)

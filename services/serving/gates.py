@@ -1,13 +1,27 @@
 """Who may call: operator calls behind an admin token, service calls behind per-caller
-tokens or mutual TLS. One implementation for every service, constant-time checks."""
+tokens or mutual TLS. One implementation for every service, constant-time checks.
+
+`operator_call` wraps an operator method once for every service: the gate, then the
+errors mapped to status codes (bad input, the service's own refusals, store trouble)."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import grpc
+
+from serving.errors import BadField, BadMessage, StoreError, abort_invalid, abort_store_error
+
+R = TypeVar("R")
+
+
+class _Counter(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
 
 
 class AdminGate:
@@ -18,6 +32,13 @@ class AdminGate:
     opens the operator API to the network. `api` names it in the messages ("admin",
     "operator") and `env_var` says how to set the token.
     """
+
+    @classmethod
+    def for_settings(cls, settings: Any, *, api: str, env_var: str) -> AdminGate:
+        """The gate of a service's `admin_token` on its `listen` address."""
+        return cls(
+            settings.admin_token.get_secret_value(), settings.listen, api=api, env_var=env_var
+        )
 
     def __init__(self, token: str, listen: str, *, api: str, env_var: str) -> None:
         self._expected = f"Bearer {token}".encode() if token else None
@@ -93,3 +114,48 @@ class CallerGate:
             )
             raise AssertionError("abort returned")  # pragma: no cover
         return name
+
+
+class _OperatorServicer(Protocol):
+    gate: AdminGate
+    invalid_requests: _Counter
+
+
+Refusal = Callable[[Exception], tuple[grpc.StatusCode, str]]
+OperatorMethod = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def operator_call(
+    refusals: Mapping[type[Exception], Refusal] | None = None,
+) -> Callable[[OperatorMethod[R]], OperatorMethod[R]]:
+    """Decorate an operator (admin) method: authorize with the servicer's `gate`, refuse
+    undecodable requests and `BadField`s with INVALID_ARGUMENT (counted in the servicer's
+    `invalid_requests`), answer the service's own exceptions as `refusals` say, and store
+    trouble with UNAVAILABLE/DEADLINE_EXCEEDED: once, for every operator API."""
+    table = dict(refusals or {})
+
+    def decorate(method: OperatorMethod[R]) -> OperatorMethod[R]:
+        @functools.wraps(method)
+        async def wrapper(
+            self: _OperatorServicer, request: Any, context: grpc.aio.ServicerContext
+        ) -> R:
+            await self.gate.authorize(context)
+            if isinstance(request, BadMessage):
+                await abort_invalid(context, request, self.invalid_requests)
+            try:
+                return await method(self, request, context)
+            except BadField as err:
+                await abort_invalid(context, err, self.invalid_requests)
+            except Exception as exc:
+                for kind, refuse in table.items():
+                    if isinstance(exc, kind):
+                        code, message = refuse(exc)
+                        await context.abort(code, message)
+                if isinstance(exc, StoreError | TimeoutError):
+                    await abort_store_error(context, exc)
+                raise
+            raise AssertionError("abort returned")  # pragma: no cover
+
+        return wrapper
+
+    return decorate

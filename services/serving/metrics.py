@@ -15,11 +15,26 @@ import asyncio
 import contextlib
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
 log = structlog.get_logger("penalty.metrics")
 
 MAX_HEAD = 8192  # bytes of request line + headers; Prometheus sends a few hundred
+
+#: Latency buckets (seconds) of store round trips: from a pipelined Redis reply up to
+#: the longest deadline of any call (admin calls, 2 s), so timeouts land in a bucket.
+STORE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+def store_latency(service: str, what: str, registry: CollectorRegistry) -> Histogram:
+    """`<service>_store_latency_seconds{op}`: one definition for every service's store."""
+    return Histogram(
+        f"{service}_store_latency_seconds",
+        f"{what} round trips, by operation",
+        ["op"],
+        buckets=STORE_BUCKETS,
+        registry=registry,
+    )
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:

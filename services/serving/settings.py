@@ -24,12 +24,24 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from penalty.identity import InvalidAddress, parse_network
 from serving.errors import StoreMisconfigured
 from serving.redis.topology import parse
 
 S = TypeVar("S", bound=BaseSettings)
 
 REDIS_SCHEMES = "redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
+
+
+def cidr_list(value: list[str]) -> list[str]:
+    """CIDRs in canonical form (`penalty.identity.parse_network`), or ValueError naming one."""
+    out = []
+    for cidr in value:
+        try:
+            out.append(str(parse_network(cidr)))
+        except InvalidAddress as exc:
+            raise ValueError(str(exc)) from exc
+    return out
 
 
 def host_port(value: str) -> str:

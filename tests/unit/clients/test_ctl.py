@@ -20,12 +20,12 @@ import structlog
 import typer
 from typer.testing import CliRunner, Result
 
-from penalty.testing import free_port
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.ctl import Code, app, parse_outcome, parse_ttl
 from penaltyd.store.memory import MemoryStore
-from tests.conftest import Served, ServeFactory
-from tests.helpers import UNKNOWN, report
+from tests.harness.builders import UNKNOWN, report
+from tests.harness.inprocess import Served, ServeFactory
+from tests.harness.ports import free_port
 
 runner = CliRunner()
 # Never let the developer's environment choose the server, the token or TLS; a wide
