@@ -19,7 +19,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -27,7 +27,7 @@ import grpc
 from penalty.identity import bound_client, bound_count
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
-from penaltyclient.base import ClientBase
+from penaltyclient.base import ClientBase, keep_answering
 from penaltyclient.channel import aio_channel
 
 log = logging.getLogger("penaltyclient")
@@ -143,10 +143,16 @@ class AsyncPenaltyClient(ClientBase):
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise PenaltydError(exc.code(), exc.details() or "") from exc
             return self._fail_open("report", ip, exc)
+        if verdict.tempfail and self.replica is not None:
+            self.replica.learn(verdict)
         return verdict
 
     def reporter(self, **kw: Any) -> SessionReporter:
+        """A batched reporter on this client's channel. With the live replica on, a
+        tempfail verdict for one of its reports is applied to the replica at once."""
         kw.setdefault("metadata", self._service_metadata)
+        if self.replica is not None:
+            kw.setdefault("on_tempfail", self.replica.learn)
         return SessionReporter(self.service, **kw)
 
     # --- the live replica
@@ -155,7 +161,7 @@ class AsyncPenaltyClient(ClientBase):
         assert self.replica is not None
         backoff = 0.05
         while True:
-            self.replica.reset()
+            keep = 0.0
             try:
                 stream = self.service.WatchPenalties(
                     pb.WatchRequest(chunked_snapshot=True), metadata=self._service_metadata or None
@@ -164,8 +170,9 @@ class AsyncPenaltyClient(ClientBase):
                     self.replica.apply(event)
                     backoff = 0.05
             except grpc.aio.AioRpcError as exc:
-                log.info("penalty watch ended (%s); falling back to RPCs", exc.code().name)
-            self.replica.reset()
+                keep = keep_answering(exc.code(), exc.details() or "")
+                log.info("penalty watch ended (%s); re-watching", exc.code().name)
+            self.replica.reset(keep)
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 2.0)
 
@@ -273,12 +280,14 @@ class SessionReporter:
         interval: float = 0.02,
         max_queue: int = 50_000,
         metadata: tuple[tuple[str, str], ...] = (),
+        on_tempfail: Callable[[pb.Verdict], None] | None = None,
     ) -> None:
         self._service = service
         self.max_batch = max_batch
         self.interval = interval
         self.max_queue = max_queue
         self._metadata = metadata
+        self._on_tempfail = on_tempfail
         self._queue: deque[pb.ReportRequest] = deque()
         # Batches to send exactly as they are (halves of a refused batch), before the queue.
         self._retry: deque[list[pb.ReportRequest]] = deque()
@@ -419,7 +428,11 @@ class SessionReporter:
                 self._wakeup.set()
                 continue
             self.acked += len(batch)
-            self.tempfails.extend(v for v in response.reports if v.tempfail)
+            for verdict in response.reports:
+                if verdict.tempfail:
+                    self.tempfails.append(verdict)
+                    if self._on_tempfail is not None:
+                        self._on_tempfail(verdict)
 
     def _refused(self, batch: list[pb.ReportRequest], field: str, message: str) -> None:
         """Take the refused report out of `batch` and send the rest again."""

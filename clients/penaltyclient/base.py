@@ -28,6 +28,25 @@ def service_token_from_env() -> str:
     return token
 
 
+#: How long a live replica keeps answering from its last state after its watch stream
+#: ended for a reason that loses no change (the server recycling its connections).
+KEEP_ANSWERING_SECONDS = 1.0
+
+
+def keep_answering(code: grpc.StatusCode, details: str) -> float:
+    """Seconds the replica may keep answering while it re-watches, after a stream end.
+
+    penaltyd recycles connections every few minutes (`max_connection_age`) so clients
+    rebalance: the stream ends UNAVAILABLE and nothing was missed, so the replica keeps
+    answering while the next snapshot arrives (a fraction of a second) instead of sending
+    every check to penaltyd meanwhile. An end that says changes may have been missed
+    (penaltyd's feed resynced, the watcher fell behind) or any other error drops it at once.
+    """
+    if code == grpc.StatusCode.UNAVAILABLE and "feed" not in details:
+        return KEEP_ANSWERING_SECONDS
+    return 0.0
+
+
 #: Only a refused or dropped connection is worth another try inside the deadline.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 

@@ -60,6 +60,7 @@ import structlog
 from penalty.identity import InvalidAddress, address_and_identity, bound_count
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter, client_msg
+from penaltyclient.milter import MilterOptions, PenaltyMilter
 from serving.cli import run_program
 from serving.logs import RateLimitedLog
 
@@ -750,6 +751,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_connections=max_connections,
     )
     policy.reporter.start()
+    milter = _milter(args, policy.reporter) if args.milter_listen else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -759,6 +761,9 @@ async def serve(args: argparse.Namespace) -> None:
         server = await policy.listen(args.listen)
         where = ", ".join(str(s.getsockname()) for s in server.sockets)
         log.info("policyd_started", listen=where, penaltyd=args.penaltyd, stages=list(stages))
+        if milter is not None:
+            address = await milter.start(args.milter_listen)
+            log.info("milter_started", listen=address, shared_with="penalty-policyd")
         stats_task = asyncio.create_task(_log_stats(policy, args.stats_interval))
         await stop.wait()
     finally:
@@ -766,10 +771,19 @@ async def serve(args: argparse.Namespace) -> None:
             stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await stats_task
+        if milter is not None:
+            await milter.close(drain=2.0)
         await policy.close()
         await policy.reporter.close()
         await client.close()
         log.info("policyd_stopped", **_stats_fields(policy))
+
+
+def _milter(args: argparse.Namespace, reporter: SessionReporter) -> PenaltyMilter:
+    """penalty-milter in this process, on the same client: its reports' verdicts reach
+    this process's live replica at once, so the RCPT after the one that starts a penalty
+    already meets the 450 (no feed round trip), and one Session stream carries both."""
+    return PenaltyMilter(reporter, None, MilterOptions(report_accepted=args.no_report_accepted))
 
 
 def _stats_fields(policy: PolicyServer) -> dict[str, object]:
@@ -855,6 +869,13 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         help="seconds before an idle connection is closed (default 300)",
+    )
+    p.add_argument(
+        "--milter-listen",
+        metavar="HOST:PORT",
+        help="also serve penalty-milter here, in this process (recommended: one client, one "
+        "live replica, one report stream; the milter then reports each RCPT the policy "
+        "check does not, see --no-report-accepted)",
     )
     p.add_argument(
         "--stats-interval", type=float, default=60.0, help="seconds between stats log lines"

@@ -35,23 +35,45 @@ Kind = pb.PenaltyEvent.Kind
 class ReplicaState:
     def __init__(self, rules: IdentityRules | None = None) -> None:
         self.rules = rules or IdentityRules()
-        self.synced = False
+        self._synced = False
+        self._stale_until = 0.0  # while re-watching: keep answering until then (monotonic)
+        self.restarts = 0
         self.template = DEFAULT_SMTP_REPLY
         self.events = 0
+        self.learned = 0  # penalties taken from our own reports' verdicts
         self._offset_ms = 0.0  # store clock - local monotonic clock
         self._penalties: dict[str, tuple[int, str]] = {}
         self._building: dict[str, tuple[int, str]] | None = None
         self._allow: NetworkSet[int] = NetworkSet()
+        self._building_allow: NetworkSet[int] | None = None
         self.last_event_monotonic = 0.0
 
     def __len__(self) -> int:
         return len(self._penalties)
 
-    def reset(self) -> None:
-        """The stream broke: stop answering until a new snapshot is complete."""
-        self.synced = False
+    @property
+    def synced(self) -> bool:
+        """Whether checks may be answered from here (a full snapshot, kept current)."""
+        if not self._synced:
+            return False
+        return not self._stale_until or time.monotonic() < self._stale_until
+
+    def reset(self, keep_for: float = 0.0) -> None:
+        """The stream ended: build from the next snapshot.
+
+        With `keep_for`, the current state keeps answering for that many seconds while
+        the new snapshot arrives: for a stream that ended because the server recycles
+        connections (every few minutes, so clients rebalance), not because changes were
+        missed. Without it (or after it), checks go to penaltyd until the snapshot is in.
+        """
+        self.restarts += 1
         self._building = {}
-        self._allow = NetworkSet()
+        self._building_allow = NetworkSet()
+        if keep_for > 0 and self._synced:
+            self._stale_until = time.monotonic() + keep_for
+            return
+        self._synced = False
+        self._stale_until = 0.0
 
     def now_ms(self) -> float:
         return time.monotonic() * 1000 + self._offset_ms
@@ -62,6 +84,7 @@ class ReplicaState:
         if event.store_now_unix_ms:
             self._offset_ms = event.store_now_unix_ms - time.monotonic() * 1000
         target = self._penalties if self._building is None else self._building
+        allow = self._allow if self._building_allow is None else self._building_allow
         kind = event.kind
         if kind == Kind.KIND_PENALTY_STARTED:
             target[event.penalty.identity] = (
@@ -71,14 +94,14 @@ class ReplicaState:
         elif kind == Kind.KIND_PENALTY_LIFTED:
             target.pop(event.penalty.identity, None)
         elif kind == Kind.KIND_ALLOW_ADDED:
-            self._allow.add(parse_network(event.allow.cidr), event.allow.expires_at_unix_ms)
+            allow.add(parse_network(event.allow.cidr), event.allow.expires_at_unix_ms)
         elif kind == Kind.KIND_ALLOW_REMOVED:
-            self._allow.remove(parse_network(event.allow.cidr))
+            allow.remove(parse_network(event.allow.cidr))
         elif kind == Kind.KIND_SNAPSHOT_CHUNK:
             for p in event.penalties:
                 target[p.identity] = (p.expires_at_unix_ms, p.reason)
             for entry in event.allow_entries:
-                self._allow.add(parse_network(entry.cidr), entry.expires_at_unix_ms)
+                allow.add(parse_network(entry.cidr), entry.expires_at_unix_ms)
         elif kind == Kind.KIND_SNAPSHOT_DONE:
             if event.smtp_reply_template:
                 self.template = event.smtp_reply_template
@@ -89,7 +112,25 @@ class ReplicaState:
             if self._building is not None:
                 self._penalties = self._building
                 self._building = None
-            self.synced = True
+            if self._building_allow is not None:
+                self._allow = self._building_allow
+                self._building_allow = None
+            self._synced = True
+            self._stale_until = 0.0
+
+    def learn(self, verdict: pb.Verdict) -> None:
+        """A tempfail verdict penaltyd just answered to one of our reports: known now.
+
+        The feed would bring the same penalty a round trip later; meanwhile this MX's
+        next RCPT from that client must already meet the 450. The expiry is on the store's
+        clock, like the feed's, so the remaining time stays exact."""
+        if not (verdict.tempfail and verdict.identity and verdict.expires_at_unix_ms):
+            return
+        entry = (verdict.expires_at_unix_ms, verdict.reason)
+        self._penalties[verdict.identity] = entry
+        if self._building is not None:
+            self._building[verdict.identity] = entry  # survives the snapshot's swap
+        self.learned += 1
 
     def check(
         self, ip: str, helo: str = "", mail_from: str = "", fingerprint: str = ""

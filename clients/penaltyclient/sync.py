@@ -18,7 +18,7 @@ import grpc
 
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import Counts, PenaltydError, client_msg, outcome_counts
-from penaltyclient.base import ClientBase
+from penaltyclient.base import ClientBase, keep_answering
 from penaltyclient.channel import sync_channel
 
 log = logging.getLogger("penaltyclient")
@@ -106,7 +106,7 @@ class PenaltyClient(ClientBase):
         assert self.replica is not None
         backoff = 0.05
         while not self._closed.is_set():
-            self.replica.reset()
+            keep = 0.0
             try:
                 self._watch = self.service.WatchPenalties(
                     pb.WatchRequest(chunked_snapshot=True), metadata=self._service_metadata or None
@@ -117,10 +117,11 @@ class PenaltyClient(ClientBase):
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     return
-                log.info("penalty watch ended (%s); falling back to RPCs", exc.code().name)
+                keep = keep_answering(exc.code(), exc.details() or "")
+                log.info("penalty watch ended (%s); re-watching", exc.code().name)
             except ValueError:  # the channel was closed under us
                 return
-            self.replica.reset()
+            self.replica.reset(keep)
             self._closed.wait(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 2.0)
 

@@ -110,7 +110,7 @@ async def start_server(
     engine = Engine(settings, store or make_store(settings), metrics)
     validator = Validator(settings)
     replies = Replies(settings.smtp_reply)
-    server = wiring.grpc_server(settings.max_message_bytes)
+    server = wiring.grpc_server(settings)
     codec.register_guarded(
         penalty_pb2_grpc.add_PenaltyServiceServicer_to_server,
         PenaltyService(engine, validator, replies, _caller_gate(settings)),

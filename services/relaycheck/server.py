@@ -77,7 +77,7 @@ async def start_server(
     engine = Engine(
         settings, store or make_store(settings), metrics, reporter or make_reporter(settings)
     )
-    server = wiring.grpc_server(settings.max_message_bytes)
+    server = wiring.grpc_server(settings)
     codec.register_guarded(
         relaycheck_pb2_grpc.add_RelayCheckServicer_to_server,
         RelayCheck(engine, Validator(settings)),

@@ -27,19 +27,19 @@ from serving.errors import StoreError
 from serving.settings import ServingSettings
 
 
-def grpc_server(max_message_bytes: int, *options: tuple[str, Any]) -> grpc.aio.Server:
+def grpc_server(settings: ServingSettings, *options: tuple[str, Any]) -> grpc.aio.Server:
     """A grpc.aio server with what every service wants (`options` add to it)."""
     return grpc.aio.server(
         options=[
             # Above this grpc itself answers RESOURCE_EXHAUSTED; between max_message_bytes
             # and this, we answer INVALID_ARGUMENT naming the limit.
-            ("grpc.max_receive_message_length", 2 * max_message_bytes + 1024),
+            ("grpc.max_receive_message_length", 2 * settings.max_message_bytes + 1024),
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),
             # Clients re-resolve DNS only when a connection ends: recycling connections
             # lets replicas added by the autoscaler take their share of calls.
-            ("grpc.max_connection_age_ms", 300_000),
-            ("grpc.max_connection_age_grace_ms", 30_000),
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.connection_age_grace_seconds * 1000)),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             # Bound what the server buffers per stream: with grpc's default (0) a write
             # completes at once whatever the reader's flow control says, and a stream

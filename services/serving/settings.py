@@ -61,6 +61,8 @@ class ServingSettings(BaseSettings):
     listen: str = "127.0.0.1:0"  # gRPC HOST:PORT ([::1]:PORT for IPv6)
     metrics_listen: str = ""  # Prometheus /metrics HOST:PORT; empty disables it
     grace_seconds: float = Field(5.0, ge=0, le=120)  # SIGTERM drain time for in-flight calls
+    max_connection_age_seconds: float = Field(300.0, ge=0.5, le=86_400)  # then clients rebalance
+    connection_age_grace_seconds: float = Field(30.0, ge=0, le=3600)  # open streams' grace
     max_message_bytes: int = Field(1 << 20, ge=1024, le=16 << 20)  # larger: INVALID_ARGUMENT
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # log threshold
     admin_token: SecretStr = SecretStr("")  # bearer token for operator calls; empty: loopback
