@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from penaltyd.server import serve
 
-    return run_server("penaltyd", args, load_settings, serve)
+    return run_server(
+        "penaltyd", args, load_settings, serve, module="penaltyd", env_prefix="PENALTYD"
+    )
 
 
 if __name__ == "__main__":

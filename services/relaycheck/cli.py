@@ -370,7 +370,15 @@ async def _customer(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from relaycheck.server import serve
 
-    return run_server("relaycheck", args, load_settings, serve, penaltyd=args.penaltyd)
+    return run_server(
+        "relaycheck",
+        args,
+        load_settings,
+        serve,
+        module="relaycheck",
+        env_prefix="RELAYCHECK",
+        penaltyd=args.penaltyd,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

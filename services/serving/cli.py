@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pydantic
 
 from serving.settings import ServingSettings
+from serving.workers import Supervisor, metrics_listen_of, worker_index
 
 S = TypeVar("S", bound=ServingSettings)
 
@@ -67,9 +68,13 @@ def run_server(
     args: argparse.Namespace,
     load: Callable[..., S],
     serve: Callable[[S], Coroutine[Any, Any, None]],
+    *,
+    module: str,
+    env_prefix: str,
     **overrides: Any,
 ) -> int:
-    """Load the settings from `args` (and `overrides`), then print them or serve."""
+    """Load the settings from `args` (and `overrides`), then print them or serve (with
+    `workers` > 1, this process supervises the others: `serving.workers`)."""
     try:
         settings = load(
             args.config,
@@ -89,7 +94,24 @@ def run_server(
         print(json.dumps(settings.redacted(), indent=2))
         return 0
 
-    return run_program(prog, settings.log_level, lambda: serve(settings))
+    index = worker_index(env_prefix)
+    if index:
+        settings = settings.model_copy(
+            update={"metrics_listen": metrics_listen_of(settings.metrics_listen, index)}
+        )
+
+    async def main() -> None:
+        supervisor = None
+        if settings.workers > 1 and index == 0:
+            supervisor = Supervisor(settings.workers, module, sys.argv[1:], env_prefix)
+            supervisor.start()
+        try:
+            await serve(settings)
+        finally:
+            if supervisor is not None:
+                await supervisor.stop(settings.grace_seconds + 5)
+
+    return run_program(prog, settings.log_level, main)
 
 
 def run_program(

@@ -34,7 +34,8 @@ def grpc_server(settings: ServingSettings, *options: tuple[str, Any]) -> grpc.ai
             # Above this grpc itself answers RESOURCE_EXHAUSTED; between max_message_bytes
             # and this, we answer INVALID_ARGUMENT naming the limit.
             ("grpc.max_receive_message_length", 2 * settings.max_message_bytes + 1024),
-            ("grpc.so_reuseport", 0),
+            # One process binds the port alone; `workers` share it (serving.workers).
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ("grpc.keepalive_permit_without_calls", 1),
             # Clients re-resolve DNS only when a connection ends: recycling connections
             # lets replicas added by the autoscaler take their share of calls.

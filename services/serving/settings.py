@@ -72,6 +72,7 @@ class ServingSettings(BaseSettings):
     redis_url: str = ""  # redis://, rediss://, unix://, redis+sentinel://, redis+cluster://
     redis_max_connections: int = Field(32, ge=1, le=1024)  # pool size per replica
     admin_timeout_ms: int = Field(2000, ge=1, le=60_000)  # store deadline for operator calls
+    workers: int = Field(1, ge=1, le=64)  # processes sharing the port (SO_REUSEPORT); Redis only
 
     @field_validator("listen")
     @classmethod
@@ -100,6 +101,11 @@ class ServingSettings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                f"workers={self.workers} needs the Redis store (redis_url): the embedded "
+                "store lives in one process, so several would each hold their own penalties"
+            )
         return self
 
     @property
