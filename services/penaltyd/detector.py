@@ -31,6 +31,8 @@ from penaltyd.settings import Settings
 
 #: Outcome enum numbers index every per-outcome vector (0 is UNSPECIFIED, never stored).
 N_OUTCOMES = outcomes.COUNT
+#: The rules a penalty can start by (metrics create their series from this).
+RULES = ("significance", "burst")
 ACCEPTED = outcomes.ACCEPTED
 outcome_name = outcomes.name
 

@@ -22,7 +22,7 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -220,11 +220,15 @@ class Engine:
         return answer
 
     async def check(self, ref: ClientRef) -> Answer:
+        t0 = time.perf_counter()
         known, answer = self._local(ref)
         if known:
             assert answer is not None
+            self.metrics.check_view.observe(time.perf_counter() - t0)
             return self._count_check(answer)
-        return (await self._check_store([ref]))[0]
+        answered = (await self._check_store([ref]))[0]
+        self.metrics.check_store.observe(time.perf_counter() - t0)
+        return answered
 
     async def check_many(self, refs: Sequence[ClientRef]) -> list[Answer]:
         answers: list[Answer | None] = []
@@ -244,8 +248,9 @@ class Engine:
         # MX told us who that is (no fingerprint: the two are the same key).
         ids = list(dict.fromkeys(i for r in refs for i in (r.identity, r.sub_identity)))
         try:
-            async with asyncio.timeout(self._check_timeout):
-                found = dict(zip(ids, await self.store.penalties(ids), strict=True))
+            with self.metrics.store_call("check", self._check_timeout):
+                async with asyncio.timeout(self._check_timeout):
+                    found = dict(zip(ids, await self.store.penalties(ids), strict=True))
         except (StoreError, TimeoutError) as exc:
             self.failed("check", exc)
             self.metrics.check_degraded.inc(len(refs))
@@ -296,14 +301,14 @@ class Engine:
         return [a for a in answers if a is not None]
 
     async def _record(self, items: Sequence[ReportItem]) -> list[Answer]:
-        t0 = time.perf_counter()
         # A Session message of hundreds of reports (each perhaps starting a penalty) is
         # one pipeline, but a longer one: its deadline grows with it.
         deadline = self._report_timeout + self._per_item_timeout * (len(items) - 1)
         try:
-            async with asyncio.timeout(deadline):
-                windows = await self.store.record(items)
-                answers = await self._decide(items, windows)
+            with self.metrics.store_call("report", deadline):
+                async with asyncio.timeout(deadline):
+                    windows = await self.store.record(items)
+                    answers = await self._decide(items, windows)
         except TimeoutError as exc:
             self.failed("report", exc)
             self.metrics.reports_in_doubt.inc(len(items))
@@ -312,7 +317,6 @@ class Engine:
             self.failed("report", exc)
             self.buffer.add(items)
             return [Answer(i.identity, None, degraded=True) for i in items]
-        self.metrics.store_latency.labels("report").observe(time.perf_counter() - t0)
         self.metrics.reports.inc(len(items))
         self.stats.add(items, windows)
         return answers
@@ -376,12 +380,24 @@ class Engine:
     def buffered(self) -> int:
         return len(self.buffer)
 
+    async def ping(self) -> None:
+        """The store's health probe, timed like every store call."""
+        with self.metrics.store_call("ping", 1.0):
+            await self.store.ping()
+
     # --- admin
+
+    @contextlib.asynccontextmanager
+    async def _admin_call(self, op: str) -> AsyncIterator[None]:
+        """The deadline of an admin call's store work, timed (timeouts included)."""
+        with self.metrics.store_call(op, self._admin_timeout):
+            async with asyncio.timeout(self._admin_timeout):
+                yield
 
     async def explain(self, ref: ClientRef) -> Explained:
         configured = self.shared_configured(ref)
         item = ReportItem(ref.identity, (), ref.fingerprint, configured is not None)
-        async with asyncio.timeout(self._admin_timeout):
+        async with self._admin_call("explain"):
             (window,) = await self.store.record([item])
             last_lift = await self.store.last_lift(ref.identity)
             if last_lift is None and ref.fingerprint:
@@ -422,7 +438,7 @@ class Engine:
         record = LiftRecord(actor, note, self._wall_ms())
         targets = [ref.identity] + ([ref.sub_identity] if ref.fingerprint else [])
         lifted = []
-        async with asyncio.timeout(self._admin_timeout):
+        async with self._admin_call("lift"):
             for identity in targets:
                 if await self.store.lift(identity, record):
                     lifted.append(identity)
@@ -430,30 +446,30 @@ class Engine:
         return lifted
 
     async def allow(self, cidr: str, ttl_s: int, note: str, actor: str) -> AllowEntry:
-        async with asyncio.timeout(self._admin_timeout):
+        async with self._admin_call("allow"):
             entry = await self.store.allow(AllowEntry(cidr, 0, note, actor), ttl_s * 1000)
         log.info("allowlist_added", cidr=cidr, ttl_seconds=ttl_s, actor=actor, note=note)
         return entry
 
     async def remove_allow(self, cidr: str, actor: str) -> bool:
-        async with asyncio.timeout(self._admin_timeout):
+        async with self._admin_call("allow"):
             removed = await self.store.remove_allow(cidr)
         log.info("allowlist_removed", cidr=cidr, removed=removed, actor=actor)
         return removed
 
     async def allowlist(self) -> list[AllowEntry]:
-        async with asyncio.timeout(self._admin_timeout):
+        async with self._admin_call("allow"):
             return await self.store.allowlist()
 
     async def fleet_stats(self) -> FleetStats:
-        async with asyncio.timeout(self._admin_timeout):
+        async with self._admin_call("stats_read"):
             self.stats.fleet = await self.store.fleet_stats()
         return self.stats.fleet
 
     async def list_penalties(
         self, after: PageCursor | None, limit: int
     ) -> tuple[list[Penalty], PageCursor | None]:
-        async with asyncio.timeout(self._admin_timeout):
+        async with self._admin_call("list"):
             return await self.store.list_penalties(after, limit)
 
     # --- the watch hub (WatchPenalties)

@@ -99,12 +99,13 @@ class FleetStatistics:
         agg, self.pending = self.pending, Aggregates()
         ok = True
         try:
-            async with asyncio.timeout(self._timeout):
-                await self.store.flush_stats(
-                    StatsDelta(
-                        self.replica, agg.events, agg.weighted, frozenset(), self._degraded()
+            with self.metrics.store_call("stats_flush", self._timeout):
+                async with asyncio.timeout(self._timeout):
+                    await self.store.flush_stats(
+                        StatsDelta(
+                            self.replica, agg.events, agg.weighted, frozenset(), self._degraded()
+                        )
                     )
-                )
         except TimeoutError as exc:
             ok = self._failed("baseline", exc)
         except StoreError as exc:  # not applied: keep it for the next flush
@@ -125,8 +126,9 @@ class FleetStatistics:
                 ok = self._failed("identities", exc)
                 break
         try:
-            async with asyncio.timeout(self._timeout):
-                self.fleet = await self.store.fleet_stats()
+            with self.metrics.store_call("stats_read", self._timeout):
+                async with asyncio.timeout(self._timeout):
+                    self.fleet = await self.store.fleet_stats()
         except (StoreError, TimeoutError) as exc:
             return self._failed("read", exc)
         self.baseline = Baseline(self.fleet.baseline_events, self.fleet.baseline_errors)

@@ -7,14 +7,32 @@ without "duplicated timeseries" errors; `penaltyd.server` exposes it on
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from serving.metrics import MetricsServer, store_latency
+from penaltyd import __version__
+from penaltyd.detector import RULES
+from serving.metrics import RPC_BUCKETS, ServiceMetrics
+
+#: Store operations, each a label value of the store latency and timeout metrics.
+STORE_OPS = (
+    "check",
+    "report",
+    "replay",
+    "explain",
+    "lift",
+    "allow",
+    "list",
+    "stats_flush",
+    "stats_read",
+    "ping",
+)
 
 
-class Metrics:
+class Metrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        super().__init__(
+            "penaltyd", __version__, store_what="Store", store_ops=STORE_OPS, registry=registry
+        )
         r = self.registry
         self.checks = Counter(
             "penaltyd_checks", "Checks answered, by result", ["result"], registry=r
@@ -26,9 +44,22 @@ class Metrics:
         self.penalties_started = Counter(
             "penaltyd_penalties_started", "Penalties started, by rule", ["rule"], registry=r
         )
-        self.store_latency = store_latency("penaltyd", "Store", r)
+        for rule in RULES:
+            self.penalties_started.labels(rule)
+        self.check_latency = Histogram(
+            "penaltyd_check_latency_seconds",
+            "Checks answered, by path: the in-process view (no I/O) or the store",
+            ["path"],
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+        self.check_view = self.check_latency.labels("view")
+        self.check_store = self.check_latency.labels("store")
         self.degraded = Gauge(
-            "penaltyd_degraded", "1 while the store is failing and answers fail open", registry=r
+            "penaltyd_degraded",
+            "1 while store calls are failing (reports buffered or in doubt, checks not "
+            "answered from the in-process view fail open)",
+            registry=r,
         )
         self.active_penalties = Gauge(
             "penaltyd_active_penalties", "Active penalties fleet-wide (sharded index)", registry=r
@@ -63,9 +94,3 @@ class Metrics:
         self.invalid_requests = Counter(
             "penaltyd_invalid_requests", "Requests refused with INVALID_ARGUMENT", registry=r
         )
-
-    async def serve(self, listen: str) -> MetricsServer:
-        """`/metrics` on `listen`, on the event loop (`penalty.metrics_http`)."""
-        server = MetricsServer(self.registry, listen)
-        await server.start()
-        return server

@@ -49,8 +49,9 @@ class ReportBuffer:
         while self._items:
             chunk = [self._items.popleft() for _ in range(min(REPLAY_CHUNK, len(self._items)))]
             try:
-                async with asyncio.timeout(timeout_s):
-                    await apply(chunk)
+                with self.metrics.store_call("replay", timeout_s):
+                    async with asyncio.timeout(timeout_s):
+                        await apply(chunk)
             except (StoreError, TimeoutError):
                 self._items.extendleft(reversed(chunk))
                 break

@@ -117,12 +117,14 @@ async def start_server(
         server,
         settings.max_message_bytes,
         raw_responses=("WatchPenalties",),
+        metrics=metrics,
     )
     codec.register_guarded(
         penalty_pb2_grpc.add_PenaltyAdminServicer_to_server,
         PenaltyAdmin(engine, validator, replies),
         server,
         settings.max_message_bytes,
+        metrics=metrics,
     )
     running = await wiring.launch(
         server,
@@ -131,7 +133,7 @@ async def start_server(
         metrics,
         service_names=_SERVICE_NAMES,
         store_health=STORE_HEALTH,
-        ping=engine.store.ping,
+        ping=engine.ping,
         on_ping=_store_failed(engine),
         after_start=lambda: _first_ping(engine),
     )

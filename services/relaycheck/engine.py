@@ -90,12 +90,13 @@ class Engine:
         await self.store.close()
 
     async def _timed(self, op: str, call: Awaitable[T], timeout_ms: int) -> T:
-        t0 = time.perf_counter()
-        try:
+        with self.metrics.store_call(op, timeout_ms / 1000):
             async with asyncio.timeout(timeout_ms / 1000):
                 return await call
-        finally:
-            self.metrics.store_latency.labels(op).observe(time.perf_counter() - t0)
+
+    async def ping(self) -> None:
+        """The store's health probe, timed like every store call."""
+        await self._timed("ping", self.store.ping(), 1000)
 
     # --- the smart relay's path: never an error
 

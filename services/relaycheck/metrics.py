@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from serving.metrics import MetricsServer, store_latency
+from relaycheck import __version__
+from serving.metrics import ServiceMetrics
+
+#: Customer-store operations, each a label value of the store latency and timeout metrics.
+STORE_OPS = ("get", "find", "upsert", "delete", "ping")
 
 
-class Metrics:
+class Metrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        super().__init__(
+            "relaycheck",
+            __version__,
+            store_what="Customer store",
+            store_ops=STORE_OPS,
+            registry=registry,
+        )
         r = self.registry
         self.classifications = Counter(
             "relaycheck_classifications",
@@ -28,7 +38,6 @@ class Metrics:
             "Classify answers that failed open because the customer store did not answer",
             registry=r,
         )
-        self.store_latency = store_latency("relaycheck", "Customer store", r)
         self.store_up = Gauge(
             "relaycheck_store_up", "1 while the customer store answers its pings", registry=r
         )
@@ -47,9 +56,3 @@ class Metrics:
         self.invalid_requests = Counter(
             "relaycheck_invalid_requests", "Requests refused with INVALID_ARGUMENT", registry=r
         )
-
-    async def serve(self, listen: str) -> MetricsServer:
-        """`/metrics` on `listen`, on the event loop (`penalty.metrics_http`)."""
-        server = MetricsServer(self.registry, listen)
-        await server.start()
-        return server

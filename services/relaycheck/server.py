@@ -83,6 +83,7 @@ async def start_server(
         RelayCheck(engine, Validator(settings)),
         server,
         settings.max_message_bytes,
+        metrics=metrics,
     )
     running = await wiring.launch(
         server,
@@ -91,7 +92,7 @@ async def start_server(
         metrics,
         service_names=(SERVICE_NAME,),
         store_health=STORE_HEALTH,
-        ping=engine.store.ping,
+        ping=engine.ping,
         on_ping=_store_gauge(engine),
     )
     port = running.port

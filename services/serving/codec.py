@@ -10,8 +10,11 @@ through (events serialized once and shared by many streams).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -104,29 +107,86 @@ class _Capture:
         self.service, self.handlers = service, handlers
 
 
+class _RpcMetrics(Protocol):
+    def methods(self, names: Iterable[str]) -> None: ...
+
+    def rpc_done(self, method: str, code: grpc.StatusCode | None, seconds: float) -> None: ...
+
+
+def _measured(behavior: Any, method: str, metrics: _RpcMetrics) -> Any:
+    """`behavior` with its status code and time counted when it ends: returned (OK or
+    the code it set), aborted (the abort's code), cancelled by the client, or failed."""
+
+    def code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> Any:
+        if isinstance(exc, asyncio.CancelledError):
+            return grpc.StatusCode.CANCELLED
+        code = context.code()
+        if code is None and exc is not None and not isinstance(exc, grpc.aio.AbortError):
+            return grpc.StatusCode.UNKNOWN
+        return code
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0, failure = time.perf_counter(), None
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                metrics.rpc_done(method, code_of(context, failure), time.perf_counter() - t0)
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        t0, failure = time.perf_counter(), None
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            metrics.rpc_done(method, code_of(context, failure), time.perf_counter() - t0)
+
+    return call
+
+
 def register_guarded(
     add: Callable[[Any, Any], None],
     servicer: Any,
     server: grpc.aio.Server,
     max_bytes: int,
     raw_responses: Sequence[str] = (),
+    metrics: _RpcMetrics | None = None,
 ) -> None:
     """Register generated handlers (`add_XServicer_to_server`) with guarded deserializers.
 
     grpc answers a request its deserializer cannot parse with INTERNAL; bad input must
     get INVALID_ARGUMENT (DESIGN.md s. 6), so the servicer receives a `BadMessage`.
-    Methods named in `raw_responses` may also answer with already serialized bytes.
+    Methods named in `raw_responses` may also answer with already serialized bytes. With
+    `metrics`, every call is counted by method and status code, and timed.
     """
     cap = _Capture()
     add(servicer, cap)
-    wrapped = {
-        name: h._replace(
+    service = cap.service.rpartition(".")[2]
+    wrapped = {}
+    for name, h in cap.handlers.items():
+        h = h._replace(
             request_deserializer=guarded_deserializer(h.request_deserializer, name, max_bytes),
             response_serializer=(
                 _bytes_or(h.response_serializer) if name in raw_responses else h.response_serializer
             ),
         )
-        for name, h in cap.handlers.items()
-    }
+        if metrics is not None:
+            kind = next(
+                k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                if getattr(h, k) is not None
+            )  # fmt: skip
+            h = h._replace(**{kind: _measured(getattr(h, kind), f"{service}/{name}", metrics)})
+        wrapped[name] = h
+    if metrics is not None:
+        metrics.methods(f"{service}/{name}" for name in wrapped)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.service, wrapped),))
     server.add_registered_method_handlers(cap.service, wrapped)

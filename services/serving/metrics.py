@@ -1,4 +1,12 @@
-"""`/metrics` over HTTP on the service's own event loop, in bounded resources.
+"""Metrics every service exports, and `/metrics` over HTTP in bounded resources.
+
+`ServiceMetrics` is the base of each service's metrics: process, platform and garbage
+collector collectors, a `<service>_build_info`, store latency by operation *including
+the calls that timed out* (observed at their deadline and counted in
+`<service>_store_timeouts_total{op}`), and per-RPC gRPC server metrics
+(`<service>_grpc_requests_total{method,code}`, `<service>_grpc_request_seconds{method}`).
+Label sets are created at start, so every series exists before its first event, and no
+`*_created` series are exported (prometheus-client's `disable_created_metrics`).
 
 prometheus-client's `start_http_server` runs a thread per connection and keeps it while
 the connection is idle: 900 idle connections to the metrics port made 909 threads. This
@@ -13,11 +21,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import platform
+import time
+from collections.abc import Iterable, Iterator
 
+import grpc
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
-log = structlog.get_logger("penalty.metrics")
+log = structlog.get_logger("serving.metrics")
+
+# `*_created` series double every counter and histogram for a value nobody alerts on.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
+
+#: gRPC request latency buckets: from an in-process answer to the longest deadline.
+RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+               0.5, 1.0, 2.5, 5.0)  # fmt: skip
 
 MAX_HEAD = 8192  # bytes of request line + headers; Prometheus sends a few hundred
 
@@ -26,15 +56,92 @@ MAX_HEAD = 8192  # bytes of request line + headers; Prometheus sends a few hundr
 STORE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0)
 
 
-def store_latency(service: str, what: str, registry: CollectorRegistry) -> Histogram:
-    """`<service>_store_latency_seconds{op}`: one definition for every service's store."""
-    return Histogram(
-        f"{service}_store_latency_seconds",
-        f"{what} round trips, by operation",
-        ["op"],
-        buckets=STORE_BUCKETS,
-        registry=registry,
-    )
+class ServiceMetrics:
+    """What every service's metrics start from (see the module docstring).
+
+    `store_ops` names the store operations (label values created at start); `methods`
+    the gRPC methods ("Service/Method"), each created with code OK.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        version: str,
+        *,
+        store_what: str,
+        store_ops: Iterable[str],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.service = service
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        Info(f"{service}_build", f"{service}'s version and runtime", registry=r).info(
+            {
+                "version": version,
+                "python": platform.python_version(),
+                "grpc": grpc.__version__,
+            }
+        )
+        self.store_latency = Histogram(
+            f"{service}_store_latency_seconds",
+            f"{store_what} round trips by operation; a call that timed out counts at its deadline",
+            ["op"],
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        self.store_timeouts = Counter(
+            f"{service}_store_timeouts",
+            f"{store_what} calls that missed their deadline, by operation",
+            ["op"],
+            registry=r,
+        )
+        for op in store_ops:
+            self.store_latency.labels(op)
+            self.store_timeouts.labels(op)
+        self.rpc_requests = Counter(
+            f"{service}_grpc_requests",
+            "gRPC requests answered, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rpc_seconds = Histogram(
+            f"{service}_grpc_request_seconds",
+            "gRPC request handling time, by method (streams: their whole life)",
+            ["method"],
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+
+    def methods(self, names: Iterable[str]) -> None:
+        """Create the per-RPC series of `names` ("Service/Method") with code OK."""
+        for name in names:
+            self.rpc_requests.labels(name, "OK")
+            self.rpc_seconds.labels(name)
+
+    def rpc_done(self, method: str, code: grpc.StatusCode | None, seconds: float) -> None:
+        self.rpc_requests.labels(method, (code or grpc.StatusCode.OK).name).inc()
+        self.rpc_seconds.labels(method).observe(seconds)
+
+    @contextlib.contextmanager
+    def store_call(self, op: str, deadline_s: float) -> Iterator[None]:
+        """Time one store call. A `TimeoutError` (its deadline) is observed at the deadline
+        and counted: a stalled store shows in the latency metrics instead of vanishing."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        except TimeoutError:
+            self.store_latency.labels(op).observe(max(deadline_s, time.perf_counter() - t0))
+            self.store_timeouts.labels(op).inc()
+            raise
+        self.store_latency.labels(op).observe(time.perf_counter() - t0)
+
+    async def serve(self, listen: str) -> MetricsServer:
+        """`/metrics` on `listen`, on the event loop."""
+        server = MetricsServer(self.registry, listen)
+        await server.start()
+        return server
 
 
 def _response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:

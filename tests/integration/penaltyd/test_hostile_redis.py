@@ -83,7 +83,7 @@ async def test_crafted_page_token_on_redis(serve: ServeFactory, redis_url: str) 
 async def test_watch_snapshot_chunks_from_the_redis_view(
     serve: ServeFactory, redis_url: str
 ) -> None:
-    pd = await serve(RedisStore(redis_url))
+    pd = await serve(RedisStore(redis_url), report_timeout_ms=10_000)  # not about deadlines
     await eventually(lambda: _synced(pd.engine.store), bool)
     call = pd.service.Session()
     for part in range(2):
