@@ -25,9 +25,35 @@ own_recipient            external client, "for <x@customer-domain>"     ORIGINAT
 delivered_to_own         external client, a Delivered-To/X-Original-To  ORIGINATED
                          of a customer domain *above* the entry line
 foreign_recipient        external client, "for <x@foreign>"             RELAYED
+own_recipient_above      external client, no "for"; a customer line     ORIGINATED
+                         *above* the entry says "for <x@customer-
+                         domain>" (a customer machine accepted it for
+                         its own user, then sent it on)
+srs_rewritten            external client, no "for"; Exim recorded the   ORIGINATED
+                         envelope sender S on the entry line (or above)
+                         and the customer's Exim sent the message on as
+                         an SRS0/SRS1 of S at a customer domain, every
+                         line from that one up written by Exim
 foreign_envelope         external client, no "for", every envelope      RELAYED
                          recipient at the smart relay is foreign
 ======================== ============================================== ===============
+
+Why the last two ORIGINATED rules hold against a sender relaying through an open relay.
+MTAs write `for` only with one recipient (Postfix smtpd: `rcpt_count == 1`; Exim's
+`$received_for`; Sendmail's `$u`), so forwarding a message that arrived for several of
+the customer's users leaves the entry line without one. Everything below the entry is
+the sender's, and so is the envelope sender: an SRS0 address of a customer domain proves
+nothing by itself (a spammer writes one, its hash cannot be checked without the
+customer's secret, and postsrsd, Postfix's usual SRS, rewrites every foreign sender in
+cleanup, relayed mail included). `own_recipient_above` reads only lines the walk has
+already trusted (above the entry, written by customer machines about hand-overs between
+them): the sender's RCPT list reaches them only through the customer's own routing, and
+a copy routed to a customer user and then sent out is the customer's forward.
+`srs_rewritten` needs a rewrite done by the customer: the recorded S is what the sender
+sent, and a server that passes the sender through sends S, never SRS(S). Exim applies
+SRS in its forwarding transport (`return_path = ${srs_encode ...{$original_domain}}`,
+selected when the address was redirected), so the rewrite marks a redirect; the rule is
+kept to lines Exim wrote because Postfix with postsrsd rewrites relayed mail as well.
 
 Anything else (no Received line from the relay, a line without a client address, an
 unreadable line in the trusted part, more lines than the limit) is UNDETERMINED: the
@@ -60,9 +86,11 @@ from relaycheck.headers import (
     IPAddress,
     Limits,
     address_domain,
+    bare_address,
     parse_address,
     parse_received,
     split_header_block,
+    srs_original,
 )
 
 
@@ -146,6 +174,9 @@ class _Walk:
         self.options = options
         self.evidence: list[Evidence] = []
         self.parsed: list[Hop] = []
+        # Lines the customer wrote that the walk passed on its way down (newest first):
+        # everything above the entry hop except our own lines.
+        self.trusted: list[Hop] = []
         self.parsed_chars = 0
         self.out_of_budget = False
 
@@ -273,6 +304,7 @@ class _Walk:
                     "neutral_hop",
                     f"Received line {hop.index} names no client (a hand-over on one machine)",
                 )
+                self.trusted.append(hop)
                 continue
             if not hop.understood:
                 self.note(
@@ -285,6 +317,7 @@ class _Walk:
                 if not hop.has_client:
                     # "by host ... id ..." with no client: an internal hand-over.
                     self.note(hop, "neutral_hop", f"Received line {hop.index} names no client")
+                    self.trusted.append(hop)
                     continue
                 self.note(hop, "no_client_address", f"{_describe(hop)} records no client address")
                 return self.done(Verdict.UNDETERMINED, "no_client_address", hop)
@@ -296,6 +329,7 @@ class _Walk:
                     f"{_describe(hop)}: client inside the customer ({why}); trusting the next",
                 )
                 last_inside = hop
+                self.trusted.append(hop)
                 continue
             return self.judge_external(hop)
         block = self.block
@@ -318,6 +352,34 @@ class _Walk:
             for f in self.block.fields
             if f.name in ("delivered-to", "x-original-to") and f.position < entry.position
         ]
+
+    def own_recipient_above(self) -> Hop | None:
+        """The newest customer line above the entry whose `for` is a customer address."""
+        for line in self.trusted:
+            domain = address_domain(line.for_address) if line.for_address else ""
+            if domain and self.customer.owns_domain(domain):
+                return line
+        return None
+
+    def srs_rewrite(self, entry: Hop) -> tuple[Hop, str] | None:
+        """(the line, S) when the customer's Exim rewrote the sender S it recorded into
+        the SRS0/SRS1 of S at a customer domain that the smart relay received.
+
+        Walked newest first, the lines from the customer relay's down to the entry: the
+        first one not written by Exim ends the search (it may be the rewriter, and only
+        Exim's SRS is known to be per forward). A line whose recorded sender is S names
+        the rewrite; the sender sent S, so without a rewrite the smart relay gets S."""
+        mail_from = self.envelope.mail_from
+        original = srs_original(mail_from)
+        if original is None or not self.customer.owns_domain(address_domain(mail_from)):
+            return None
+        want = original.lower()
+        for line in (*self.trusted, entry):
+            if not line.exim_written:
+                return None
+            if line.envelope_from and line.envelope_from.lower() == want:
+                return line, line.envelope_from
+        return None
 
     def judge_external(self, hop: Hop) -> Judgement:
         c = self.customer
@@ -351,6 +413,30 @@ class _Walk:
                 f"handed over for the foreign recipient {hop.for_address[:120]}: relayed",
             )
             return self.done(Verdict.RELAYED_THIRD_PARTY, "foreign_recipient", hop)
+        # No recipient at the entry (several of them: MTAs name one only). What the
+        # customer's own lines above it say, or what the customer did to the sender.
+        above = self.own_recipient_above()
+        if above is not None:
+            self.note(
+                above,
+                "own_recipient_above",
+                f"{_describe(above)}, above the entry: a customer machine accepted it for "
+                f"the customer's own {above.for_address[:120]}, then sent it on (forwarded "
+                "or expanded)",
+            )
+            return self.done(Verdict.ORIGINATED_BY_CUSTOMER, "own_recipient_above", hop)
+        rewrite = self.srs_rewrite(hop)
+        if rewrite is not None:
+            line, original = rewrite
+            self.note(
+                line,
+                "srs_rewritten",
+                f"{_describe(line)} recorded the envelope sender {original[:120]}; the "
+                f"customer's Exim sent the message on as "
+                f"{bare_address(self.envelope.mail_from)[:160]}: an SRS rewrite into its "
+                "own domain, which Exim does for redirected addresses",
+            )
+            return self.done(Verdict.ORIGINATED_BY_CUSTOMER, "srs_rewritten", hop)
         rcpts = list(self.envelope.rcpt_to)
         if rcpts and not any(c.owns_domain(address_domain(r)) for r in rcpts):
             self.note(
@@ -387,11 +473,18 @@ def _weak(customer: Customer, block: HeaderBlock, envelope: Envelope) -> list[Ev
         if not domain:
             continue
         own = customer.owns_domain(domain)
+        detail = f"{label} claims {domain}: {'' if own else 'not '}a customer domain (forgeable)"
+        srs = srs_original(value) if label == "envelope sender" else None
+        if srs is not None:
+            detail += (
+                f"; an SRS rewrite of {srs[:120]} (its hash cannot be checked here, and "
+                "postsrsd rewrites relayed mail too)"
+            )
         out.append(
             Evidence(
                 -1,
                 "weak_own_domain" if own else "weak_foreign_domain",
-                f"{label} claims {domain}: {'' if own else 'not '}a customer domain (forgeable)",
+                detail,
                 weak=True,
             )
         )

@@ -473,6 +473,11 @@ class Hop:
     neutral: bool = False  # a line with no client at all (qmail "invoked from network")
     mta: str = ""
     truncated: bool = False
+    # Exim's "(envelope-from <S>)": the sender as this MTA received it ("" if not written)
+    envelope_from: str = ""
+    # "(Exim 4.96)" in the by/with part: written by Exim (the `mta` guess also reads the
+    # client's strings; this comment is the MTA's own, a HELO cannot put one there)
+    exim_written: bool = False
 
     @property
     def has_client(self) -> bool:
@@ -506,6 +511,24 @@ def _mta(by_comments: list[str], with_words: list[str], raw: str) -> str:
     if "qmail" in low:
         return "qmail"
     return ""
+
+
+def _exim_marks(comments: tuple[str, ...]) -> tuple[str, bool]:
+    """Exim's `(envelope-from <S>)` (S, "" if none) and whether an `(Exim 4.x)` comment
+    is there, from the by and with comments. String tests only (no pattern). The sender
+    is the client's choice, but a quoted local part is an atom of its comment (a
+    `"x) (Exim 4.96) (envelope-from <y"@z` stays inside one), so it cannot add either."""
+    sender, exim = "", False
+    for comment in comments:
+        c = comment.strip()
+        if not sender and c[:14].lower() == "envelope-from ":
+            sender = c[14:].strip()
+            if sender[:1] == "<" and sender[-1:] == ">":
+                sender = sender[1:-1]
+            sender = sender[:320]
+        elif c[:5] == "Exim " and c[5:6].isdigit():
+            exim = True
+    return sender, exim
 
 
 def parse_received(value: str, index: int = 0, position: int = 0, truncated: bool = False) -> Hop:
@@ -593,6 +616,7 @@ def parse_received(value: str, index: int = 0, position: int = 0, truncated: boo
     fo = clauses.get("for")
     if fo and fo.words:
         for_address = fo.words[0].strip("<>")[:320]
+    envelope_from, exim_written = _exim_marks((*bc.comments, *wc.comments))
     return Hop(
         index=index,
         position=position,
@@ -611,6 +635,8 @@ def parse_received(value: str, index: int = 0, position: int = 0, truncated: boo
         neutral=neutral and not clauses,
         mta="qmail" if qmail_helo else _mta(bc.comments, wc.words, value[:2000]),
         truncated=truncated,
+        envelope_from=envelope_from,
+        exim_written=exim_written,
     )
 
 
@@ -638,6 +664,62 @@ def address_domain(address: str) -> str:
         return ""
     domain = text.rpartition("@")[2].strip().strip("[]").lower().rstrip(".")
     return domain if domain and len(domain) <= 255 and " " not in domain else ""
+
+
+# SRS (the Sender Rewriting Scheme, libsrs2's and Mail::SRS's address forms):
+#   SRS0<sep>HASH=TT=ORIG-DOMAIN=ORIG-LOCAL@FORWARDER            (first forward)
+#   SRS1<sep>HASH=FIRST-FORWARDER=<sep0>HASH=TT=ORIG-DOMAIN=ORIG-LOCAL@FORWARDER
+# <sep> is one of "=+-" (postsrsd's `separator`), TT two base32 characters (days), HASH
+# a truncated HMAC that only the forwarder's secret checks. Fullmatch on bounded
+# classes: linear.
+_SRS_HASH = re.compile(r"[A-Za-z0-9+/_.-]{1,64}")
+_SRS_TIME = re.compile(r"[A-Za-z2-7]{2}")
+_SRS_HOST = re.compile(r"[A-Za-z0-9._-]{1,255}")
+MAX_SRS = 512  # characters of an envelope sender looked at (validation allows 512)
+
+
+def bare_address(address: str) -> str:
+    """`<a@b.example>` or ` a@b.example ` as `a@b.example` (the first <...> if any)."""
+    text = address.strip()
+    if text[:1] == "<":
+        text = text[1:].partition(">")[0]
+    return text.strip()
+
+
+def srs_original(address: str) -> str | None:
+    """The address an SRS0/SRS1 envelope sender says it was rewritten from, or None
+    when `address` is not one: `SRS0=HHHH=TT=example.org=alice@fwd.example` gives
+    `alice@example.org`, `SRS1=HHHH=first.example==HHHH=TT=example.org=alice@fwd.example`
+    gives `SRS0=HHHH=TT=example.org=alice@first.example` (what the first forwarder
+    sent). Syntax only: nobody but the forwarder can check the hash."""
+    addr = bare_address(address[:MAX_SRS])
+    local, at, domain = addr.rpartition("@")
+    if not at or len(local) < 6 or not _SRS_HOST.fullmatch(domain):
+        return None
+    tag = local[:4].upper()
+    if local[4] not in "=+-":
+        return None
+    if tag == "SRS0":
+        parts = local[5:].split("=", 3)
+        if len(parts) != 4:
+            return None
+        hash_, stamp, host, orig = parts
+        if not (_SRS_HASH.fullmatch(hash_) and _SRS_TIME.fullmatch(stamp)):
+            return None
+        if not (_SRS_HOST.fullmatch(host) and orig):
+            return None
+        return f"{orig}@{host}"
+    if tag == "SRS1":
+        parts = local[5:].split("=", 2)
+        if len(parts) != 3:
+            return None
+        hash_, host, rest = parts
+        if not (_SRS_HASH.fullmatch(hash_) and _SRS_HOST.fullmatch(host)):
+            return None
+        if len(rest) < 2 or rest[0] not in "=+-":
+            return None
+        return f"SRS0{rest}@{host}"
+    return None
 
 
 def message_id_domain(value: str) -> str:

@@ -240,9 +240,131 @@ def test_any_input_gives_a_verdict(raw: bytes, rcpt: list[str]) -> None:
         assert all(e.detail for e in j.evidence)
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation, see docs/relaycheck.md")
-def test_virtual_alias_forward_to_several_recipients_looks_like_relaying() -> None:
-    """Postfix virtual_alias_maps expands in cleanup: no Delivered-To, and with two
-    recipients no `for` clause. Nothing the customer wrote says the mail was for it."""
-    j = judge(relay_line("203.0.113.7"), rcpt=("owner@example.com", "partner@example.net"))
-    assert j.verdict == ORIGINATED
+# --- several recipients at the entry: no `for` there (Postfix smtpd writes one only when
+# rcpt_count == 1, Exim only with one `$received_for`, Sendmail only with one `$u`)
+
+STORE_LINE = (  # the internal store took the customer's info@ alone from the edge
+    "Received: from mail.acme.example (mail.acme.example [192.168.10.2])\n"
+    "\tby store.acme.example (Postfix) with ESMTP id 2 for <info@acme.example>; d\n"
+)
+SRS = "SRS0=5e1c=pb=monitor.example.com=alerts@acme.example"
+
+
+def exim_line(client: str, sender: str, for_: str = "") -> str:
+    f = f"\n\tfor {for_}" if for_ else ""
+    return (
+        f"Received: from mta.example.com ([{client}] helo=mta.example.com)\n"
+        "\tby mail.acme.example with esmtps (TLS1.3) tls TLS_AES_256_GCM_SHA384\n"
+        f"\t(Exim 4.96)\n\t(envelope-from <{sender}>)\n\tid 1sZxWu-000Dm7-0R{f};\n\td\n"
+    )
+
+
+def test_virtual_alias_forward_to_several_recipients_is_originated() -> None:
+    """Was the known false positive (a strict xfail). A forward of mail that came in
+    for several of the customer's users has no `for` at the entry and an all-foreign
+    envelope; it is the customer's when a customer line above the entry accepted it for
+    a customer user, or when the customer's Exim rewrote the sender it recorded into
+    SRS: the two ways the chain can say so that a relaying sender cannot write."""
+    rcpt = ("owner@example.com", "partner@example.net")
+    j = judge(relay_line("192.168.10.5") + STORE_LINE + relay_line("203.0.113.7"), rcpt=rcpt)
+    assert (j.verdict, j.rule, j.origin_ip) == (
+        ORIGINATED,
+        "own_recipient_above",
+        ipaddress.ip_address("203.0.113.7"),
+    )
+    assert j.entry_hop is not None
+    assert j.entry_hop.index == 2
+    assert [e.hop for e in j.evidence if e.rule == "own_recipient_above"] == [1]
+    j = judge(exim_line("203.0.113.7", "alerts@monitor.example.com"), rcpt=rcpt, mail_from=SRS)
+    assert (j.verdict, j.rule) == (ORIGINATED, "srs_rewritten")
+
+
+def test_several_recipients_without_evidence_are_still_relayed() -> None:
+    """One box expanding virtual aliases for a message sent to two of its users, and a
+    spammer relaying to two victims, write the same lines: relayed, SRS sender or not
+    (a spammer writes one; postsrsd rewrites relayed mail as well)."""
+    rcpt = ("owner@example.com", "partner@example.net")
+    for mail_from in (
+        "",
+        SRS,
+        f"<{SRS}>",
+        "SRS1=ab12=fwd.example==5e1c=pb=a.example=b@acme.example",
+    ):
+        j = judge(relay_line("203.0.113.7"), rcpt=rcpt, mail_from=mail_from)
+        assert (j.verdict, j.rule) == (RELAYED, "foreign_envelope"), mail_from
+    j = judge(relay_line("203.0.113.7"), rcpt=rcpt, mail_from=SRS)
+    assert any(
+        "SRS rewrite of alerts@monitor.example.com" in e.detail for e in j.evidence if e.weak
+    )
+
+
+def test_own_recipient_counts_only_on_customer_lines_above_the_entry() -> None:
+    rcpt = ("owner@example.com",)
+    below = relay_line("203.0.113.7") + STORE_LINE  # the sender's lines
+    assert judge(below, rcpt=rcpt).rule == "foreign_envelope"
+    ours = OUR_LINE.replace("v@example.org", "info@acme.example")  # our own line's `for`
+    assert judge(ours + relay_line("203.0.113.7"), rcpt=rcpt).rule == "foreign_envelope"
+    neutral = "Received: by store.acme.example with LMTP id 5 for <info@acme.example>; d\n"
+    assert judge(neutral + relay_line("203.0.113.7"), rcpt=rcpt).rule == "own_recipient_above"
+    # the entry's own `for` decides when it names a recipient
+    foreign = relay_line("203.0.113.7", for_="v@example.org")
+    assert judge(STORE_LINE.replace("192.168.10.2", "10.0.0.2") + foreign).rule == (
+        "foreign_recipient"
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "mail_from", "rule"),
+    [
+        # Exim recorded S and the smart relay got SRS0(S) at a customer domain
+        (exim_line("203.0.113.7", "alerts@monitor.example.com"), SRS, "srs_rewritten"),
+        (exim_line("203.0.113.7", "Alerts@Monitor.Example.com"), SRS.upper(), "srs_rewritten"),
+        # a second forward: SRS1 wraps the SRS0 the first forwarder sent
+        (
+            exim_line("203.0.113.7", "SRS0=a1b2=QK=example.org=bob@fwd.example"),
+            "SRS1=77aa=fwd.example==a1b2=QK=example.org=bob@acme.example",
+            "srs_rewritten",
+        ),
+        # recorded on a customer Exim line above the entry (the rewriter is above it)
+        (
+            exim_line("10.0.0.5", "alerts@monitor.example.com")
+            + exim_line("203.0.113.7", "alerts@monitor.example.com"),
+            SRS,
+            "srs_rewritten",
+        ),
+        # no rewrite: the sender sent the SRS address itself, Exim recorded it as such
+        (exim_line("203.0.113.7", SRS), SRS, "foreign_envelope"),
+        # the SRS address is not the customer's
+        (
+            exim_line("203.0.113.7", "alerts@monitor.example.com"),
+            SRS.replace("@acme.example", "@example.net"),
+            "foreign_envelope",
+        ),
+        # it decodes to another sender than the one recorded
+        (exim_line("203.0.113.7", "bob@monitor.example.com"), SRS, "foreign_envelope"),
+        # Postfix wrote the entry (postsrsd rewrites every foreign sender, relayed or not)
+        (
+            relay_line("203.0.113.7").replace(
+                "(Postfix)", "(Postfix)\n\t(envelope-from <alerts@monitor.example.com>)"
+            ),
+            SRS,
+            "foreign_envelope",
+        ),
+        # a customer line above the Exim entry that Exim did not write may be the rewriter
+        (
+            relay_line("10.0.0.5") + exim_line("203.0.113.7", "alerts@monitor.example.com"),
+            SRS,
+            "foreign_envelope",
+        ),
+        # the record of the original is below the entry: the sender's
+        (
+            exim_line("203.0.113.7", SRS) + exim_line("192.0.2.1", "alerts@monitor.example.com"),
+            SRS,
+            "foreign_envelope",
+        ),
+    ],
+)
+def test_srs_rewrite_by_the_customers_exim(headers: str, mail_from: str, rule: str) -> None:
+    j = judge(headers, rcpt=("x@example.org", "y@example.net"), mail_from=mail_from)
+    assert j.rule == rule
+    assert j.verdict == (ORIGINATED if rule == "srs_rewritten" else RELAYED)

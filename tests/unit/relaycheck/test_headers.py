@@ -22,6 +22,7 @@ from relaycheck.headers import (
     parse_hops,
     parse_received,
     split_header_block,
+    srs_original,
 )
 
 
@@ -250,6 +251,75 @@ def test_exim_helo_and_rdns_are_told_apart() -> None:
         "client.example",
         ip("203.0.113.9"),
     )
+
+
+def test_exim_envelope_from_and_mark() -> None:
+    hop = parse_received(
+        "from mta.example.com ([192.0.2.200] helo=mta.example.com) by mx.globex.example "
+        "with esmtps (TLS1.3) tls TLS_AES_256_GCM_SHA384 (Exim 4.96) "
+        "(envelope-from <alerts@monitor.example.com>) id 1sZxWu-000Dm7-0R; d"
+    )
+    assert (hop.envelope_from, hop.exim_written, hop.mta) == (
+        "alerts@monitor.example.com",
+        True,
+        "exim",
+    )
+    local = parse_received("from www-data by mx with local (Exim 4.96) (envelope-from <>) id 1")
+    assert (local.envelope_from, local.exim_written) == ("", True)
+    postfix = parse_received("from a (a [192.0.2.1]) by mx (Postfix) with ESMTP id 1 for <b@c>")
+    assert (postfix.envelope_from, postfix.exim_written) == ("", False)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # "exim" in the HELO makes the `mta` guess say exim; only the MTA's comment counts
+        "from exim.example (exim.example [203.0.113.9]) by mx (8.17.1/8.17.1) with ESMTP id 1",
+        # a quoted envelope sender carrying an Exim comment and a second envelope-from
+        "from [203.0.113.9] (helo=a) by mx with esmtp "
+        '(envelope-from <"x) (Exim 4.96) (envelope-from <a@b.example"@c.example>) id 1',
+        # a recipient carrying them (Exim writes `for` without brackets)
+        'from [203.0.113.9] (helo=a) by mx with esmtp id 1 for "(Exim 4.96)"@c.example',
+        # the HELO, in the from comment
+        "from x ([203.0.113.9] helo=(Exim) by mx with esmtp id 1",
+    ],
+)
+def test_client_strings_do_not_make_an_exim_line(value: str) -> None:
+    hop = parse_received(value)
+    assert not hop.exim_written
+    assert hop.envelope_from in ("", '"x) (Exim 4.96) (envelope-from <a@b.example"@c.example')
+
+
+@pytest.mark.parametrize(
+    ("address", "original"),
+    [
+        ("SRS0=HHbV=PB=example.org=alice@fwd.example", "alice@example.org"),
+        ("<srs0+HHbV=pb=example.org=alice@fwd.example>", "alice@example.org"),
+        ("SRS0-a/b+=PB=example.org=a=b@fwd.example", "a=b@example.org"),
+        (
+            "SRS1=77aa=first.example==HHbV=PB=example.org=alice@fwd.example",
+            "SRS0=HHbV=PB=example.org=alice@first.example",
+        ),
+        (
+            "SRS1+77aa=first.example=-HHbV=PB=example.org=alice@fwd.example",
+            "SRS0-HHbV=PB=example.org=alice@first.example",
+        ),
+        ("alice@example.org", None),
+        ("SRS0=HHbV=P1=example.org=alice@fwd.example", None),  # "1" is no base32 digit
+        ("SRS0=HHbV=PBX=example.org=alice@fwd.example", None),
+        ("SRS0=HHbV=PB=example.org=@fwd.example", None),
+        ("SRS0=HHbV=PB=example.org@fwd.example", None),
+        ("SRS0==PB=example.org=alice@fwd.example", None),
+        ("SRS0=HHbV=PB=exa mple.org=alice@fwd.example", None),
+        ("SRS0xHHbV=PB=example.org=alice@fwd.example", None),
+        ("SRS1=77aa=first.example=HHbV@fwd.example", None),
+        ("SRS2=HHbV=PB=example.org=alice@fwd.example", None),
+        ("SRS0=HHbV=PB=example.org=alice", None),
+        ("", None),
+    ],
+)
+def test_srs_original(address: str, original: str | None) -> None:
+    assert srs_original(address) == original
 
 
 # --- client-controlled strings cannot pose as MTA-written ones

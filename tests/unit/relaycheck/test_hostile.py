@@ -36,11 +36,13 @@ from relaycheck.headers import (
     _AUTH_COMMENT,
     _SENDMAIL_VERSION,
     MAX_PARSE,
+    MAX_SRS,
     Limits,
     _auth_wording,
     _strip_atoms,
     parse_received,
     split_header_block,
+    srs_original,
 )
 
 ENV = Envelope(ipaddress.ip_address(RELAY), "", "", RCPT)
@@ -131,6 +133,21 @@ def test_helpers_grow_linearly(helper: Callable[[str], object], filler: str) -> 
     short, long = filler * (1000 // len(filler)), filler * (8000 // len(filler))
     ratio = _growth(helper, short, long)
     assert ratio < 20, f"{filler!r}: 8x the input cost {ratio:.1f}x the time"
+
+
+@pytest.mark.parametrize("filler", ["=", "a", "SRS0=", "SRS1==", "@", "<", "aa=pb="])
+def test_srs_decoding_is_linear_and_bounded(filler: str) -> None:
+    """The SRS decoder reads the envelope sender (the sender's choice): at most
+    `MAX_SRS` characters, in linear time below that."""
+    short = "SRS0=" + filler * (60 // len(filler)) + "@acme.example"
+    long = "SRS0=" + filler * (480 // len(filler)) + "@acme.example"
+    ratio = _growth(srs_original, short, long)
+    assert ratio < 20, f"{filler!r}: 8x the input cost {ratio:.1f}x the time"
+    huge = "SRS0=" + filler * 200_000
+    t0 = time.thread_time()
+    srs_original(huge)
+    assert time.thread_time() - t0 < 0.01  # cut at MAX_SRS before any work
+    assert srs_original(("SRS0=h=pb=d.example=" + "a" * MAX_SRS) + "@acme.example") is None
 
 
 # --- the reported case and a megabyte of hostile lines: bounded work, right verdict
@@ -252,6 +269,50 @@ def test_padding_below_the_entry_never_changes_the_verdict(above: str, padding: 
     assert j.parsed == j.entry_hop.index + 1  # nothing below the entry is parsed
 
 
+# Several recipients at the entry (no `for`): the rules that read above it must not read
+# below it, whatever the sender forges there (customer lines for a customer user, Exim
+# lines recording the original of the SRS sender it also forges).
+SRS_SENDER = "SRS0=5e1c=pb=monitor.example.com=alerts@acme.example"
+ENTRIES_SEVERAL = [
+    ENTRY.replace(" for <victim@example.org>", ""),
+    # Exim records the sender as sent: the SRS address itself, no rewrite
+    "Received: from [203.0.113.66] (port=41234 helo=mta.monitor.example.com)\r\n"
+    "\tby mail.acme.example with esmtp (Exim 4.96)\r\n"
+    f"\t(envelope-from <{SRS_SENDER}>)\r\n\tid 1sZxWu-000Dm7-0R;\r\n\td\r\n",
+]
+SEVERAL = Envelope(
+    ipaddress.ip_address(RELAY), "", SRS_SENDER, ("victim@example.org", "v2@example.net")
+)
+_FORGED_BELOW = st.sampled_from(
+    [
+        "Received: from m (m [10.0.0.2]) by store.acme.example (Postfix) with ESMTP id 2"
+        " for <info@acme.example>; d\r\n",
+        "Received: by store.acme.example with LMTP id 5 for <info@acme.example>; d\r\n",
+        "Received: from m ([192.0.2.200] helo=m) by mail.acme.example with esmtps (Exim 4.96)"
+        " (envelope-from <alerts@monitor.example.com>) id 1 for info@acme.example; d\r\n",
+        "X-Original-To: info@acme.example\r\n",
+        "Delivered-To: info@acme.example\r\n",
+    ]
+)
+
+
+@settings(max_examples=30)
+@given(
+    st.lists(_INSIDE_HOP, max_size=5).map("".join),
+    st.sampled_from(ENTRIES_SEVERAL),
+    st.lists(st.one_of(_FORGED_BELOW, _PADDING), max_size=6).map("".join),
+)
+def test_forged_forwarding_marks_below_the_entry_never_originate(
+    above: str, entry: str, below: str
+) -> None:
+    """An SRS sender of the customer, no `for` at the entry: the rules that read what the
+    customer wrote above the entry find nothing there, whatever is forged below."""
+    j = classify_headers(CUSTOMER, (above + entry + below).encode(), SEVERAL, OPTIONS)
+    assert (j.verdict, j.rule, j.origin_ip) == (RELAYED, "foreign_envelope", ORIGIN)
+    assert j.entry_hop is not None
+    assert j.parsed == j.entry_hop.index + 1
+
+
 # --- fuzz: the parser and the walker on arbitrary and structured-random input
 
 _PIECES = st.sampled_from(
@@ -292,6 +353,11 @@ _PIECES = st.sampled_from(
         "qmail 1 invoked by uid 2",
         "(Postfix)",
         "8.17.1/8.17.1",
+        "(Exim 4.96)",
+        "(envelope-from <",
+        "envelope-from ",
+        "SRS0=",
+        "for <info@acme.example>",
     ]
 )
 _RUNS = st.tuples(_PIECES, st.integers(1, 400)).map(lambda p: p[0] * p[1])
@@ -306,7 +372,20 @@ def test_received_parser_never_raises(value: str) -> None:
     assert len(hop.raw) <= 1000
     assert len(hop.from_word) <= 255
     assert len(hop.for_address) <= 320
+    assert len(hop.envelope_from) <= 320
     assert hop.truncated == (len(value) > MAX_PARSE)
+
+
+_SRS_PIECES = st.sampled_from(
+    ["SRS0", "SRS1", "srs0", "=", "+", "-", "@", "<", ">", " ", "pb", "a", "example.org", "é"]
+)
+
+
+@settings(max_examples=200)
+@given(st.one_of(st.text(max_size=600), st.lists(_SRS_PIECES, max_size=40).map("".join)))
+def test_srs_decoder_never_raises(address: str) -> None:
+    original = srs_original(address)
+    assert original is None or ("@" in original and len(original) <= MAX_SRS)
 
 
 @settings(max_examples=50)
@@ -326,8 +405,12 @@ def test_received_parser_never_raises(value: str) -> None:
 def test_walker_on_random_chains_always_gives_a_known_verdict(
     lines: list[str], eol: str, limits: Limits
 ) -> None:
-    for raw in (eol.join(lines).encode("utf-8", "surrogatepass"), eol.join(lines)):
-        j = classify_headers(CUSTOMER, raw, ENV, WalkOptions(limits=limits))
+    for raw, env in (
+        (eol.join(lines).encode("utf-8", "surrogatepass"), ENV),
+        (eol.join(lines), ENV),
+        (eol.join(lines), SEVERAL),
+    ):
+        j = classify_headers(CUSTOMER, raw, env, WalkOptions(limits=limits))
         assert j.verdict in VERDICTS
         assert all(e.detail for e in j.evidence)
         assert_bounded(j, limits)

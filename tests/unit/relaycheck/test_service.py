@@ -397,6 +397,8 @@ def test_docs_list_every_setting_probe_test_and_rule() -> None:
         "own_recipient",
         "delivered_to_own",
         "foreign_recipient",
+        "own_recipient_above",
+        "srs_rewritten",
         "foreign_envelope",
     }
     assert deciding <= rows
