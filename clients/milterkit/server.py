@@ -100,7 +100,14 @@ class MilterServer:
         """Release what the milter holds beyond its connections (channels)."""
 
     async def start(self, listen: str) -> str:
-        """Listen on `HOST:PORT` or `unix:/path`; returns the bound address (port 0 works)."""
+        """Listen on `HOST:PORT` or `unix:/path`; returns the bound address (port 0 works).
+        Raises OSError naming the address (in use, not ours, a path refused)."""
+        try:
+            return await self._listen(listen)
+        except OSError as exc:
+            raise OSError(f"listen {listen}: {exc.strerror or exc}") from exc
+
+    async def _listen(self, listen: str) -> str:
         kind, host, port = parse_listen(listen)
         if kind == "unix":
             with contextlib.suppress(FileNotFoundError):

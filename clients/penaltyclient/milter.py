@@ -572,11 +572,10 @@ async def run(args: argparse.Namespace) -> int:
     milter = PenaltyMilter(reporter, client if args.tempfail_at_rcpt else None, options)
     try:
         address = await milter.start(args.listen)
-    except OSError as exc:
-        log.error("milter_listen_failed", listen=args.listen, error=str(exc))
+    except OSError:  # named by the server: run_program prints it as one line, exit 2
         await reporter.close(within=0)
         await client.close()
-        return 1
+        raise
     log.info(
         "milter_started",
         listen=address,

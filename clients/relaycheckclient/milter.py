@@ -318,10 +318,9 @@ async def run(args: argparse.Namespace) -> int:
     milter = RelayMilter(args.relaycheck, options)
     try:
         address = await milter.start(args.listen)
-    except OSError as exc:
-        log.error("milter_listen_failed", listen=args.listen, error=str(exc))
+    except OSError:  # named by the server: run_program prints it as one line, exit 2
         await milter.close(drain=0)
-        return 1
+        raise
     log.info("milter_started", listen=address, relaycheck=args.relaycheck, dry_run=args.dry_run)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

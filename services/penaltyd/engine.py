@@ -142,6 +142,7 @@ class Engine:
             stall_seconds=settings.watch_stall_seconds,
         )
         self.degraded_until = 0.0
+        self._down_since: float | None = None
         self.stats = FleetStatistics(
             store,
             self.detector,
@@ -173,11 +174,23 @@ class Engine:
     # --- fail-open bookkeeping
 
     def failed(self, op: str, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = self._clock()
         self.degraded_until = self._clock() + 10.0
         self.metrics.degraded.set(1)
         self._degraded_log.warning(
             "store_unavailable_fail_open", op=op, error=str(exc) or type(exc).__name__
         )
+
+    def answered(self) -> None:
+        """The store answered (its health probe): if it had been failing, say it is back."""
+        if self._down_since is not None:
+            log.info(
+                "store_recovered",
+                store=self.store.kind,
+                down_seconds=round(self._clock() - self._down_since, 1),
+            )
+            self._down_since = None
 
     @property
     def degraded(self) -> bool:

@@ -79,6 +79,8 @@ def _store_failed(engine: Engine) -> Callable[[BaseException | None], None]:
     def on_result(exc: BaseException | None) -> None:
         if exc is not None:
             engine.failed("ping", exc)
+        else:
+            engine.answered()
 
     return on_result
 

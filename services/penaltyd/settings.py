@@ -176,7 +176,13 @@ class Settings(ServingSettings):
         Raises ValueError naming the file line that is not "name token"."""
         tokens = {name: t.get_secret_value() for name, t in self.service_tokens.items()}
         if self.service_tokens_file:
-            with open(self.service_tokens_file, encoding="utf-8") as fh:
+            try:
+                fh = open(self.service_tokens_file, encoding="utf-8")  # noqa: SIM115  # closed below
+            except OSError as exc:
+                raise OSError(
+                    f"service_tokens_file {self.service_tokens_file}: {exc.strerror or exc}"
+                ) from exc
+            with fh:
                 for number, line in enumerate(fh, 1):
                     text = line.strip()
                     if not text or text.startswith("#"):

@@ -8,6 +8,7 @@ whether the customer store answered its last ping.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import structlog
@@ -60,8 +61,16 @@ Running = wiring.Running[Engine]
 def _store_gauge(engine: Engine) -> Callable[[BaseException | None], None]:
     """The store-up gauge follows the pings (Classify fails open; operators alert on it)."""
 
+    down_since: list[float] = []
+
     def on_result(exc: BaseException | None) -> None:
         engine.metrics.store_up.set(0 if exc is not None else 1)
+        if exc is not None and not down_since:
+            down_since.append(time.monotonic())
+            log.warning("store_unavailable", store=engine.store.kind, error=str(exc) or "timeout")
+        elif exc is None and down_since:
+            down = round(time.monotonic() - down_since.pop(), 1)
+            log.info("store_recovered", store=engine.store.kind, down_seconds=down)
 
     return on_result
 

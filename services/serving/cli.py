@@ -14,13 +14,10 @@ import argparse
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import pydantic
-
-from serving.settings import ServingSettings
+from serving.settings import ServingSettings, SettingsProblem
 from serving.workers import Supervisor, metrics_listen_of, worker_index
 
 S = TypeVar("S", bound=ServingSettings)
@@ -84,11 +81,9 @@ def run_server(
             log_level=args.log_level,
             **overrides,
         )
-    except pydantic.ValidationError as exc:
-        print(f"{prog}: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        print(f"{prog}: cannot read config file {args.config}: {exc}", file=sys.stderr)
+    except SettingsProblem as problem:
+        for line in problem.lines:
+            print(f"{prog}: {line}", file=sys.stderr)
         return 2
     if args.print_config:
         print(json.dumps(settings.redacted(), indent=2))
@@ -118,7 +113,7 @@ def run_program(
     prog: str, log_level: str, main: Callable[[], Coroutine[Any, Any, int | None]]
 ) -> int:
     """Configure JSON logs and run `main()` on uvloop: every console script ends here. A
-    start-up failure (a port in use, a path refused) is one line on stderr and exit 1."""
+    start-up failure (a port in use, a path refused) is one line on stderr, exit 2."""
     import uvloop
 
     from serving import logs
@@ -128,5 +123,5 @@ def run_program(
         code = uvloop.run(main())
     except (OSError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return int(code or 0)

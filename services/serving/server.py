@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -93,6 +94,10 @@ async def launch(
     credentials = server_credentials(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
     )
+    if settings.workers == 1:
+        check_bindable(settings.listen)
+    if settings.metrics_listen:
+        check_bindable(settings.metrics_listen, "metrics_listen")
     try:
         if credentials is None:
             port = server.add_insecure_port(settings.listen)
@@ -101,18 +106,23 @@ async def launch(
     except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
         raise OSError(f"listen {settings.listen}: cannot bind ({exc})") from exc
     await engine.start()
-    await health.set(store_health, health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in service_names:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await server.start()
-    if after_start is not None:
-        await after_start()
-    running = Running(server, port, engine, health, settings.grace_seconds)
+    try:
+        await health.set(store_health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in service_names:
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        if after_start is not None:
+            await after_start()
+        running = Running(server, port, engine, health, settings.grace_seconds)
+        if settings.metrics_listen:
+            running.on_stop((await metrics.serve(settings.metrics_listen)).close)
+    except BaseException:  # stop what started, so nothing outlives the event loop
+        await server.stop(0)
+        await engine.close()
+        raise
     running.beside(
         watch_component(health, store_health, ping, (StoreError,), on_ping), "store-health"
     )
-    if settings.metrics_listen:
-        running.on_stop((await metrics.serve(settings.metrics_listen)).close)
     return running
 
 
@@ -125,15 +135,39 @@ def server_credentials(
     """
     if not cert_file:
         return None
-    with open(key_file, "rb") as key, open(cert_file, "rb") as cert:
-        pair = (key.read(), cert.read())
-    ca = None
-    if client_ca_file:
-        with open(client_ca_file, "rb") as fh:
-            ca = fh.read()
+    pair = (_read("tls_key_file", key_file), _read("tls_cert_file", cert_file))
+    ca = _read("tls_client_ca_file", client_ca_file) if client_ca_file else None
     return grpc.ssl_server_credentials(
         [pair], root_certificates=ca, require_client_auth=ca is not None
     )
+
+
+def _read(setting: str, path: str) -> bytes:
+    """A file a setting names, or OSError saying which setting and why."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise OSError(f"{setting} {path}: {exc.strerror or exc}") from exc
+
+
+def check_bindable(listen: str, setting: str = "listen") -> None:
+    """Raise OSError naming the address if nothing may listen there (in use, not ours).
+
+    grpc only says "failed to bind" (and logs a C-level line); asking the kernel first
+    gives the operator the reason. A port shared by `workers` is not checked."""
+    host, _, port = listen.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(f"{setting} {listen}: cannot resolve the host ({exc.strerror})") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise OSError(f"{setting} {listen}: {exc.strerror or exc}") from exc
 
 
 def add_health_and_reflection(

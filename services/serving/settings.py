@@ -11,18 +11,24 @@ only its own knobs. Values come from, strongest first, command-line flags,
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from penalty.identity import InvalidAddress, parse_network
 from serving.errors import StoreMisconfigured
@@ -74,6 +80,17 @@ class ServingSettings(BaseSettings):
     admin_timeout_ms: int = Field(2000, ge=1, le=60_000)  # store deadline for operator calls
     workers: int = Field(1, ge=1, le=64)  # processes sharing the port (SO_REUSEPORT); Redis only
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return _sources(settings_cls, init_settings, {})
+
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
@@ -117,19 +134,159 @@ class ServingSettings(BaseSettings):
         return redacted(self.model_dump(mode="json"), self.admin_token, self.redis_url)
 
 
+class SettingsProblem(ValueError):
+    """A configuration that cannot be used: `lines` say what, one line each, naming the
+    setting, where its value came from (flag, variable, file and key) and what is allowed."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+class CommaListEnvSource(EnvSettingsSource):
+    """Environment values as pydantic-settings reads them, except that a list setting
+    also takes comma-separated text (`PENALTYD_SHARED_CIDRS=100.64.0.0/10,192.0.2.0/24`):
+    only JSON was accepted, and plain text ended in a traceback."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        if (
+            isinstance(value, str)
+            and get_origin(field.annotation) is list
+            and not value.lstrip().startswith("[")
+        ):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
+
+
+def _sources(
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    file_values: dict[str, Any],
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    return (
+        init_settings,
+        CommaListEnvSource(settings_cls),
+        InitSettingsSource(settings_cls, file_values),
+    )
+
+
+#: Variables with the service's prefix that are not settings (clients and tooling read them).
+CLIENT_VARIABLES = ("ADDRESS", "CONFIG", "TOKEN", "TOKEN_FILE", "TLS", "TLS_CA", "TLS_CERT",
+                    "TLS_KEY", "WORKER_INDEX")  # fmt: skip
+
+
+def _prefix(settings_cls: type[BaseSettings]) -> str:
+    return str(settings_cls.model_config.get("env_prefix", ""))
+
+
+def _did_you_mean(name: str, known: list[str], render: Any = str) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    return f"; did you mean {render(close[0])}?" if close else ""
+
+
+def _unknown_variables(settings_cls: type[BaseSettings]) -> list[str]:
+    prefix = _prefix(settings_cls)
+    if not prefix:
+        return []
+    known = [name.upper() for name in settings_cls.model_fields]
+    lines = []
+    for var in sorted(os.environ):
+        if not var.startswith(prefix):
+            continue
+        rest = var[len(prefix) :]
+        if rest.split("__")[0] in known or rest in CLIENT_VARIABLES:
+            continue
+        hint = _did_you_mean(rest, known, lambda n: prefix + n)
+        lines.append(f"unknown variable {var}{hint}")
+    return lines
+
+
+def _where(
+    settings_cls: type[BaseSettings],
+    loc: tuple[Any, ...],
+    overrides: dict[str, Any],
+    file_values: dict[str, Any],
+    config_file: str | Path | None,
+) -> str:
+    """Where the value at `loc` came from: a flag, a variable, the file, or the default."""
+    name = str(loc[0]) if loc else ""
+    prefix = _prefix(settings_cls)
+    if overrides.get(name) is not None:
+        return f"flag --{name.replace('_', '-')}"
+    var = prefix + "__".join(str(part) for part in loc).upper()
+    if var in os.environ:
+        return f"variable {var}"
+    if prefix + name.upper() in os.environ:
+        return f"variable {prefix}{name.upper()}"
+    if name in file_values:
+        return f"{config_file}, key {'.'.join(str(part) for part in loc)}"
+    return "the defaults"
+
+
+def _problem_lines(
+    settings_cls: type[BaseSettings],
+    exc: ValidationError,
+    overrides: dict[str, Any],
+    file_values: dict[str, Any],
+    config_file: str | Path | None,
+) -> list[str]:
+    known = list(settings_cls.model_fields)
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error.get("loc", ()))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        message = message[:1].lower() + message[1:]
+        where = _where(settings_cls, loc, overrides, file_values, config_file)
+        if not loc:  # a rule across settings (e.g. tls_cert_file without tls_key_file)
+            named = [
+                f"{name} from {source}"
+                for name in known
+                if re.search(rf"\b{name}\b", message)
+                and (source := _where(settings_cls, (name,), overrides, file_values, config_file))
+                != "the defaults"
+            ]
+            lines.append(f"{message}" + (f" ({'; '.join(named)})" if named else ""))
+        elif error.get("type") == "extra_forbidden":
+            key = ".".join(str(part) for part in loc)
+            choices, parent = known, ""
+            if len(loc) > 1:  # a nested model's key: suggest among its own fields
+                nested = settings_cls.model_fields.get(str(loc[0]))
+                fields = getattr(getattr(nested, "annotation", None), "model_fields", None)
+                if fields:
+                    choices, parent = list(fields), f"{loc[0]}."
+            hint = _did_you_mean(str(loc[-1]), choices, lambda n, p=parent: f"{p}{n}")
+            lines.append(f"unknown setting {key!r} ({where}){hint}")
+        else:
+            key = ".".join(str(part) for part in loc)
+            given = error.get("input")
+            shown = f" = {given!r}" if isinstance(given, str | int | float) else ""
+            lines.append(f"{key}{shown} ({where}): {message}")
+    return lines
+
+
 def load_settings(
     settings_cls: type[S], title: str, config_file: str | Path | None, overrides: dict[str, Any]
 ) -> S:
     """Build `settings_cls` from flags (`overrides`, None = not given), environment, TOML
     file and defaults.
 
-    Raises `pydantic.ValidationError` naming the offending knob, or `OSError` /
-    `tomllib.TOMLDecodeError` for an unreadable file.
+    Raises `SettingsProblem` with one line per problem: the setting, the source of its
+    value, what is allowed, a "did you mean" for unknown keys and variables.
     """
     file_values: dict[str, Any] = {}
     if config_file:
-        with open(config_file, "rb") as fh:
-            file_values = tomllib.load(fh)
+        try:
+            with open(config_file, "rb") as fh:
+                file_values = tomllib.load(fh)
+        except OSError as exc:
+            raise SettingsProblem(
+                [f"cannot read config file {config_file}: {exc.strerror}"]
+            ) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsProblem([f"config file {config_file} is not TOML: {exc}"]) from exc
+    unknown = _unknown_variables(settings_cls)
 
     # A subclass per call: the file's values are a source below the environment, which
     # pydantic-settings only lets a class (not an instance) declare.
@@ -145,9 +302,19 @@ def load_settings(
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+            return _sources(settings_cls, init_settings, file_values)
 
-    loaded: S = _FromFile(**{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        loaded: S = _FromFile(**given)
+    except ValidationError as exc:
+        raise SettingsProblem(
+            unknown + _problem_lines(settings_cls, exc, given, file_values, config_file)
+        ) from exc
+    except PydanticSettingsError as exc:  # a value the environment source could not parse
+        raise SettingsProblem([*unknown, str(exc)]) from exc
+    if unknown:
+        raise SettingsProblem(unknown)
     return loaded
 
 
