@@ -40,8 +40,10 @@ venv: $(STAMP)
 # Debian packages the tests need: redis-server (integration tests start their own on free
 # loopback ports), openssl (the TLS test makes a throwaway certificate) and postfix (the
 # end-to-end test runs a private instance; installed with "No configuration", so the
-# machine's own mail setup is left alone).
-DEB_PKGS := redis-server:redis-server openssl:openssl postfix:postfix
+# machine's own mail setup is left alone). Then Exim and Haraka for their end-to-end tests,
+# into .cache/ and never installed (make exim, make haraka below).
+# systemd-analyze (Debian's systemd) verifies deploy/systemd/ offline in the unit tests.
+DEB_PKGS := redis-server:redis-server openssl:openssl postfix:postfix systemd-analyze:systemd
 deps:
 	@missing=""; PATH="$$PATH:/usr/sbin"; for pair in $(DEB_PKGS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
@@ -50,8 +52,43 @@ deps:
 	  echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
+	@$(MAKE) --no-print-directory exim haraka
 
 redis-server: deps
+
+# Exim for tests/e2e/test_exim.py. Debian's exim4-daemon-light conflicts with postfix, so it
+# is downloaded and unpacked into $(EXIM_ROOT), never installed: the package, the shared
+# libraries it needs that the machine lacks (its Depends, recursively, not installed), and
+# nss_wrapper, which gives the test's Exim a private passwd file naming its compiled-in user.
+.PHONY: exim haraka
+EXIM_ROOT := .cache/exim4
+EXIM_DEBS := exim4-daemon-light libnss-wrapper
+exim: $(EXIM_ROOT)/usr/sbin/exim4
+	@:
+$(EXIM_ROOT)/usr/sbin/exim4:
+	@echo "unpacking Debian's exim4-daemon-light into $(EXIM_ROOT) (downloaded, not installed)"
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; cd $$tmp; \
+	apt-cache show exim4-daemon-light >/dev/null 2>&1 || $(SUDO) apt-get update -qq; \
+	libs=$$(apt-cache depends --important exim4-daemon-light | awk '$$2 ~ /^lib/ {print $$2}'); \
+	debs="$(EXIM_DEBS)"; for p in $$(apt-cache depends --recurse --important $$libs | grep '^lib' | sort -u); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || debs="$$debs $$p"; done; \
+	apt-get download -qq -o APT::Sandbox::User=root $$debs 2>/dev/null || \
+	  { $(SUDO) apt-get update -qq && apt-get download -qq -o APT::Sandbox::User=root $$debs; }; \
+	dest=$(abspath $(EXIM_ROOT)); rm -rf $$dest.new; mkdir -p $$dest.new; for deb in *.deb; do dpkg-deb -x $$deb $$dest.new; done; \
+	rm -rf $$dest; mv $$dest.new $$dest
+
+# Haraka for tests/e2e/test_haraka.py, from the npm registry into $(HARAKA_DIR) (Haraka 3
+# needs Node.js 20+; without npm the test is skipped and says why).
+HARAKA_DIR := .cache/haraka
+HARAKA_VERSION ?= 3
+haraka:
+	@dest=$(abspath $(HARAKA_DIR)); \
+	if [ -f $$dest/node_modules/Haraka/package.json ]; then :; \
+	elif ! command -v npm >/dev/null; then echo "npm not found: tests/e2e/test_haraka.py will be skipped"; \
+	else echo "installing Haraka@$(HARAKA_VERSION) from the npm registry into $(HARAKA_DIR)"; \
+	  rm -rf $$dest.new && mkdir -p $$dest.new && \
+	  npm install --prefix $$dest.new --no-audit --no-fund --loglevel=error Haraka@$(HARAKA_VERSION) >/dev/null && \
+	  rm -rf $$dest && mv $$dest.new $$dest; fi
 
 # h2load (Debian nghttp2-client): the C load generator the benchmarks drive gRPC with.
 h2load:
@@ -125,3 +162,39 @@ simulate: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/results
+
+# --- Running outside Kubernetes (docs/operations.md, "Running outside Kubernetes")
+.PHONY: fleet prometheus image-tools image-base image image-test
+
+# Prometheus (Debian's prometheus, with promtool) for `make fleet` and the rules tests.
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus >/dev/null; }
+
+# Redis, three penaltyd replicas, a penalty-policyd round robin over them and Prometheus,
+# all on loopback in the foreground; Ctrl-C stops everything (deploy/local_fleet.py).
+fleet: venv redis-server prometheus
+	$(PY) deploy/local_fleet.py $(FLEET_ARGS)
+
+# The container image, built here without a registry: a python:3.11-slim stand-in made
+# from Debian's packages (debootstrap), then deploy/Dockerfile on it with buildah, tagged
+# as deploy/k8s/base/kustomization.yaml names the image.
+IMAGE_BASE ?= localhost/penaltyd-base:bookworm
+image-tools:
+	@missing=""; for pair in debootstrap:debootstrap buildah:buildah; do \
+	  PATH="$$PATH:/usr/sbin" command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
+
+image-base: image-tools
+	$(SUDO) deploy/image/base.sh $(IMAGE_BASE)
+
+image: venv image-tools
+	@$(SUDO) buildah inspect --type image $(IMAGE_BASE) >/dev/null 2>&1 || \
+	  case "$(IMAGE_BASE)" in localhost/*) $(MAKE) --no-print-directory image-base ;; esac
+	$(SUDO) env BASE_IMAGE=$(IMAGE_BASE) PY=$(PY) deploy/image/build.sh
+
+# Build the image if needed and run it: penaltyd and relaycheck in it answer gRPC health.
+image-test: image
+	$(PY) -m pytest tests/e2e/test_image.py -q -p no:cacheprovider

@@ -12,13 +12,13 @@ cluster and no network, and takes a few seconds:
 - the Prometheus Operator's custom resources (ServiceMonitor, PrometheusRule) are not in
   those schemas: they are checked structurally (apiVersion, kind, metadata, the
   spec keys the operator needs, non-empty PromQL with balanced brackets that names only
-  metrics penaltyd exports);
+  metrics penaltyd or relaycheck exports);
 - the objects are checked against each other: Service selectors and target ports reach
   a pod template, HPA/PDB/NetworkPolicy/ServiceMonitor targets exist, ConfigMap, Secret
   and ServiceAccount references resolve, every image has a pinned tag, containers are
   hardened (non-root, read-only root filesystem, no capabilities) and have resources,
-  penaltyd has native gRPC probes, and its PENALTYD_* variables are real settings with
-  the Redis URL scheme the overlay stands for;
+  penaltyd and relaycheck have native gRPC probes, and their PENALTYD_* / RELAYCHECK_*
+  variables are real settings with the Redis URL scheme the overlay stands for;
 - the Grafana dashboard parses and every panel has queries with an expression;
 - the Dockerfile is multi-stage, pins its base images (no `latest`), runs as a numeric
   non-root USER, installs nothing in the runtime stage, and has the expected ENTRYPOINT

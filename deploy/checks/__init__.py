@@ -9,8 +9,9 @@ deploy/check.py is the entry point and the names the tests use; the work is here
   the Prometheus Operator's ServiceMonitor and PrometheusRule; promql: their expressions;
 - policy: which rules apply to which kind, over objects (one rendered set and its
   lookups): workloads (pod templates, containers, probes, resources), env (ConfigMap and
-  Secret references, penaltyd's settings), hardening (securityContext), images (pinned
-  tags), targets (Service, HPA, PodDisruptionBudget, NetworkPolicy, ServiceMonitor);
+  Secret references, penaltyd's and relaycheck's settings), hardening (securityContext),
+  images (pinned tags), targets (Service, HPA, PodDisruptionBudget, NetworkPolicy,
+  ServiceMonitor);
 - overlays: an overlay or example manifest through all of the above;
 - dashboard, dockerfile: the Grafana dashboard and the Dockerfile;
 - cli: run everything, print the report, set the exit status.

@@ -1,17 +1,20 @@
-"""A container's environment: its references resolve, and penaltyd's settings are real.
+"""A container's environment: its references resolve, and the services' settings are real.
 
 envFrom and valueFrom must name a ConfigMap or Secret (and key) in the same rendered set
 unless marked optional. The variables that result are collected so the PENALTYD_* ones
-can be checked against penaltyd's own Settings model: each names a real setting with a
-valid value, and PENALTYD_REDIS_URL uses the scheme of the Redis topology the overlay
-stands for (a fleet of replicas without one would each keep a private store).
+can be checked against the service's own Settings model (penaltyd's PENALTYD_*,
+relaycheck's RELAYCHECK_*): each names a real setting with a valid value, and the Redis
+URL uses the scheme of the Redis topology the overlay stands for (a fleet of replicas
+without one would each keep a private store).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
+from .config import GRPC_SERVICES, PENALTYD_NAME, GrpcService
 from .documents import Obj, as_dict, as_list, namespace
 from .findings import Add
 from .objects import ObjectSet
@@ -87,20 +90,34 @@ def check_penaltyd_settings(
     obj: Obj, fld: str, env: dict[str, str], add: Add, redis_scheme: str | None
 ) -> None:
     """PENALTYD_* names are real settings with valid values; the Redis URL fits the overlay."""
+    check_service_settings(GRPC_SERVICES[PENALTYD_NAME], obj, fld, env, add, redis_scheme)
+
+
+def check_service_settings(
+    service: GrpcService,
+    obj: Obj,
+    fld: str,
+    env: dict[str, str],
+    add: Add,
+    redis_scheme: str | None,
+) -> None:
+    """<PREFIX>_* names are real settings of the service with valid values; its Redis URL
+    is set when replicas share a store, with the scheme of the overlay's topology."""
+    prefix = service.env_prefix
     try:
-        from penaltyd.settings import Settings
+        settings_cls = importlib.import_module(service.settings_module).Settings
     except ImportError:
         fields: set[str] | None = None
     else:
-        fields = set(Settings.model_fields)
+        fields = set(settings_cls.model_fields)
     values: dict[str, Any] = {}
     for name, value in env.items():
-        if not name.startswith("PENALTYD_") or name == "PENALTYD_CONFIG":
+        if not name.startswith(prefix) or name == f"{prefix}CONFIG":
             continue
-        key = name.removeprefix("PENALTYD_").lower()
+        key = name.removeprefix(prefix).lower()
         top = key.split("__", 1)[0]
         if fields is not None and top not in fields:
-            add(obj, fld, f"{name}: penaltyd has no setting {top!r}")
+            add(obj, fld, f"{name}: {service.name} has no setting {top!r}")
             continue
         if "__" in key:
             values.setdefault(top, {})[key.split("__", 1)[1]] = value
@@ -110,14 +127,14 @@ def check_penaltyd_settings(
         from pydantic import ValidationError
 
         try:
-            Settings.model_validate(values)
+            settings_cls.model_validate(values)
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                add(obj, fld, f"PENALTYD_{loc.upper().replace('.', '__')}: {err['msg']}")
-    url = env.get("PENALTYD_REDIS_URL", "")
+                add(obj, fld, f"{prefix}{loc.upper().replace('.', '__')}: {err['msg']}")
+    url = env.get(f"{prefix}REDIS_URL", "")
     replicas = as_dict(obj.get("spec")).get("replicas", 1)
     if not url and (redis_scheme or (isinstance(replicas, int) and replicas > 1)):
-        add(obj, fld, "PENALTYD_REDIS_URL is not set: each replica would keep its own store")
+        add(obj, fld, f"{prefix}REDIS_URL is not set: each replica would keep its own store")
     elif redis_scheme and not url.startswith(redis_scheme):
-        add(obj, fld, f"PENALTYD_REDIS_URL {url!r} should start with {redis_scheme}")
+        add(obj, fld, f"{prefix}REDIS_URL {url!r} should start with {redis_scheme}")

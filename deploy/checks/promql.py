@@ -1,16 +1,20 @@
 """Offline sanity checks of PromQL, shared by the alert rules and the dashboard.
 
 No PromQL parser is bundled, so this is deliberately cheap: brackets balance, and every
-penaltyd_* series an expression names is one penaltyd really exports (read from its
-metrics registry, so a renamed metric breaks the check rather than a dashboard).
+penaltyd_* or relaycheck_* series an expression names is one that service really exports
+(read from its metrics registry, so a renamed metric breaks the check rather than a
+dashboard).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from functools import cache
 
-_SERIES = re.compile(r"\bpenaltyd_[a-z0-9_]+\b")
+from .config import METRICS_MODULES
+
+_SERIES = re.compile(r"\b(?:penaltyd|relaycheck)_[a-z0-9_]+\b")
 _BRACKETS = {")": "(", "]": "[", "}": "{"}
 
 # The series a metric family exports, by its type.
@@ -45,24 +49,29 @@ def promql_problems(expr: str) -> list[str]:
     if known:
         for name in sorted(set(_SERIES.findall(bare))):
             if name not in known:
-                problems.append(f"penaltyd exports no series {name!r}")
+                service = name.split("_", 1)[0]
+                problems.append(f"{service} exports no series {name!r}")
     return problems
 
 
 @cache
 def known_series() -> frozenset[str]:
-    """Series names penaltyd exports, read from its metrics registry (empty if unknown)."""
-    try:
-        from penaltyd.metrics import Metrics
-    except ImportError:  # the check runs outside penaltyd's venv: skip this part
-        return frozenset()
-    return frozenset(
-        family.name + suffix
-        for family in Metrics().registry.collect()
-        for suffix in _SUFFIXES.get(family.type, ("",))
-    )
+    """Series names penaltyd and relaycheck export, read from their metrics registries
+    (empty if they cannot be imported)."""
+    names: set[str] = set()
+    for module in METRICS_MODULES:
+        try:
+            metrics = importlib.import_module(module).Metrics()
+        except ImportError:  # the check runs outside the project's venv: skip this part
+            return frozenset()
+        names |= {
+            family.name + suffix
+            for family in metrics.registry.collect()
+            for suffix in _SUFFIXES.get(family.type, ("",))
+        }
+    return frozenset(names)
 
 
 def series_in(expr: str) -> set[str]:
-    """The penaltyd_* series an expression names (outside string literals)."""
+    """The penaltyd_* and relaycheck_* series an expression names (outside strings)."""
     return set(_SERIES.findall(_strip_strings(expr)))

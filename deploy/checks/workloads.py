@@ -4,7 +4,8 @@ A workload's selector matches its own pods, a StatefulSet's Service is headless,
 ServiceAccount and the volumes' ConfigMaps and Secrets exist, and each container has a
 pinned image, resource requests and a memory limit, probes on ports it exposes and
 mounts of volumes the pod has. The environment and the securityContext have their own
-modules (env.py, hardening.py); penaltyd's own containers also need native gRPC probes.
+modules (env.py, hardening.py); the containers of this repository's gRPC servers
+(config.GRPC_SERVICES: penaltyd, relaycheck) also need native gRPC probes.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .config import PENALTYD_NAME
+from .config import GRPC_SERVICES
 from .documents import Obj, as_dict, as_list, namespace
-from .env import check_env_refs, check_penaltyd_settings
+from .env import check_env_refs, check_service_settings
 from .findings import Add
 from .hardening import check_hardening
 from .images import pinned
@@ -61,18 +62,18 @@ def check_workload(
 
     volumes = _volumes(objs, obj, spec, wspec, prefix, add)
     pod_sc = as_dict(spec.get("securityContext"))
-    is_penaltyd = labels.get("app.kubernetes.io/name") == PENALTYD_NAME
+    service = GRPC_SERVICES.get(str(labels.get("app.kubernetes.io/name")))
     for where, c in containers(spec):
         cwhere = f"{prefix}.{where}"
         _check_container(obj, c, where, cwhere, volumes, add)
         env = check_env_refs(objs, obj, c, cwhere, add)
         if hardened(c):
             check_hardening(obj, c, cwhere, pod_sc, add)
-        if is_penaltyd and where.startswith("containers"):
+        if service is not None and where.startswith("containers"):
             for probe in PROBES:
                 if "grpc" not in as_dict(c.get(probe)):
-                    add(obj, f"{cwhere}.{probe}", "penaltyd needs a native gRPC probe")
-            check_penaltyd_settings(obj, f"{cwhere}.env", env, add, redis_scheme)
+                    add(obj, f"{cwhere}.{probe}", f"{service.name} needs a native gRPC probe")
+            check_service_settings(service, obj, f"{cwhere}.env", env, add, redis_scheme)
 
 
 def _volumes(
