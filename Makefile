@@ -42,8 +42,11 @@ venv: $(STAMP)
 # end-to-end test runs a private instance; installed with "No configuration", so the
 # machine's own mail setup is left alone). Then Exim and Haraka for their end-to-end tests,
 # into .cache/ and never installed (make exim, make haraka below).
-# systemd-analyze (Debian's systemd) verifies deploy/systemd/ offline in the unit tests.
-DEB_PKGS := redis-server:redis-server openssl:openssl postfix:postfix systemd-analyze:systemd
+# systemd-analyze (Debian's systemd) verifies deploy/systemd/ offline in the unit tests;
+# promtool and prometheus (Debian's prometheus) run the alerts' unit tests
+# (deploy/prometheus/rules_test.yml) and the Prometheus integration test.
+DEB_PKGS := redis-server:redis-server openssl:openssl postfix:postfix systemd-analyze:systemd \
+            promtool:prometheus
 deps:
 	@missing=""; PATH="$$PATH:/usr/sbin"; for pair in $(DEB_PKGS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
@@ -96,6 +99,29 @@ h2load:
 	  echo "installing Debian's nghttp2-client (h2load)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nghttp2-client >/dev/null; }
 
+# The Postfix policy servers operators use today, for make bench's `peers` group
+# (bench/peers.py runs its own copies in the foreground): Debian's policyd-rate-limit,
+# postgrey and postfwd. Their services are kept from starting (a policy-rc.d answering
+# 101 while the packages install, when the machine has none) and left stopped and
+# disabled; none of them touches Postfix's configuration.
+.PHONY: peers-deps bench-peers
+PEER_PKGS := policyd-rate-limit postgrey postfwd
+POLICY_RC_D ?= /usr/sbin/policy-rc.d
+peers-deps:
+	@missing=""; for p in $(PEER_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing (their services not started)"; \
+	  rc=$(POLICY_RC_D); ours=""; \
+	  if [ ! -e $$rc ]; then printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee $$rc >/dev/null && \
+	    $(SUDO) chmod 755 $$rc && ours=1; fi; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $(SUDO) apt-get install -y -qq $$missing >/dev/null; status=$$?; \
+	  [ -z "$$ours" ] || $(SUDO) rm -f $$rc; \
+	  for s in $$missing; do \
+	    $(SUDO) service $$s stop >/dev/null 2>&1; $(SUDO) update-rc.d $$s disable >/dev/null 2>&1; \
+	  done; exit $$status; fi
+
 run: venv
 	$(VENV)/bin/penaltyd --listen $(LISTEN)
 
@@ -145,6 +171,7 @@ integration: venv deps
 bench: venv redis-server h2load
 	$(PY) -m bench $(BENCH_ARGS)
 	$(MAKE) --no-print-directory bench-hostile
+	$(MAKE) --no-print-directory bench-peers
 
 # What hostile clients cost (docs/reliability.md): floods, stalled watchers, the bounded
 # embedded store, forged Received chains, the sidecars under attack.
@@ -156,6 +183,11 @@ bench-hostile: venv redis-server
 	$(PY) -m bench.policyd_bench --rounds 3 --seconds 8 --fairness
 	$(PY) -m bench.milter_rss
 
+# penalty-policyd beside policyd-rate-limit, postgrey and postfwd2 on the same C load
+# (bench/peers.py; docs/performance.md). PEERS_ARGS=--quick for a smoke run.
+bench-peers: venv peers-deps
+	$(PY) -m bench.peers $(PEERS_ARGS)
+
 # In process, on a simulated clock: 2 simulated hours in well under a minute, no servers.
 simulate: venv
 	$(PY) -m bench.simulate $(SIM_ARGS)
@@ -166,7 +198,8 @@ clean:
 # --- Running outside Kubernetes (docs/operations.md, "Running outside Kubernetes")
 .PHONY: fleet prometheus image-tools image-base image image-test
 
-# Prometheus (Debian's prometheus, with promtool) for `make fleet` and the rules tests.
+# Prometheus (Debian's prometheus, with promtool) for `make fleet`; `make deps` installs it
+# too, for the rules tests.
 prometheus:
 	@command -v prometheus >/dev/null || { \
 	  echo "installing Debian's prometheus"; \

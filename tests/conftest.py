@@ -16,26 +16,33 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import hypothesis
 import pytest
 import redis
 
+from tests.harness import hypothesis_profile
 from tests.harness.inprocess import ServeFactory, penaltyd_factory
 from tests.harness.redis import RedisServer
 
 # One Hypothesis profile for the whole suite: examples are bounded by count, never by
 # wall-clock time, so a busy machine (CI sharing two cores) makes tests slower, not red.
-# Each test's own @settings still chooses its number of examples.
-hypothesis.settings.register_profile(
-    "penaltyd",
-    deadline=None,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
-    print_blob=True,
-)
-hypothesis.settings.load_profile("penaltyd")
+# Each test's own @settings still chooses its number of examples. Loaded before any test
+# module is imported, so every @settings inherits it.
+hypothesis_profile.load()
 
 _TESTS = Path(__file__).resolve().parent
 _LAYERS = ("unit", "integration", "e2e")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A Hypothesis test whose own settings bring back a wall-clock limit (a deadline, or
+    the too_slow health check by replacing the profile's suppress list) fails here, with
+    the reason, instead of failing some day on a busy machine."""
+    limits = hypothesis_profile.wall_clock_limits(getattr(item, "obj", None))
+    if limits:
+        pytest.fail(
+            f"{item.nodeid}: Hypothesis settings depend on the machine's speed: "
+            f"{', '.join(limits)} (see tests/harness/hypothesis_profile.py)"
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

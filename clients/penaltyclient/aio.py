@@ -194,10 +194,25 @@ class AsyncPenaltyClient(ClientBase):
             raise PenaltydError(exc.code(), exc.details() or "") from exc
 
     async def explain(
-        self, ip: str, helo: str = "", mail_from: str = "", fingerprint: str = ""
+        self,
+        ip: str,
+        helo: str = "",
+        mail_from: str = "",
+        fingerprint: str = "",
+        *,
+        actor: str = "",
+        note: str = "",
     ) -> pb.Explanation:
-        req = pb.ExplainRequest(client=client_msg(ip, helo, mail_from, fingerprint))
+        req = pb.ExplainRequest(
+            client=client_msg(ip, helo, mail_from, fingerprint), actor=actor, note=note
+        )
         result: pb.Explanation = await self._admin(self.admin.Explain, req)
+        return result
+
+    async def disclose(self, ip: str, *, actor: str, note: str) -> pb.Disclosure:
+        """Everything penaltyd holds about `ip` and every client behind it (audited)."""
+        req = pb.DiscloseRequest(client=pb.Client(ip=ip), actor=actor, note=note)
+        result: pb.Disclosure = await self._admin(self.admin.Disclose, req)
         return result
 
     async def lift(
@@ -218,9 +233,9 @@ class AsyncPenaltyClient(ClientBase):
         result: pb.AllowEntry = await self._admin(self.admin.Allow, req)
         return result
 
-    async def remove_allow(self, cidr: str, actor: str = "") -> bool:
+    async def remove_allow(self, cidr: str, actor: str = "", note: str = "") -> bool:
         result = await self._admin(
-            self.admin.RemoveAllow, pb.RemoveAllowRequest(cidr=cidr, actor=actor)
+            self.admin.RemoveAllow, pb.RemoveAllowRequest(cidr=cidr, actor=actor, note=note)
         )
         return bool(result.removed)
 
@@ -228,13 +243,17 @@ class AsyncPenaltyClient(ClientBase):
         result = await self._admin(self.admin.ListAllowlist, pb.ListAllowlistRequest())
         return list(result.entries)
 
-    async def penalties(self, page_size: int = 500) -> AsyncIterator[pb.Penalty]:
+    async def penalties(
+        self, page_size: int = 500, *, actor: str = "", note: str = ""
+    ) -> AsyncIterator[pb.Penalty]:
         """Every active penalty, page by page."""
         token = ""
         while True:
             page = await self._admin(
                 self.admin.ListPenalties,
-                pb.ListPenaltiesRequest(page_size=page_size, page_token=token),
+                pb.ListPenaltiesRequest(
+                    page_size=page_size, page_token=token, actor=actor, note=note
+                ),
             )
             for p in page.penalties:
                 yield p
@@ -257,6 +276,9 @@ class AsyncPenaltyClient(ClientBase):
 _REFUSED_ITEM = re.compile(r"reports\[(\d{1,6})\]")
 
 
+_Aged = tuple[float, list[pb.ReportRequest]]  # a batch and when its oldest report was queued
+
+
 class SessionReporter:
     """Batches reports over one `Session` stream; never blocks the caller.
 
@@ -264,7 +286,10 @@ class SessionReporter:
     clamped) and queues (bounded: beyond `max_queue` reports are dropped and counted); a
     writer sends up to `max_batch` reports per message at least every `interval` seconds;
     a batch not yet acknowledged when the stream breaks is queued again (at least once),
-    and the stream reconnects with backoff.
+    and the stream reconnects with backoff. A report still waiting `max_age` seconds after
+    it was queued (penaltyd down that long) is dropped and counted in `expired`: penaltyd
+    would count it as fresh in a window it has left, and it holds a client's address and
+    HELO name longer than penaltyd itself keeps them (600 s: penaltyd's window_seconds).
 
     penaltyd validates a message whole: one refused report refuses its message. A refused
     batch is never counted as delivered: the report the error names (or, if it names
@@ -281,23 +306,29 @@ class SessionReporter:
         max_queue: int = 50_000,
         metadata: tuple[tuple[str, str], ...] = (),
         on_tempfail: Callable[[pb.Verdict], None] | None = None,
+        max_age: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._service = service
         self.max_batch = max_batch
         self.interval = interval
         self.max_queue = max_queue
+        self.max_age = max_age
+        self._clock = clock
         self._metadata = metadata
         self._on_tempfail = on_tempfail
-        self._queue: deque[pb.ReportRequest] = deque()
+        # Each report with the moment it was queued; a batch with its oldest report's.
+        self._queue: deque[tuple[float, pb.ReportRequest]] = deque()
         # Batches to send exactly as they are (halves of a refused batch), before the queue.
-        self._retry: deque[list[pb.ReportRequest]] = deque()
-        self._inflight: dict[int, list[pb.ReportRequest]] = {}
+        self._retry: deque[_Aged] = deque()
+        self._inflight: dict[int, _Aged] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.sent = 0  # reports written and not given back to the queue
         self.acked = 0  # reports penaltyd stored (delivered)
         self.dropped = 0  # reports lost to a full queue
         self.rejected = 0  # reports penaltyd refused (bad input), logged one by one
+        self.expired = 0  # reports older than max_age, dropped unsent
         self.reconnects = 0
         self.tempfails: deque[pb.Verdict] = deque(maxlen=1000)
 
@@ -319,7 +350,7 @@ class SessionReporter:
         if len(self._queue) >= self.max_queue:
             self.dropped += 1
             return False
-        self._queue.append(request)
+        self._queue.append((self._clock(), request))
         if len(self._queue) >= self.max_batch:
             self._wakeup.set()
         return True
@@ -329,17 +360,17 @@ class SessionReporter:
         """Reports not yet acknowledged: queued, set aside for a resend, or in flight."""
         return (
             len(self._queue)
-            + sum(len(b) for b in self._retry)
-            + sum(len(b) for b in self._inflight.values())
+            + sum(len(b) for _, b in self._retry)
+            + sum(len(b) for _, b in self._inflight.values())
         )
 
     def pending_requests(self) -> list[pb.ReportRequest]:
         """Everything not yet acknowledged (in flight first, then waiting), e.g. to keep it
         across a restart. A report in flight may still be stored by penaltyd: keeping it
         means at least once."""
-        out = [r for b in self._inflight.values() for r in b]
-        out += [r for b in self._retry for r in b]
-        out += self._queue
+        out = [r for _, b in self._inflight.values() for r in b]
+        out += [r for _, b in self._retry for r in b]
+        out += [r for _, r in self._queue]
         return out
 
     def start(self) -> None:
@@ -365,17 +396,34 @@ class SessionReporter:
             self._task = None
         self._give_back()
 
-    def _next_batch(self) -> list[pb.ReportRequest]:
+    def _next_batch(self) -> _Aged:
         if self._retry:
             return self._retry.popleft()
-        return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+        take = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+        return (take[0][0] if take else self._clock()), [r for _, r in take]
 
     def _give_back(self) -> None:
         """In-flight batches go back in front of the queue (at least once)."""
-        for batch in reversed(list(self._inflight.values())):
-            self.sent -= len(batch)
-            self._retry.appendleft(batch)
+        for aged in reversed(list(self._inflight.values())):
+            self.sent -= len(aged[1])
+            self._retry.appendleft(aged)
         self._inflight.clear()
+
+    def _expire(self) -> None:
+        """Drop what has waited longer than `max_age` (a batch by its oldest report)."""
+        cutoff = self._clock() - self.max_age
+        before = self.expired
+        while self._retry and self._retry[0][0] < cutoff:
+            self.expired += len(self._retry.popleft()[1])
+        while self._queue and self._queue[0][0] < cutoff:
+            self._queue.popleft()
+            self.expired += 1
+        if self.expired > before:
+            log.warning(
+                "dropped %d reports older than %.0f s (penaltyd unreachable that long)",
+                self.expired - before,
+                self.max_age,
+            )
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -385,6 +433,7 @@ class SessionReporter:
             reader = asyncio.create_task(self._read(call))
             try:
                 while not reader.done():
+                    self._expire()
                     if not (self._queue or self._retry):
                         # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.
                         with contextlib.suppress(TimeoutError):
@@ -392,9 +441,10 @@ class SessionReporter:
                                 await self._wakeup.wait()
                         self._wakeup.clear()
                         continue
-                    batch = self._next_batch()
+                    aged = self._next_batch()
+                    batch = aged[1]
                     next_id += 1
-                    self._inflight[next_id] = batch
+                    self._inflight[next_id] = aged
                     self.sent += len(batch)  # before the write: a failed write re-queues it
                     await call.write(pb.SessionRequest(id=next_id, reports=batch))
                     backoff = 0.05
@@ -407,6 +457,7 @@ class SessionReporter:
                 call.cancel()
                 self._give_back()
             self._trim()
+            self._expire()
             self.reconnects += 1
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 2.0)
@@ -421,10 +472,10 @@ class SessionReporter:
 
     async def _read(self, call: Any) -> None:
         async for response in call:
-            batch = self._inflight.pop(response.id, [])
+            queued_at, batch = self._inflight.pop(response.id, (0.0, []))
             self.sent -= len(batch)
             if response.HasField("error"):
-                self._refused(batch, response.error.field, response.error.message)
+                self._refused(queued_at, batch, response.error.field, response.error.message)
                 self._wakeup.set()
                 continue
             self.acked += len(batch)
@@ -434,7 +485,9 @@ class SessionReporter:
                     if self._on_tempfail is not None:
                         self._on_tempfail(verdict)
 
-    def _refused(self, batch: list[pb.ReportRequest], field: str, message: str) -> None:
+    def _refused(
+        self, queued_at: float, batch: list[pb.ReportRequest], field: str, message: str
+    ) -> None:
         """Take the refused report out of `batch` and send the rest again."""
         m = _REFUSED_ITEM.match(field)
         index = int(m.group(1)) if m else -1
@@ -450,11 +503,11 @@ class SessionReporter:
             )
             rest = batch[:index] + batch[index + 1 :]
             if rest:
-                self._retry.appendleft(rest)
+                self._retry.appendleft((queued_at, rest))
         elif len(batch) > 1:  # the error names no report: find it by halves
             half = len(batch) // 2
-            self._retry.appendleft(batch[half:])
-            self._retry.appendleft(batch[:half])
+            self._retry.appendleft((queued_at, batch[half:]))
+            self._retry.appendleft((queued_at, batch[:half]))
         elif batch:
             self.rejected += 1
             log.warning("penaltyd refused a report (%s: %s)", field, message)

@@ -35,7 +35,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import signal
 import stat
@@ -57,6 +56,8 @@ from penalty.identity import MAX_COUNT, InvalidAddress, bound_client, parse_ip
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, SessionReporter
 from penaltyclient.logpatterns import Tally, markdown_tables
+from penaltyclient.stdlog import route_stdlib_logs
+from serving.cli import add_log_address_arguments, log_address_options
 from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("penalty-logwatch")
@@ -742,6 +743,7 @@ class LogWatch:
                 "reports_dropped": r.dropped + self.lost_at_exit,
                 "reports_pending": 0 if self._closed else r.pending,
                 "reports_rejected": r.rejected,
+                "reports_expired": r.expired,
                 "reports_spooled": self.spooled,
                 "reports_replayed": self.replayed,
                 "reconnects": r.reconnects,
@@ -993,6 +995,10 @@ class LogWatch:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
         final = self.stats()
+        if self.reporter is not None:
+            # What became of the reports penaltyd had not taken: spooled, or lost with us
+            # (also counted in reports_dropped), as the other sidecars' stop lines say.
+            final["reports_pending_dropped"] = self.lost_at_exit
         if self.dry is not None:
             final["clients"] = {ip: dict(c) for ip, c in self.dry.clients.items()}
         log.info("logwatch stopped", **final)
@@ -1130,24 +1136,20 @@ def parser() -> argparse.ArgumentParser:
         default="info",
         help="log threshold (default info)",
     )
+    add_log_address_arguments(p, env_prefix="PENALTYD")
     return p
 
 
-class _ToStructlog(logging.Handler):
-    """The client library logs with stdlib logging; emit its events as JSON lines too."""
+def _configure_logs(args: argparse.Namespace) -> None:
+    """JSON logs as the flags say (addresses included), the client library's too.
 
-    def emit(self, record: logging.LogRecord) -> None:
-        structlog.get_logger(record.name).log(record.levelno, record.getMessage())
-
-
-def _configure_logs(level: str) -> None:
+    Raises OSError/ValueError naming an unreadable or short --log-key-file."""
     from serving import logs
 
-    logs.configure(level)
-    root = logging.getLogger()
-    root.handlers[:] = [_ToStructlog()]
-    root.setLevel(getattr(logging, level.upper()))
-    logging.getLogger("grpc").setLevel(logging.WARNING)
+    how = log_address_options(args)
+    key = how["log_key"]() if how["log_addresses"] == "keyed" else None
+    logs.configure(args.log_level, how["log_addresses"], key)
+    route_stdlib_logs(args.log_level)
 
 
 async def _main(options: Options) -> int:
@@ -1210,7 +1212,11 @@ def main(argv: list[str] | None = None) -> int:
             grpc_target(options.penaltyd)
         except ValueError as exc:
             parser().error(f"--penaltyd: {exc}")
-    _configure_logs(args.log_level)
+    try:
+        _configure_logs(args)
+    except (OSError, ValueError) as exc:
+        print(f"penalty-logwatch: {exc}", file=sys.stderr)
+        return 2
     return asyncio.run(_main(options))
 
 

@@ -57,7 +57,8 @@ from penalty.identity import MAX_HELO, InvalidAddress, bound_client, bounded, pa
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter
 from penaltyclient.channel import grpc_target
-from serving.cli import run_program
+from penaltyclient.stdlog import route_stdlib_logs
+from serving.cli import add_log_address_arguments, log_address_options, run_program
 
 log = structlog.get_logger("penalty.milter")
 
@@ -404,6 +405,7 @@ class PenaltyMilter(MilterServer):
             "reports_sent": r.acked,
             "reports_pending": r.pending,
             "reports_dropped": r.dropped,
+            "reports_expired": r.expired,
             "reports_rejected": r.rejected,
             "live_replica": bool(replica is not None and replica.synced),
         }
@@ -545,11 +547,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log threshold (default info; debug logs every rejected recipient)",
     )
+    add_log_address_arguments(p, env_prefix="PENALTYD")
     return p
 
 
 async def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then drain connections, flush reports and return 0."""
+    route_stdlib_logs(args.log_level)  # the client library's warnings as JSON lines too
     client = AsyncPenaltyClient(
         args.penaltyd,
         deadline=args.deadline,
@@ -570,6 +574,12 @@ async def run(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
     )
     milter = PenaltyMilter(reporter, client if args.tempfail_at_rcpt else None, options)
+    # The handlers first: a SIGTERM from the moment we listen (a supervisor that saw the
+    # start line) must get the graceful drain, never Python's default (killed, exit -15).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         address = await milter.start(args.listen)
     except OSError:  # named by the server: run_program prints it as one line, exit 2
@@ -583,10 +593,6 @@ async def run(args: argparse.Namespace) -> int:
         tempfail_at_rcpt=options.tempfail_at_rcpt,
         report_accepted=options.report_accepted,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     stats_task = asyncio.create_task(milter.log_stats_forever(args.stats_interval))
     try:
         await stop.wait()
@@ -633,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"penalty-milter: {exc}", file=sys.stderr)
         return 2
-    return run_program("penalty-milter", args.log_level, lambda: run(args))
+    return run_program(
+        "penalty-milter", args.log_level, lambda: run(args), **log_address_options(args)
+    )
 
 
 if __name__ == "__main__":

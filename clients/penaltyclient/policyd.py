@@ -36,7 +36,10 @@ How a connection is served (an `asyncio.Protocol`, no task per connection):
   address through.
 - Reports in batches: accepted recipients are counted per (address, HELO, sender) and
   handed to the `SessionReporter` every `REPORT_EVERY` seconds, one report with its
-  count each (a message's RCPTs from one client become one report); shutdown flushes.
+  count each (a message's RCPTs from one client become one report). On SIGTERM the
+  open connections are closed (Postfix keeps them open between sessions), the reports
+  get `--flush-seconds` to reach penaltyd, and `policyd_stopped` counts those that did
+  not (`reports_pending_dropped`, after a `policyd_reports_dropped_at_exit` warning).
 - Logs a client cannot flood: lines a client causes (garbage, unknown addresses,
   refused checks, connections over the cap) are rate-limited with a count of what was
   suppressed, `policy_tempfail` is logged once per penalty; `policyd_stats` counts all.
@@ -61,7 +64,8 @@ from penalty.identity import InvalidAddress, address_and_identity, bound_count
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter, client_msg
 from penaltyclient.milter import MilterOptions, PenaltyMilter
-from serving.cli import run_program
+from penaltyclient.stdlog import route_stdlib_logs
+from serving.cli import add_log_address_arguments, log_address_options, run_program
 from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("penalty.policyd")
@@ -719,6 +723,7 @@ class PolicyServer:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    route_stdlib_logs(args.log_level)  # the client library's warnings as JSON lines too
     soft_before, soft, hard = raise_fd_limit()
     budget = soft if soft != resource.RLIM_INFINITY else 1 << 20
     max_connections = args.max_connections or default_max_connections(budget)
@@ -774,9 +779,27 @@ async def serve(args: argparse.Namespace) -> None:
         if milter is not None:
             await milter.close(drain=2.0)
         await policy.close()
-        await policy.reporter.close()
+        dropped = await _shut_reporter(policy.reporter, args.flush_seconds)
         await client.close()
-        log.info("policyd_stopped", **_stats_fields(policy))
+        log.info("policyd_stopped", **_stats_fields(policy), reports_pending_dropped=dropped)
+
+
+async def _shut_reporter(reporter: SessionReporter, within: float) -> int:
+    """Send the queued reports for up to `within` seconds, stop the reporter, and return
+    how many penaltyd had not acknowledged: they are lost with the process (one in flight
+    may still have been stored). A warning names them when there are any; the stop line
+    counts them (`reports_pending_dropped`)."""
+    await reporter.flush(within=within)
+    await reporter.close(within=0)
+    dropped = reporter.pending
+    if dropped:
+        log.warning(
+            "policyd_reports_dropped_at_exit",
+            reports=dropped,
+            flush_seconds=within,
+            note="not acknowledged by penaltyd in time; lost with this process",
+        )
+    return dropped
 
 
 def _milter(args: argparse.Namespace, reporter: SessionReporter) -> PenaltyMilter:
@@ -805,6 +828,7 @@ def _stats_fields(policy: PolicyServer) -> dict[str, object]:
         "write_paused": s.write_paused,
         "reports_sent": r.acked,
         "reports_dropped": r.dropped,
+        "reports_expired": r.expired,
         "live_replica": bool(policy.client.replica and policy.client.replica.synced),
     }
 
@@ -878,6 +902,14 @@ def parser() -> argparse.ArgumentParser:
         "check does not, see --no-report-accepted)",
     )
     p.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="on SIGTERM, after the open connections are closed, how long queued reports "
+        "may take to reach penaltyd; the rest are logged as dropped (default 2)",
+    )
+    p.add_argument(
         "--stats-interval", type=float, default=60.0, help="seconds between stats log lines"
     )
     p.add_argument(
@@ -886,6 +918,7 @@ def parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="log threshold",
     )
+    add_log_address_arguments(p, env_prefix="PENALTYD")
     return p
 
 
@@ -895,11 +928,13 @@ def main(argv: list[str] | None = None) -> int:
     if not stages or not stages <= set(STATES):
         print(f"penalty-policyd: --stage must be among {', '.join(STATES)}", file=sys.stderr)
         return 2
-    if args.max_connections < 0 or args.idle_timeout <= 0:
-        print("penalty-policyd: --max-connections and --idle-timeout must be positive",
-              file=sys.stderr)  # fmt: skip
+    if args.max_connections < 0 or args.idle_timeout <= 0 or args.flush_seconds < 0:
+        print("penalty-policyd: --max-connections, --idle-timeout and --flush-seconds must "
+              "be positive", file=sys.stderr)  # fmt: skip
         return 2
-    return run_program("penalty-policyd", args.log_level, lambda: serve(args))
+    return run_program(
+        "penalty-policyd", args.log_level, lambda: serve(args), **log_address_options(args)
+    )
 
 
 if __name__ == "__main__":

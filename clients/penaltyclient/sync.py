@@ -134,11 +134,29 @@ class PenaltyClient(ClientBase):
             raise PenaltydError(exc.code(), exc.details() or "") from exc
 
     def explain(
-        self, ip: str, helo: str = "", mail_from: str = "", fingerprint: str = ""
+        self,
+        ip: str,
+        helo: str = "",
+        mail_from: str = "",
+        fingerprint: str = "",
+        *,
+        actor: str = "",
+        note: str = "",
     ) -> pb.Explanation:
         result: pb.Explanation = self._admin(
             self.admin.Explain,
-            pb.ExplainRequest(client=client_msg(ip, helo, mail_from, fingerprint)),
+            pb.ExplainRequest(
+                client=client_msg(ip, helo, mail_from, fingerprint), actor=actor, note=note
+            ),
+        )
+        return result
+
+    def disclose(self, ip: str, *, actor: str, note: str) -> pb.Disclosure:
+        """Everything penaltyd holds about `ip` and every client behind it (a data
+        request: `actor` and `note`, the case reference, are required and audited)."""
+        result: pb.Disclosure = self._admin(
+            self.admin.Disclose,
+            pb.DiscloseRequest(client=pb.Client(ip=ip), actor=actor, note=note),
         )
         return result
 
@@ -164,22 +182,26 @@ class PenaltyClient(ClientBase):
         )
         return result
 
-    def remove_allow(self, cidr: str, actor: str = "") -> bool:
+    def remove_allow(self, cidr: str, actor: str = "", note: str = "") -> bool:
         return bool(
             self._admin(
-                self.admin.RemoveAllow, pb.RemoveAllowRequest(cidr=cidr, actor=actor)
+                self.admin.RemoveAllow, pb.RemoveAllowRequest(cidr=cidr, actor=actor, note=note)
             ).removed
         )
 
     def allowlist(self) -> list[pb.AllowEntry]:
         return list(self._admin(self.admin.ListAllowlist, pb.ListAllowlistRequest()).entries)
 
-    def penalties(self, page_size: int = 500) -> Iterator[pb.Penalty]:
+    def penalties(
+        self, page_size: int = 500, *, actor: str = "", note: str = ""
+    ) -> Iterator[pb.Penalty]:
         token = ""
         while True:
             page = self._admin(
                 self.admin.ListPenalties,
-                pb.ListPenaltiesRequest(page_size=page_size, page_token=token),
+                pb.ListPenaltiesRequest(
+                    page_size=page_size, page_token=token, actor=actor, note=note
+                ),
             )
             yield from page.penalties
             token = page.next_page_token

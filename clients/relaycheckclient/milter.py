@@ -42,7 +42,7 @@ from milterkit.server import MilterServer, parse_listen
 from penalty.identity import InvalidAddress, parse_ip
 from relaycheck.v1 import relaycheck_pb2 as pb
 from relaycheck.v1 import relaycheck_pb2_grpc as pbg
-from serving.cli import run_program
+from serving.cli import add_log_address_arguments, log_address_options, run_program
 
 log = structlog.get_logger("relaycheck.milter")
 
@@ -303,6 +303,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-header-bytes", type=int, default=256 * 1024, metavar="N")
     p.add_argument("--drain-seconds", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_log_address_arguments(p, env_prefix="RELAYCHECK")
     return p
 
 
@@ -316,20 +317,33 @@ async def run(args: argparse.Namespace) -> int:
         max_header_bytes=args.max_header_bytes,
     )
     milter = RelayMilter(args.relaycheck, options)
+    # The handlers first: a SIGTERM from the moment we listen (a supervisor that saw the
+    # start line) must get the graceful drain, never Python's default (killed, exit -15).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         address = await milter.start(args.listen)
     except OSError:  # named by the server: run_program prints it as one line, exit 2
         await milter.close(drain=0)
         raise
     log.info("milter_started", listen=address, relaycheck=args.relaycheck, dry_run=args.dry_run)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("milter_stopping", active=milter.stats.active)
     await milter.close(drain=args.drain_seconds)
-    log.info("milter_stopped", refused=milter.stats.refused, failed_open=milter.stats.failed_open)
+    # This milter holds no reports: relaycheck reports relayed origins to penaltyd itself.
+    s = milter.stats
+    log.info(
+        "milter_stopped",
+        connections=s.connections,
+        active=s.active,
+        classified=dict(s.classified),
+        refused=s.refused,
+        failed_open=s.failed_open,
+        protocol_errors=s.protocol_errors,
+        handler_errors=s.handler_errors,
+    )
     return 0
 
 
@@ -341,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"relaycheck-milter: {exc}", file=sys.stderr)
         return 2
-    return run_program("relaycheck-milter", args.log_level, lambda: run(args))
+    return run_program(
+        "relaycheck-milter", args.log_level, lambda: run(args), **log_address_options(args)
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ single node's operator (`make run`); elsewhere it is `PERMISSION_DENIED`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from functools import lru_cache
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -32,6 +32,7 @@ from serving.errors import BadField, BadMessage, abort_invalid
 from serving.gates import AdminGate, CallerGate, operator_call
 
 log = structlog.get_logger("penaltyd.api")
+audit_log = structlog.get_logger("penaltyd.audit")
 
 Verdict = penalty_pb2.Verdict
 Kind = penalty_pb2.PenaltyEvent.Kind
@@ -43,7 +44,7 @@ class Replies:
 
     def __init__(self, template: str) -> None:
         self._template = template
-        self.render = lru_cache(maxsize=4096)(reasons.render)
+        self.render = reasons.render
 
     def verdict(self, answer: Answer, ip: str) -> penalty_pb2.Verdict:
         p = answer.penalty
@@ -74,6 +75,17 @@ class Replies:
 
 
 allow_entry = allow_message
+
+#: What holds an address (or its token) but cannot be read back per address: Disclose
+#: names these in every answer (docs/privacy.md, "What Disclose cannot itemize").
+NOT_ITEMIZED = [
+    "fleet identity counts: pd:{trk<N>}:<generation> HyperLogLogs count each identity "
+    "seen (registers only; an identity cannot be read back or removed), 2 x window_seconds",
+    "logs: penaltyd's log lines (log_addresses decides how addresses are written), kept "
+    "as long as the operator's log pipeline keeps them",
+    "MX side: live replicas hold active penalties (until they end); sidecars hold reports "
+    "for at most their batch interval; penalty-logwatch's spool holds undelivered reports",
+]
 
 
 async def _invalid(
@@ -232,6 +244,35 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
             engine.settings, api="admin", env_var="PENALTYD_ADMIN_TOKEN"
         )
 
+    @contextlib.contextmanager
+    def _audit(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        actor: str,
+        note: str,
+        **subject: object,
+    ) -> Iterator[dict[str, object]]:
+        """One audit event per admin call about an address: who, what, about whom, why,
+        and how it ended (the `with` body may add fields to the dict it gets). Addresses
+        in it are written as `log_addresses` says, like every log line."""
+        fields: dict[str, object] = dict(subject)
+        outcome = "error"
+        try:
+            yield fields
+            outcome = "ok"
+        finally:
+            self.engine.metrics.audit_events.labels(method).inc()
+            audit_log.info(
+                "audit",
+                method=method,
+                actor=actor,
+                note=note,
+                peer=context.peer(),
+                outcome=outcome,
+                **fields,
+            )
+
     def _decision(
         self, ex: Explained, d: Decision, identity: str, penalty: Penalty | None
     ) -> penalty_pb2.Explanation:
@@ -260,7 +301,9 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         self, request: penalty_pb2.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> penalty_pb2.Explanation:
         ref = self.validator.check(request)
-        ex = await self.engine.explain(ref)
+        actor, note = self.validator.who(request)
+        with self._audit("Explain", context, actor, note, identity=ref.identity):
+            ex = await self.engine.explain(ref)
         out = self._decision(ex, ex.decision, ref.identity, ex.window.penalty)
         out.shared = ex.window.shared
         out.shared_reason = ex.shared_reason
@@ -285,9 +328,10 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         self, request: penalty_pb2.LiftRequest, context: grpc.aio.ServicerContext
     ) -> penalty_pb2.LiftResponse:
         ref = self.validator.check(request)
-        self.validator.text(request.actor, "actor", 128)
-        self.validator.text(request.note, "note", 1024)
-        lifted = await self.engine.lift(ref, request.actor, request.note)
+        actor, note = self.validator.who(request)
+        with self._audit("Lift", context, actor, note, identity=ref.identity) as fields:
+            lifted = await self.engine.lift(ref, actor, note)
+            fields["lifted"] = lifted
         return penalty_pb2.LiftResponse(
             lifted=bool(lifted), identity=lifted[0] if lifted else ref.identity
         )
@@ -315,10 +359,13 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
             after = PageCursor.decode(request.page_token) if request.page_token else None
         except ValueError as exc:
             raise BadField("page_token", str(exc)) from exc
-        try:
-            page, cursor = await self.engine.list_penalties(after, request.page_size or 100)
-        except ValueError as exc:  # a well-formed token that names no position of ours
-            raise BadField("page_token", str(exc)) from exc
+        actor, note = self.validator.who(request)
+        with self._audit("ListPenalties", context, actor, note) as fields:
+            try:
+                page, cursor = await self.engine.list_penalties(after, request.page_size or 100)
+            except ValueError as exc:  # a well-formed token that names no position of ours
+                raise BadField("page_token", str(exc)) from exc
+            fields["penalties"] = len(page)
         response = penalty_pb2.ListPenaltiesResponse(
             next_page_token=cursor.encode() if cursor else ""
         )
@@ -332,16 +379,52 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         self, request: penalty_pb2.AllowRequest, context: grpc.aio.ServicerContext
     ) -> penalty_pb2.AllowEntry:
         cidr, ttl_s = self.validator.allow(request)
-        return allow_entry(await self.engine.allow(cidr, ttl_s, request.note, request.actor))
+        actor, note = self.validator.who(request)
+        with self._audit("Allow", context, actor, note, cidr=cidr, ttl_seconds=ttl_s):
+            return allow_entry(await self.engine.allow(cidr, ttl_s, note, actor))
 
     @admin
     async def RemoveAllow(
         self, request: penalty_pb2.RemoveAllowRequest, context: grpc.aio.ServicerContext
     ) -> penalty_pb2.RemoveAllowResponse:
         cidr = self.validator.cidr(request.cidr)
-        self.validator.text(request.actor, "actor", 128)
-        return penalty_pb2.RemoveAllowResponse(
-            removed=await self.engine.remove_allow(cidr, request.actor)
+        actor, note = self.validator.who(request)
+        with self._audit("RemoveAllow", context, actor, note, cidr=cidr) as fields:
+            removed = await self.engine.remove_allow(cidr, actor)
+            fields["removed"] = removed
+        return penalty_pb2.RemoveAllowResponse(removed=removed)
+
+    @admin
+    async def Disclose(
+        self, request: penalty_pb2.DiscloseRequest, context: grpc.aio.ServicerContext
+    ) -> penalty_pb2.Disclosure:
+        """Everything held about an address and every client behind it (data requests)."""
+        if not request.HasField("client"):
+            raise BadField("client", "required")
+        plain = penalty_pb2.Client(ip=request.client.ip)  # every client behind it
+        ref = self.validator.client(plain, "client")
+        actor, note = self.validator.who(request, required=True)
+        with self._audit("Disclose", context, actor, note, identity=ref.identity) as fields:
+            found = await self.engine.disclose(ref)
+            fields["items"] = len(found.items)
+        return penalty_pb2.Disclosure(
+            ip=ref.ip,
+            identity=ref.identity,
+            items=[
+                penalty_pb2.HeldItem(
+                    kind=h.kind,
+                    identity=h.identity,
+                    stored_as=h.stored_as,
+                    member=h.member,
+                    expires_at_unix_ms=h.expires_at_ms,
+                    content=h.content,
+                )
+                for h in found.items
+            ],
+            at_unix_ms=found.at_ms,
+            store=self.engine.store.kind,
+            keyed=found.keyed,
+            not_itemized=NOT_ITEMIZED,
         )
 
     @admin

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 
@@ -34,13 +34,16 @@ from penaltyd.batching import Coalescer
 from penaltyd.detector import Baseline, Decision, Detector
 from penaltyd.events import FeedEvent
 from penaltyd.fleetstats import FleetStatistics
+from penaltyd.keying import Keying
 from penaltyd.metrics import Metrics
 from penaltyd.reportbuffer import ReportBuffer
+from penaltyd.retention import longest_penalty_seconds
 from penaltyd.settings import Settings
 from penaltyd.store.base import (
     AllowEntry,
     Escalation,
     FleetStats,
+    Held,
     LiftRecord,
     PageCursor,
     Penalty,
@@ -54,6 +57,9 @@ from penaltyd.watch import WatchHub
 from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("penaltyd.engine")
+
+#: A report on its way to the store: what the store is told, and who it is about.
+Pending = tuple[ReportItem, ClientRef]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +83,18 @@ class Explained:
     last_lift: LiftRecord | None
     baseline: Baseline
     window_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disclosed:
+    ref: ClientRef
+    items: list[Held]
+    at_ms: int
+    keyed: bool
+
+
+#: Disclose scans the store's keys: it may take longer than other admin calls.
+DISCLOSE_TIMEOUT_S = 60.0
 
 
 class Engine:
@@ -115,7 +133,10 @@ class Engine:
             self._shared_cidrs.add(parse_network(cidr), True)
         self._clock = clock
         self._wall_ms = wall_ms
-        self.buffer = ReportBuffer(settings.report_buffer, self.metrics)
+        self.keying = Keying(*settings.identity_keys())
+        self.buffer: ReportBuffer[Pending] = ReportBuffer(
+            settings.report_buffer, self.metrics, settings.window_seconds, clock
+        )
         self._degraded_log = RateLimitedLog(log)
         self._tasks: list[asyncio.Task[None]] = []
         self._reports: Coalescer[tuple[ClientRef, Sequence[tuple[int, int]]], Answer] | None = None
@@ -136,10 +157,13 @@ class Engine:
         self.hub = WatchHub(
             lambda: self.store.snapshot_raw(),
             store.now_ms,
-            functools.lru_cache(maxsize=4096)(reasons.render),
+            self.reveal,
             done,
             log_size=settings.watch_log_events,
             stall_seconds=settings.watch_stall_seconds,
+            address=self.keying.reveal_label,
+            max_age=longest_penalty_seconds(settings),
+            clock=clock,
         )
         self.degraded_until = 0.0
         self._down_since: float | None = None
@@ -219,14 +243,27 @@ class Engine:
         allow = self.store.allowed(ref.addr)
         if allow is not None:
             return True, Answer(ref.identity, None, allow=allow)
-        known, penalty = self.store.local_penalty(ref.identity)
+        sid = self.keying.store_identity
+        known, penalty = self.store.local_penalty(sid(ref.identity))
         if not known:
             return False, None
         if penalty is None and ref.fingerprint:
-            _, sub = self.store.local_penalty(ref.sub_identity)
+            _, sub = self.store.local_penalty(sid(ref.sub_identity))
             if sub is not None:
                 return True, Answer(ref.sub_identity, sub)
+        if penalty is None and self.keying.rotating:
+            return True, self._local_previous(ref)
         return True, Answer(ref.identity, penalty)
+
+    def _local_previous(self, ref: ClientRef) -> Answer:
+        """During a key rotation: penalties started under the previous key."""
+        for plain in (ref.identity, ref.sub_identity) if ref.fingerprint else (ref.identity,):
+            old = self.keying.previous_identity(plain)
+            if old is not None:
+                _, penalty = self.store.local_penalty(old)
+                if penalty is not None:
+                    return Answer(plain, penalty)
+        return Answer(ref.identity, None)
 
     def _count_check(self, answer: Answer) -> Answer:
         (self.metrics.check_tempfail if answer.penalty else self.metrics.check_pass).inc()
@@ -258,8 +295,12 @@ class Engine:
 
     async def _check_store(self, refs: Sequence[ClientRef]) -> list[Answer]:
         # One read per distinct identity: the address, and the client behind it when the
-        # MX told us who that is (no fingerprint: the two are the same key).
-        ids = list(dict.fromkeys(i for r in refs for i in (r.identity, r.sub_identity)))
+        # MX told us who that is (no fingerprint: the two are the same key); during a key
+        # rotation, under both keys' names.
+        names = self.keying.store_names
+        ids = list(
+            dict.fromkeys(n for r in refs for i in (r.identity, r.sub_identity) for n in names(i))
+        )
         try:
             with self.metrics.store_call("check", self._check_timeout):
                 async with asyncio.timeout(self._check_timeout):
@@ -268,9 +309,13 @@ class Engine:
             self.failed("check", exc)
             self.metrics.check_degraded.inc(len(refs))
             return [Answer(r.identity, None, degraded=True) for r in refs]
+
+        def held(identity: str) -> Penalty | None:
+            return next((p for n in names(identity) if (p := found[n]) is not None), None)
+
         out = []
         for ref in refs:
-            whole, sub = found[ref.identity], found[ref.sub_identity]
+            whole, sub = held(ref.identity), held(ref.sub_identity)
             if whole is None and sub is not None:
                 out.append(self._count_check(Answer(ref.sub_identity, sub)))
             else:
@@ -296,96 +341,118 @@ class Engine:
         Allowlisted clients are answered at once and nothing of theirs is stored.
         """
         answers: list[Answer | None] = []
-        items: list[ReportItem] = []
+        pending: list[Pending] = []
+        keying = self.keying
         for ref, counts in batch:
             allow = self.store.allowed(ref.addr)
             if allow is not None:
                 answers.append(Answer(ref.identity, None, allow=allow))
                 continue
             answers.append(None)
-            items.append(
-                ReportItem(
-                    ref.identity, counts, ref.fingerprint, self.shared_configured(ref) is not None
-                )
+            fp = ref.fingerprint
+            item = ReportItem(
+                keying.store_identity(ref.identity),
+                counts,
+                keying.store_fingerprint(fp) if fp else "",
+                self.shared_configured(ref) is not None,
+                keying.label(ref.identity) if fp and keying.keyed else "",
             )
-        if items:
-            fresh = iter(await self._record(items))
+            pending.append((item, ref))
+        if pending:
+            fresh = iter(await self._record(pending))
             answers = [a if a is not None else next(fresh) for a in answers]
         return [a for a in answers if a is not None]
 
-    async def _record(self, items: Sequence[ReportItem]) -> list[Answer]:
+    async def _record(self, pending: Sequence[Pending]) -> list[Answer]:
         # A Session message of hundreds of reports (each perhaps starting a penalty) is
         # one pipeline, but a longer one: its deadline grows with it.
+        items = [item for item, _ in pending]
         deadline = self._report_timeout + self._per_item_timeout * (len(items) - 1)
         try:
             with self.metrics.store_call("report", deadline):
                 async with asyncio.timeout(deadline):
                     windows = await self.store.record(items)
-                    answers = await self._decide(items, windows)
+                    answers = await self._decide(pending, windows)
         except TimeoutError as exc:
             self.failed("report", exc)
             self.metrics.reports_in_doubt.inc(len(items))
-            return [Answer(i.identity, None, degraded=True) for i in items]
+            return [Answer(ref.identity, None, degraded=True) for _, ref in pending]
         except StoreError as exc:
             self.failed("report", exc)
-            self.buffer.add(items)
-            return [Answer(i.identity, None, degraded=True) for i in items]
+            self.buffer.add(pending)
+            return [Answer(ref.identity, None, degraded=True) for _, ref in pending]
         self.metrics.reports.inc(len(items))
         self.stats.add(items, windows)
         return answers
 
-    def _plan(self, item: ReportItem, window: Window) -> Answer | tuple[str, Decision]:
-        """The answer a window gives, or the penalty it starts (pure: no I/O)."""
+    def _plan(self, ref: ClientRef, window: Window) -> Answer | tuple[bool, Decision]:
+        """The answer a window gives, or the penalty it starts: (on the client behind the
+        address rather than the address?, decision). Pure: no I/O."""
         if window.penalty is not None:
-            return Answer(item.identity, window.penalty)
+            return Answer(ref.identity, window.penalty)
         if window.sub_penalty is not None:
-            return Answer(item.sub_identity, window.sub_penalty)
+            return Answer(ref.sub_identity, window.sub_penalty)
         if window.sub_counts is None:
             decision = self.detector.evaluate(window.counts, self.baseline)
-            return (item.identity, decision) if decision.fire else Answer(item.identity, None)
+            return (False, decision) if decision.fire else Answer(ref.identity, None)
         # Told apart: the client on its own window, the whole address by the shared rules.
         sub = self.detector.evaluate(window.sub_counts, self.baseline)
         if sub.fire:
-            return item.sub_identity, sub
+            return True, sub
         whole = self.detector.evaluate(window.counts, self.baseline, shared=True)
-        return (item.identity, whole) if whole.fire else Answer(item.identity, None)
+        return (False, whole) if whole.fire else Answer(ref.identity, None)
 
-    async def _decide(self, items: Sequence[ReportItem], windows: Sequence[Window]) -> list[Answer]:
+    async def _decide(self, pending: Sequence[Pending], windows: Sequence[Window]) -> list[Answer]:
         """Answers for a batch; every penalty it triggers starts in one store batch."""
-        plans = [self._plan(i, w) for i, w in zip(items, windows, strict=True)]
-        firing: dict[str, Decision] = {}
-        for plan in plans:
-            if isinstance(plan, tuple):
-                firing.setdefault(plan[0], plan[1])
+        out: list[Answer | tuple[str, str]] = []
+        firing: dict[str, tuple[str, Decision]] = {}  # store name -> (identity, decision)
+        for (item, ref), window in zip(pending, windows, strict=True):
+            if window.newly_shared:
+                log.info("shared_address_marked", identity=ref.identity, rule="detected")
+            plan = self._plan(ref, window)
+            if isinstance(plan, Answer):
+                out.append(plan)
+                continue
+            sub, decision = plan
+            name, plain = (
+                (item.sub_identity, ref.sub_identity) if sub else (item.identity, ref.identity)
+            )
+            firing.setdefault(name, (plain, decision))
+            out.append((name, plain))
         if not firing:
-            return [p for p in plans if isinstance(p, Answer)]
-        starts = [(i, self._penalty_ms, reasons.encode(d)) for i, d in firing.items()]
+            return cast(list[Answer], out)
+        starts = [
+            (name, self._penalty_ms, self.keying.stored_reason(reasons.encode(d), plain))
+            for name, (plain, d) in firing.items()
+        ]
         started = await self.store.start_penalties(starts, self._escalation)
         penalties = {}
-        for (identity, decision), (penalty, created) in zip(firing.items(), started, strict=True):
+        for (name, (plain, decision)), (penalty, created) in zip(
+            firing.items(), started, strict=True
+        ):
             if not created and penalty.remaining_ms <= 0:
                 # The store refused to start it (the embedded store's penalty table is
                 # full): fail open, counted, never a tempfail of its own making.
                 self.metrics.penalties_refused.inc()
-                self._degraded_log.warning("penalty_refused_store_full", identity=identity)
+                self._degraded_log.warning("penalty_refused_store_full", identity=plain)
                 continue
-            penalties[identity] = penalty
+            penalties[name] = penalty
             if created:
                 self.metrics.penalties_started.labels(decision.rule).inc()
                 log.info(
                     "penalty_started",
-                    identity=identity,
+                    identity=plain,
                     reason=reasons.render(penalty.reason),
                     rule=decision.rule,
                     seconds=penalty.seconds_left,
                 )
-        return [p if isinstance(p, Answer) else Answer(p[0], penalties.get(p[0])) for p in plans]
+        return [a if isinstance(a, Answer) else Answer(a[1], penalties.get(a[0])) for a in out]
 
     async def flush_buffer(self) -> int:
         """Replay buffered reports; returns how many were stored (stops at a failure)."""
 
-        async def apply(chunk: Sequence[ReportItem]) -> None:
-            await self._decide(chunk, await self.store.record(chunk))
+        async def apply(chunk: Sequence[Pending]) -> None:
+            await self._decide(chunk, await self.store.record([item for item, _ in chunk]))
 
         return await self.buffer.replay(apply, self._admin_timeout)
 
@@ -409,12 +476,19 @@ class Engine:
 
     async def explain(self, ref: ClientRef) -> Explained:
         configured = self.shared_configured(ref)
-        item = ReportItem(ref.identity, (), ref.fingerprint, configured is not None)
+        keying = self.keying
+        item = ReportItem(
+            keying.store_identity(ref.identity),
+            (),
+            keying.store_fingerprint(ref.fingerprint) if ref.fingerprint else "",
+            configured is not None,
+        )
         async with self._admin_call("explain"):
             (window,) = await self.store.record([item])
-            last_lift = await self.store.last_lift(ref.identity)
-            if last_lift is None and ref.fingerprint:
-                last_lift = await self.store.last_lift(ref.sub_identity)
+            last_lift = None
+            for plain in (ref.identity, ref.sub_identity) if ref.fingerprint else (ref.identity,):
+                for name in keying.store_names(plain):
+                    last_lift = last_lift or await self.store.last_lift(name)
         told_apart = window.sub_counts is not None
         if configured:
             why = f"configured: {configured} is in shared_cidrs"
@@ -453,10 +527,46 @@ class Engine:
         lifted = []
         async with self._admin_call("lift"):
             for identity in targets:
-                if await self.store.lift(identity, record):
-                    lifted.append(identity)
+                for name in self.keying.store_names(identity):
+                    if await self.store.lift(name, record) and identity not in lifted:
+                        lifted.append(identity)
         log.info("penalty_lifted", identity=ref.identity, lifted=lifted, actor=actor, note=note)
         return lifted
+
+    async def disclose(self, ref: ClientRef) -> Disclosed:
+        """Everything held about the address and every client behind it (Disclose).
+
+        Under each name the address has in the store (both keys during a rotation), named
+        back by its plain identity; a client behind it keeps its fingerprint (a keyed
+        hash: nobody can say which HELO name or sender it was, only that it is one)."""
+        keying = self.keying
+        items: list[Held] = []
+        timeout = max(self._admin_timeout, DISCLOSE_TIMEOUT_S)
+        with self.metrics.store_call("disclose", timeout):
+            async with asyncio.timeout(timeout):
+                for name in keying.store_names(ref.identity):
+                    mark = keying.label(ref.identity) if keying.keyed else name
+                    for h in await self.store.held(name, mark):
+                        plain = ref.identity + h.identity[len(name) :]
+                        reason = h.content
+                        if h.kind == "penalty":
+                            reason = reasons.render(h.content)
+                        items.append(
+                            Held(h.kind, plain, h.stored_as, h.expires_at_ms, reason, h.member)
+                        )
+                allow = await self.store.allowlist()
+        for entry in allow:
+            if ref.addr in parse_network(entry.cidr):
+                items.append(
+                    Held(
+                        "allow_entry",
+                        ref.identity,
+                        f"allowlist[{entry.cidr}]",
+                        entry.expires_at_ms,
+                        f"allowlisted by {entry.actor or '?'}: {entry.note or '(no note)'}",
+                    )
+                )
+        return Disclosed(ref, items, self.store.now_ms(), keying.keyed)
 
     async def allow(self, cidr: str, ttl_s: int, note: str, actor: str) -> AllowEntry:
         async with self._admin_call("allow"):
@@ -483,7 +593,20 @@ class Engine:
         self, after: PageCursor | None, limit: int
     ) -> tuple[list[Penalty], PageCursor | None]:
         async with self._admin_call("list"):
-            return await self.store.list_penalties(after, limit)
+            page, cursor = await self.store.list_penalties(after, limit)
+        return [self._revealed(p) for p in page], cursor
+
+    def _revealed(self, p: Penalty) -> Penalty:
+        """A penalty as the store holds it, named by its plain identity (with identity_key,
+        from its sealed identity; a penalty sealed under a key we lack keeps its token)."""
+        if not self.keying.keyed:
+            return p
+        identity, compact = self.keying.reveal(p.identity, p.reason)
+        return Penalty(identity, p.remaining_ms, p.expires_at_ms, compact)
+
+    def reveal(self, stored: str, reason: str) -> tuple[str, str]:
+        """(identity, sentence) of a penalty as the store names it (the watch hub's)."""
+        return self.keying.reveal(stored, reason)[0], reasons.render(reason)
 
     # --- the watch hub (WatchPenalties)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STARTED = "S"  # identity, expires_at_ms, reason
-LIFTED = "L"  # identity
-SHARED = "M"  # identity = address, expires_at_ms
+LIFTED = "L"  # identity, reason (the lifted penalty's: a sealed identity travels in it)
+SHARED = "M"  # identity = address (its label with identity_key), expires_at_ms
 ALLOW_ADDED = "A"  # identity = cidr, expires_at_ms, reason = AllowEntry.encode()
 ALLOW_REMOVED = "D"  # identity = cidr
 RESYNC = "R"  # in-process only: the feed was lost; watchers must take a new snapshot

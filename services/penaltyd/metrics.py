@@ -22,10 +22,14 @@ STORE_OPS = (
     "lift",
     "allow",
     "list",
+    "disclose",
     "stats_flush",
     "stats_read",
     "ping",
 )
+
+#: Admin calls that read or change data about an address: each logs one audit event.
+AUDITED = ("Explain", "Disclose", "Lift", "Allow", "RemoveAllow", "ListPenalties")
 
 
 class Metrics(ServiceMetrics):
@@ -74,7 +78,9 @@ class Metrics(ServiceMetrics):
             "penaltyd_reports_buffered", "Reports waiting for the store to come back", registry=r
         )
         self.reports_dropped = Counter(
-            "penaltyd_reports_dropped", "Reports dropped because the buffer was full", registry=r
+            "penaltyd_reports_dropped",
+            "Buffered reports dropped: the buffer was full, or they waited longer than the window",
+            registry=r,
         )
         self.reports_in_doubt = Counter(
             "penaltyd_reports_in_doubt",
@@ -91,6 +97,14 @@ class Metrics(ServiceMetrics):
             "Fleet statistics flushes or reads the store did not take (retried next time)",
             registry=r,
         )
+        self.audit_events = Counter(
+            "penaltyd_audit_events",
+            "Admin calls that read or changed data about an address (the audit log), by method",
+            ["method"],
+            registry=r,
+        )
+        for method in AUDITED:
+            self.audit_events.labels(method)
         self.invalid_requests = Counter(
             "penaltyd_invalid_requests", "Requests refused with INVALID_ARGUMENT", registry=r
         )

@@ -16,7 +16,7 @@ from pydantic_settings import SettingsConfigDict
 from penalty.identity import IdentityRules, nat64_network
 from penalty.replies import DEFAULT_SMTP_REPLY
 from serving import settings as serving_settings
-from serving.settings import ServingSettings, cidr_list
+from serving.settings import MIN_KEY_CHARS, ServingSettings, cidr_list, read_key
 
 
 class Weights(BaseModel):
@@ -77,6 +77,14 @@ class Settings(ServingSettings):
     max_watchers: int = Field(1000, ge=1, le=100_000)  # more concurrent watchers: refused
     watch_log_events: int = Field(100_000, ge=100, le=10_000_000)  # changes kept for watchers
     watch_stall_seconds: float = Field(30.0, gt=0, le=3600)  # a write stuck this long ends it
+
+    # --- privacy (docs/privacy.md)
+    # With a key the store holds keyed tokens instead of addresses, and sealed addresses
+    # only replicas with the key can read; at least 32 characters (openssl rand -base64 32).
+    identity_key: SecretStr = SecretStr("")
+    identity_key_file: str = ""  # the same, read from this file at start-up
+    identity_key_previous: SecretStr = SecretStr("")  # the key being rotated out (read only)
+    identity_key_previous_file: str = ""  # the same, from a file
 
     # --- identities
     ipv4_prefix: int = Field(32, ge=8, le=32)  # identity prefix length for IPv4
@@ -145,6 +153,17 @@ class Settings(ServingSettings):
             ) from exc
         return value
 
+    @field_validator("identity_key", "identity_key_previous")
+    @classmethod
+    def _key_length(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value().strip()
+        if text and len(text) < MIN_KEY_CHARS:
+            raise ValueError(
+                f"a key must be at least {MIN_KEY_CHARS} characters "
+                "(make one with: openssl rand -base64 32)"
+            )
+        return SecretStr(text)
+
     @field_validator("shared_cidrs")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
@@ -161,6 +180,9 @@ class Settings(ServingSettings):
             raise ValueError("window_seconds must be a multiple of bucket_seconds")
         if self.window_seconds // self.bucket_seconds > 120:
             raise ValueError("at most 120 buckets per window (memory per identity)")
+        for name in ("identity_key", "identity_key_previous"):
+            if getattr(self, name).get_secret_value() and getattr(self, f"{name}_file"):
+                raise ValueError(f"{name} and {name}_file: set one of them")
         if self.service_auth != "none" and not (
             self.service_tokens or self.service_tokens_file or self.tls_client_ca_file
         ):
@@ -169,6 +191,28 @@ class Settings(ServingSettings):
                 "or tls_client_ca_file (mutual TLS)"
             )
         return self
+
+    def identity_keys(self) -> tuple[bytes | None, bytes | None]:
+        """(current, previous) identity keys, from the settings or their files.
+
+        Raises OSError naming an unreadable file, ValueError naming a key too short or a
+        previous key without a current one."""
+        current = read_key(
+            self.identity_key.get_secret_value(), self.identity_key_file, "identity_key"
+        )
+        previous = read_key(
+            self.identity_key_previous.get_secret_value(),
+            self.identity_key_previous_file,
+            "identity_key_previous",
+        )
+        if previous is not None and current is None:
+            raise ValueError("identity_key_previous needs identity_key (the key rotated to)")
+        if previous is not None and previous == current:
+            raise ValueError("identity_key_previous is the same key as identity_key")
+        return current, previous
+
+    def log_key(self) -> bytes | None:
+        return self.identity_keys()[0]
 
     def caller_tokens(self) -> dict[str, str]:
         """Service tokens by caller name, from `service_tokens` and `service_tokens_file`.

@@ -91,10 +91,18 @@ class Validator:
             merged[c.outcome] = merged.get(c.outcome, 0) + c.n
         return identity, sorted(merged.items())
 
-    def text(self, value: str, field: str, limit: int) -> str:
+    def text(self, value: str, field: str, limit: int, *, required: bool = False) -> str:
         if len(value) > limit:
             raise BadField(field, f"longer than {limit} characters")
+        if required and not value.strip():
+            raise BadField(field, "required")
         return value
+
+    def who(self, request: Any, *, required: bool = False) -> tuple[str, str]:
+        """(actor, note) of an admin request: who asks (<= 128) and why (<= 1024)."""
+        actor = self.text(request.actor, "actor", 128, required=required)
+        note = self.text(request.note, "note", 1024, required=required)
+        return actor, note
 
     def allow(self, request: penalty_pb2.AllowRequest) -> tuple[str, int]:
         """The normalised CIDR and the expiry in seconds of an allowlist entry."""

@@ -17,6 +17,9 @@ slow, stalled or hostile, so nothing here grows with what a reader fails to read
   write_buffer_size` in `penaltyd.server`), so a write completes only when the reader's
   flow-control window takes it; a write that does not complete within `stall_seconds`
   ends the stream with `RESOURCE_EXHAUSTED` and a log line.
+- **Bounded in time.** An event is kept at most `max_age` seconds (the longest a
+  penalty can last): the ring names identities, and nothing may hold one longer than
+  docs/privacy.md says. A watcher that far behind is ended like one that fell off the ring.
 - **Exact clocks.** Events are stored without `store_now_unix_ms`; it is appended at
   write time (a serialized field appended to a message overrides it, protobuf merge
   semantics), so live replicas convert expiry instants with a fresh offset.
@@ -28,6 +31,7 @@ have been missed, and a replica must re-snapshot rather than answer from a stale
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -85,7 +89,7 @@ class WatchHub:
         self,
         snapshot: Callable[[], RawSnapshot],
         now_ms: Callable[[], int],
-        render: Callable[[str], str],
+        reveal: Callable[[str, str], tuple[str, str]],
         done: pb.PenaltyEvent,
         *,
         log_size: int = 100_000,
@@ -93,14 +97,22 @@ class WatchHub:
         snapshot_max_age: float = 1.0,
         stall_seconds: float = 30.0,
         snapshot_senders: int = 4,
+        address: Callable[[str], str] | None = None,
+        max_age: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._take_snapshot = snapshot
         self._now_ms = now_ms
-        self._render = render
+        self._reveal = reveal  # (stored identity, stored reason) -> (identity, sentence)
+        self._address: Callable[[str], str] = address or (lambda a: a)  # shared mark labels
         self._done = done.SerializeToString()  # SNAPSHOT_DONE with template and rules
         self._size = log_size
         self._ring: list[bytes] = [b""] * log_size
         self.seq = 0  # sequence number of the newest event
+        self._max_age = max_age
+        self._clock = clock
+        self._times: collections.deque[tuple[float, int]] = collections.deque()  # (t, seq)
+        self._floor = 0  # newest sequence number dropped for its age
         self.epoch = 0  # bumped on RESYNC: every watcher of an older epoch ends
         self._chunk = chunk_size
         self._max_age = snapshot_max_age
@@ -124,7 +136,24 @@ class WatchHub:
             return
         self.seq += 1
         self._ring[self.seq % self._size] = self._encode(event)
+        now = self._clock()
+        times = self._times
+        if not times or times[-1][0] < now - 1.0:
+            times.append((now, self.seq))  # one mark per second at most
+        else:
+            times[-1] = (times[-1][0], self.seq)
+        self.expire(now)
         self._wake()
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget events older than `max_age` (called on every publish and watch turn)."""
+        oldest = (self._clock() if now is None else now) - self._max_age
+        times = self._times
+        while times and times[0][0] < oldest:
+            _, upto = times.popleft()
+            for seq in range(max(self._floor + 1, self.seq - self._size + 1), upto + 1):
+                self._ring[seq % self._size] = b""
+            self._floor = max(self._floor, upto)
 
     def close(self) -> None:
         """End every watcher (shutdown)."""
@@ -138,21 +167,25 @@ class WatchHub:
         kind = event.kind
         if kind == STARTED:
             remaining = max(0, event.expires_at_ms - self._now_ms())
+            identity, reason = self._reveal(event.identity, event.reason)
             msg = pb.PenaltyEvent(
                 kind=Kind.KIND_PENALTY_STARTED,
                 penalty=pb.Penalty(
-                    identity=event.identity,
+                    identity=identity,
                     seconds_left=max(1, -(-remaining // 1000)),
                     expires_at_unix_ms=event.expires_at_ms,
-                    reason=self._render(event.reason),
+                    reason=reason,
                 ),
             )
         elif kind == LIFTED:
+            identity, _ = self._reveal(event.identity, event.reason)
             msg = pb.PenaltyEvent(
-                kind=Kind.KIND_PENALTY_LIFTED, penalty=pb.Penalty(identity=event.identity)
+                kind=Kind.KIND_PENALTY_LIFTED, penalty=pb.Penalty(identity=identity)
             )
         elif kind == SHARED:
-            msg = pb.PenaltyEvent(kind=Kind.KIND_SHARED_MARKED, address=event.identity)
+            msg = pb.PenaltyEvent(
+                kind=Kind.KIND_SHARED_MARKED, address=self._address(event.identity)
+            )
         elif kind == ALLOW_ADDED:
             entry = AllowEntry.decode(event.reason)
             msg = pb.PenaltyEvent(kind=Kind.KIND_ALLOW_ADDED, allow=allow_message(entry))
@@ -166,7 +199,7 @@ class WatchHub:
     @property
     def first_seq(self) -> int:
         """The oldest sequence number still in the ring."""
-        return max(1, self.seq - self._size + 1)
+        return max(1, self.seq - self._size + 1, self._floor + 1)
 
     # --- snapshots
 
@@ -193,18 +226,19 @@ class WatchHub:
         entries = iter(penalties.items())  # a private copy: safe to iterate across yields
         for _ in range(0, len(penalties), self._chunk):
             event = pb.PenaltyEvent(kind=Kind.KIND_SNAPSHOT_CHUNK)
-            for identity, (expires, reason) in itertools.islice(entries, self._chunk):
+            for stored, (expires, reason) in itertools.islice(entries, self._chunk):
                 if expires <= now:
                     continue
+                identity, sentence = self._reveal(stored, reason)
                 event.penalties.add(
                     identity=identity,
                     seconds_left=max(1, -(-(expires - now) // 1000)),
                     expires_at_unix_ms=expires,
-                    reason=self._render(reason),
+                    reason=sentence,
                 )
             chunks.append(event.SerializeToString())
             await asyncio.sleep(0)
-        addresses = [a for a, exp in shared.items() if exp > now]
+        addresses = [self._address(a) for a, exp in shared.items() if exp > now]
         for start in range(0, len(addresses), self._chunk * 10):
             chunks.append(
                 pb.PenaltyEvent(
@@ -232,21 +266,22 @@ class WatchHub:
         watcher holds one event, not a serialized copy of the whole snapshot."""
         penalties, shared, allow = raw
         now = self._now_ms()
-        for identity, (exp, reason) in penalties.items():
+        for stored, (exp, reason) in penalties.items():
             if exp > now:
+                identity, sentence = self._reveal(stored, reason)
                 yield pb.PenaltyEvent(
                     kind=Kind.KIND_PENALTY_STARTED,
                     penalty=pb.Penalty(
                         identity=identity,
                         seconds_left=max(1, -(-(exp - now) // 1000)),
                         expires_at_unix_ms=exp,
-                        reason=self._render(reason),
+                        reason=sentence,
                     ),
                 ).SerializeToString()
         for address, exp in shared.items():
             if exp > now:
                 yield pb.PenaltyEvent(
-                    kind=Kind.KIND_SHARED_MARKED, address=address
+                    kind=Kind.KIND_SHARED_MARKED, address=self._address(address)
                 ).SerializeToString()
         for entry in allow:
             if entry.expires_at_ms > now:
@@ -311,11 +346,15 @@ class WatchHub:
                     self.ended_slow += 1
                     raise WatchEnded(
                         "RESOURCE_EXHAUSTED",
-                        f"watcher fell more than {self._size} events behind; watch again",
+                        f"watcher fell more than {self._size} events or "
+                        f"{self._max_age:g} s behind; watch again",
                     )
                 if cursor == self.seq:
                     await self._changed.wait()
                     continue
+                self.expire()
+                if cursor < self.first_seq - 1:
+                    continue  # ended above, on the next turn
                 cursor += 1
                 yield self._ring[cursor % self._size] + _now_field(self._now_ms()), False
         finally:

@@ -15,9 +15,9 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from serving.settings import ServingSettings, SettingsProblem
+from serving.settings import ServingSettings, SettingsProblem, read_key
 from serving.workers import Supervisor, metrics_listen_of, worker_index
 
 S = TypeVar("S", bound=ServingSettings)
@@ -106,19 +106,71 @@ def run_server(
             if supervisor is not None:
                 await supervisor.stop(settings.grace_seconds + 5)
 
-    return run_program(prog, settings.log_level, main)
+    return run_program(
+        prog,
+        settings.log_level,
+        main,
+        log_addresses=settings.log_addresses,
+        log_key=settings.log_key,
+    )
+
+
+LOG_ADDRESSES = ("plain", "keyed", "none")
+
+
+def add_log_address_arguments(p: argparse.ArgumentParser, *, env_prefix: str) -> None:
+    """A sidecar's `--log-addresses` and `--log-key-file`: what penaltyd and relaycheck
+    take as the `log_addresses` setting (and their identity key), with the same
+    environment variables, so one env file on an MX says it for every program."""
+    p.add_argument(
+        "--log-addresses",
+        choices=LOG_ADDRESSES,
+        default=os.environ.get(f"{env_prefix}_LOG_ADDRESSES", "plain"),
+        help="IP addresses in log lines: plain, keyed (a short keyed token, the same for "
+        f"one address) or none (env {env_prefix}_LOG_ADDRESSES; default plain)",
+    )
+    p.add_argument(
+        "--log-key-file",
+        metavar="FILE",
+        default=os.environ.get(f"{env_prefix}_IDENTITY_KEY_FILE", ""),
+        help="with --log-addresses keyed: the key of the tokens; penaltyd's identity_key "
+        "file gives the tokens penaltyd's own lines carry (env "
+        f"{env_prefix}_IDENTITY_KEY_FILE; default: a key drawn at start, so tokens join "
+        "lines within one run only)",
+    )
+
+
+def log_address_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`run_program`'s log_addresses/log_key from the flags of `add_log_address_arguments`."""
+    path: str = args.log_key_file
+    return {
+        "log_addresses": args.log_addresses,
+        "log_key": lambda: read_key("", path, "log_key") if path else None,
+    }
 
 
 def run_program(
-    prog: str, log_level: str, main: Callable[[], Coroutine[Any, Any, int | None]]
+    prog: str,
+    log_level: str,
+    main: Callable[[], Coroutine[Any, Any, int | None]],
+    *,
+    log_addresses: str = "plain",
+    log_key: Callable[[], bytes | None] | None = None,
 ) -> int:
     """Configure JSON logs and run `main()` on uvloop: every console script ends here. A
-    start-up failure (a port in use, a path refused) is one line on stderr, exit 2."""
+    start-up failure (a port in use, a path refused) is one line on stderr, exit 2.
+
+    `log_addresses` and `log_key`: how IP addresses are written (`serving.logs`)."""
     import uvloop
 
     from serving import logs
 
-    logs.configure(log_level)
+    try:
+        key = log_key() if log_key is not None and log_addresses == "keyed" else None
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(log_level, cast(logs.LogAddresses, log_addresses), key)
     try:
         code = uvloop.run(main())
     except (OSError, ValueError) as exc:

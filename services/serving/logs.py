@@ -6,26 +6,97 @@ all; that is why the configuration lives once, beside the contract, and not per 
 
 When Redis dies every check would log; `RateLimitedLog` says it once per interval with
 the number of suppressed repeats, so the log stays readable and cheap.
+
+`log_addresses` (every console script): `plain` writes IP addresses as they are;
+`keyed` replaces each with a short keyed token (`~` + 13 base32 characters, HMAC under
+the identity key where one is configured, else under a key drawn at start: lines about
+one address can then be joined within one run only); `none` replaces each with `-`.
+`AddressScrubber` does it for every string in every event, whatever field it is in
+(an identity, an error message, a peer), so no code path can forget it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
+import re
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import structlog
 
+from penalty.keyed import IdentityKey
 
-def configure(level: str = "info") -> None:
-    """JSON lines to stdout, with ISO timestamps and contextvars (request-scoped fields)."""
+LogAddresses = Literal["plain", "keyed", "none"]
+LOG_ADDRESS_MODES: tuple[str, ...] = ("plain", "keyed", "none")
+
+# One match per run of characters an address is written with: linear, never backtracks.
+_RUN = re.compile(r"[0-9A-Fa-f:.]+")
+_V4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+
+
+class AddressScrubber:
+    """A structlog processor: every IPv4/IPv6 address in any string value replaced."""
+
+    def __init__(self, mode: LogAddresses, key: bytes | None = None) -> None:
+        self.mode = mode
+        if mode == "keyed":
+            tokens = IdentityKey(key or os.urandom(32))
+            self._replace: Callable[[str], str] = tokens.log_token
+        else:
+            self._replace = lambda _: "-"
+
+    def _address(self, text: str) -> str | None:
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            return None
+
+    def _run(self, m: re.Match[str]) -> str:
+        run = m.group()
+        if ":" not in run and run.count(".") < 3:
+            return run
+        for candidate in (run, run.rstrip(".:"), run.rsplit(":", 1)[0]):
+            addr = self._address(candidate)
+            if addr is not None:
+                return self._replace(addr) + run[len(candidate) :]
+        if "." in run:  # an IPv4 address inside a longer run (":25", a mapped form)
+            return _V4.sub(
+                lambda v: self._replace(a) if (a := self._address(v.group())) else v.group(), run
+            )
+        return run
+
+    def scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return _RUN.sub(self._run, value) if value else value
+        if isinstance(value, list | tuple):
+            return type(value)(self.scrub(v) for v in value)
+        if isinstance(value, dict):
+            return {self.scrub(k): self.scrub(v) for k, v in value.items()}  # keys too
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self.scrub(str(value))
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        return {k: v if k == "event" else self.scrub(v) for k, v in event.items()}
+
+
+def configure(
+    level: str = "info", addresses: LogAddresses = "plain", key: bytes | None = None
+) -> None:
+    """JSON lines to stdout, with ISO timestamps and contextvars (request-scoped fields);
+    addresses written as `addresses` says (see the module docstring)."""
+    scrub: list[Any] = [] if addresses == "plain" else [AddressScrubber(addresses, key)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *scrub,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

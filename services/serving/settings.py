@@ -71,6 +71,7 @@ class ServingSettings(BaseSettings):
     connection_age_grace_seconds: float = Field(30.0, ge=0, le=3600)  # open streams' grace
     max_message_bytes: int = Field(1 << 20, ge=1024, le=16 << 20)  # larger: INVALID_ARGUMENT
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # log threshold
+    log_addresses: Literal["plain", "keyed", "none"] = "plain"  # IP addresses in log lines
     admin_token: SecretStr = SecretStr("")  # bearer token for operator calls; empty: loopback
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file the listener speaks TLS
     tls_key_file: str = ""  # PEM private key
@@ -124,6 +125,10 @@ class ServingSettings(BaseSettings):
                 "store lives in one process, so several would each hold their own penalties"
             )
         return self
+
+    def log_key(self) -> bytes | None:
+        """The key `log_addresses = "keyed"` tokens are made with (None: one drawn at start)."""
+        return None
 
     @property
     def store_kind(self) -> str:
@@ -328,3 +333,35 @@ def redacted(data: dict[str, Any], admin_token: SecretStr, redis_url: str) -> di
             netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
             data["redis_url"] = urlunsplit(parts._replace(netloc=netloc))
     return data
+
+
+MIN_KEY_CHARS = 32  # a key made as the docs say (openssl rand -base64 32) has 44
+
+
+def read_key(value: str, path: str, name: str) -> bytes | None:
+    """A secret key from its setting or its file (surrounding whitespace dropped); None
+    if neither is set. One reader for penaltyd's `identity_key` and the sidecars'
+    `--log-key-file`, so that both refuse the same short or unreadable keys.
+
+    Raises OSError naming an unreadable file, ValueError naming an empty file or a key
+    shorter than MIN_KEY_CHARS."""
+    text, source = value, name
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read(4096)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise OSError(f"{name}_file {path}: {reason or exc}") from exc
+        source = f"{name}_file {path}"
+    text = text.strip()
+    if not text:
+        if path:
+            raise ValueError(f"{source}: the file is empty")
+        return None
+    if len(text) < MIN_KEY_CHARS:
+        raise ValueError(
+            f"{source}: a key must be at least {MIN_KEY_CHARS} characters "
+            "(make one with: openssl rand -base64 32)"
+        )
+    return text.encode()

@@ -332,3 +332,35 @@ class StoreContract:
         assert stats.tracked_identities == 3
         assert stats.degraded_replicas == 1
         assert stats.active_penalties == 1
+
+    # --- what is held about an address (Disclose)
+
+    async def test_held_names_everything_about_an_address_and_its_clients_only(self) -> None:
+        a, other = "100.64.9.9", "100.64.9.10"
+        for fp in ("fa", "fb", "fc", "fd"):  # K = 3: the fourth client marks it shared
+            await self.record(ReportItem(a, [(ACCEPTED, 1)], fp, label="mark-of-a"))
+        await self.record(item(other, (UNKNOWN, 2), fp="fa"))
+        await self.store.start_penalty(f"{a}#fb", 60_000, "burst;1;1;0;0;", Escalation(2.0))
+        await self.store.start_penalty(a, 60_000, "burst;2;2;0;0;")
+        await self.store.lift(a, LiftRecord("desk", "TICKET-7", 1))
+        held = await self.store.held(a, "mark-of-a")
+        kinds = {(h.kind, h.identity) for h in held}
+        assert ("window", a) in kinds
+        assert ("window", f"{a}#fb") in kinds
+        assert ("penalty", f"{a}#fb") in kinds
+        assert ("penalty", a) not in kinds  # lifted
+        assert ("last_lift", a) in kinds
+        assert ("offence_counter", f"{a}#fb") in kinds
+        assert ("shared_mark", a) in kinds
+        assert ("client_fingerprints", a) in kinds
+        assert all(h.identity == a or h.identity.startswith(a + "#") for h in held)
+        lift = next(h for h in held if h.kind == "last_lift")
+        assert "desk" in lift.content
+        assert "TICKET-7" in lift.content
+        window = next(h for h in held if (h.kind, h.identity) == ("window", a))
+        assert "accepted=4" in window.content
+        now = self.store.now_ms()
+        assert all(h.expires_at_ms > now for h in held)  # each says when it goes
+        day = Escalation().memory_ms  # the longest lifetime here: the offence memory
+        assert all(h.expires_at_ms <= now + day + 1000 for h in held)
+        assert await self.store.held("198.51.100.1", "198.51.100.1") == []

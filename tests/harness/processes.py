@@ -18,10 +18,15 @@ from tests.harness.ports import free_port, wait_port
 
 class ServiceProcess:
     """A service's real CLI (`python -m <module> ...`) as a child process on a loopback
-    port, its output in a log file: for signal, multi-replica and end-to-end tests."""
+    port (None: one that listens nowhere, such as penalty-logwatch), its output in a log
+    file: for signal, multi-replica and end-to-end tests."""
 
     def __init__(
-        self, module: str, args: Sequence[str], port: int, env: dict[str, str] | None = None
+        self,
+        module: str,
+        args: Sequence[str],
+        port: int | None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.module = module
         self.port = port
@@ -40,7 +45,8 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
                 env=self.env,
             )
-        wait_port("127.0.0.1", self.port, proc=self.proc)
+        if self.port is not None:
+            wait_port("127.0.0.1", self.port, proc=self.proc)
         return self
 
     def output(self) -> str:

@@ -8,6 +8,7 @@ them the IP argument and the --helo, --mail-from and --fingerprint options in on
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -27,8 +28,27 @@ Fingerprint = Annotated[
     str, typer.Option("--fingerprint", help="the MX's opaque client fingerprint, if it sets one.")
 ]
 Ip = Annotated[str, typer.Argument(metavar="IP", help="the client's IPv4 or IPv6 address.")]
-Actor = Annotated[str, typer.Option("--actor", help="who does this (recorded).")]
-Note = Annotated[str, typer.Option("--note", help="why (recorded).")]
+Actor = Annotated[
+    str,
+    typer.Option(
+        "--actor",
+        envvar="PENALTYCTL_ACTOR",
+        help="who does this (recorded in the audit log); default: your login name.",
+        show_default=False,
+    ),
+]
+Note = Annotated[str, typer.Option("--note", help="why, e.g. a ticket (recorded).")]
+
+
+def recorded_actor(actor: str) -> str:
+    """The actor an admin call records: as given, else the login name running penaltyctl
+    (penaltyd's audit log names who asked; an empty actor would name nobody)."""
+    if actor:
+        return actor
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container without a passwd entry)
+        return ""
 
 
 @dataclass(frozen=True)

@@ -315,16 +315,24 @@ class ExplainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLIENT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    """who asks (recorded in the audit log; <= 128 bytes)"""
+    note: _builtins.str
+    """why, e.g. a ticket (audit log; <= 1024 bytes)"""
     @_builtins.property
     def client(self) -> Global___Client: ...
     def __init__(
         self,
         *,
         client: Global___Client | None = ...,
+        actor: _builtins.str = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "client", b"client", "note", b"note"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -610,17 +618,21 @@ class RemoveAllowRequest(_message.Message):
 
     CIDR_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     cidr: _builtins.str
     actor: _builtins.str
+    note: _builtins.str
+    """why (audit log; <= 1024 bytes)"""
     def __init__(
         self,
         *,
         cidr: _builtins.str = ...,
         actor: _builtins.str = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cidr", b"cidr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cidr", b"cidr", "note", b"note"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -881,19 +893,27 @@ class ListPenaltiesRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """1..1000; 0 means 100"""
     page_token: _builtins.str
     """from a previous response; empty for the first page"""
+    actor: _builtins.str
+    """who asks (audit log; <= 128 bytes)"""
+    note: _builtins.str
+    """why (audit log; <= 1024 bytes)"""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "note", b"note", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -950,3 +970,122 @@ class ListPenaltiesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPenaltiesResponse: _TypeAlias = ListPenaltiesResponse  # noqa: Y015
+
+@_typing.final
+class DiscloseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    """required: who asks (<= 128 bytes)"""
+    note: _builtins.str
+    """required: the case reference (<= 1024 bytes)"""
+    @_builtins.property
+    def client(self) -> Global___Client:
+        """ip is what is disclosed; helo, mail_from and fingerprint are ignored"""
+
+    def __init__(
+        self,
+        *,
+        client: Global___Client | None = ...,
+        actor: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "client", b"client", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscloseRequest: _TypeAlias = DiscloseRequest  # noqa: Y015
+
+@_typing.final
+class HeldItem(_message.Message):
+    """One thing the store holds about the address or a client behind it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    STORED_AS_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """window, penalty, client_fingerprints, shared_mark, offence_counter, last_lift,
+    active_index, shared_index, allow_entry (docs/privacy.md says what each holds).
+    """
+    identity: _builtins.str
+    """the address identity, or "<identity>#<fingerprint>" """
+    stored_as: _builtins.str
+    """the key (or index) as stored: keyed tokens with identity_key"""
+    member: _builtins.str
+    """for an index: the member naming this identity"""
+    expires_at_unix_ms: _builtins.int
+    """when it is deleted at the latest (store clock)"""
+    content: _builtins.str
+    """what it holds, in words"""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        identity: _builtins.str = ...,
+        stored_as: _builtins.str = ...,
+        member: _builtins.str = ...,
+        expires_at_unix_ms: _builtins.int = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "expires_at_unix_ms", b"expires_at_unix_ms", "identity", b"identity", "kind", b"kind", "member", b"member", "stored_as", b"stored_as"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldItem: _TypeAlias = HeldItem  # noqa: Y015
+
+@_typing.final
+class Disclosure(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IP_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    KEYED_FIELD_NUMBER: _builtins.int
+    NOT_ITEMIZED_FIELD_NUMBER: _builtins.int
+    ip: _builtins.str
+    identity: _builtins.str
+    """the address identity disclosed"""
+    at_unix_ms: _builtins.int
+    """when it was read (store clock)"""
+    store: _builtins.str
+    """"memory" or "redis" """
+    keyed: _builtins.bool
+    """identity_key set: the store holds tokens, not addresses"""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldItem]: ...
+    @_builtins.property
+    def not_itemized(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """what holds the address but cannot be read back per address"""
+
+    def __init__(
+        self,
+        *,
+        ip: _builtins.str = ...,
+        identity: _builtins.str = ...,
+        items: _abc.Iterable[Global___HeldItem] | None = ...,
+        at_unix_ms: _builtins.int = ...,
+        store: _builtins.str = ...,
+        keyed: _builtins.bool = ...,
+        not_itemized: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_ms", b"at_unix_ms", "identity", b"identity", "ip", b"ip", "items", b"items", "keyed", b"keyed", "not_itemized", b"not_itemized", "store", b"store"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Disclosure: _TypeAlias = Disclosure  # noqa: Y015

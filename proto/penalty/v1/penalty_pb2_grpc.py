@@ -272,6 +272,11 @@ class PenaltyAdminStub:
                 request_serializer=penalty_dot_v1_dot_penalty__pb2.ListAllowlistRequest.SerializeToString,
                 response_deserializer=penalty_dot_v1_dot_penalty__pb2.ListAllowlistResponse.FromString,
                 _registered_method=True)
+        self.Disclose = channel.unary_unary(
+                '/penalty.v1.PenaltyAdmin/Disclose',
+                request_serializer=penalty_dot_v1_dot_penalty__pb2.DiscloseRequest.SerializeToString,
+                response_deserializer=penalty_dot_v1_dot_penalty__pb2.Disclosure.FromString,
+                _registered_method=True)
 
 
 class PenaltyAdminServicer:
@@ -319,6 +324,14 @@ class PenaltyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Disclose(self, request, context):
+        """Everything penaltyd holds about an address and every client behind it, with each
+        item's expiry: the exact answer to a data request. actor and note are required.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PenaltyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -356,6 +369,11 @@ def add_PenaltyAdminServicer_to_server(servicer, server):
                     servicer.ListAllowlist,
                     request_deserializer=penalty_dot_v1_dot_penalty__pb2.ListAllowlistRequest.FromString,
                     response_serializer=penalty_dot_v1_dot_penalty__pb2.ListAllowlistResponse.SerializeToString,
+            ),
+            'Disclose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Disclose,
+                    request_deserializer=penalty_dot_v1_dot_penalty__pb2.DiscloseRequest.FromString,
+                    response_serializer=penalty_dot_v1_dot_penalty__pb2.Disclosure.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -547,6 +565,33 @@ class PenaltyAdmin:
             '/penalty.v1.PenaltyAdmin/ListAllowlist',
             penalty_dot_v1_dot_penalty__pb2.ListAllowlistRequest.SerializeToString,
             penalty_dot_v1_dot_penalty__pb2.ListAllowlistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Disclose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/penalty.v1.PenaltyAdmin/Disclose',
+            penalty_dot_v1_dot_penalty__pb2.DiscloseRequest.SerializeToString,
+            penalty_dot_v1_dot_penalty__pb2.Disclosure.FromString,
             options,
             channel_credentials,
             insecure,

@@ -97,6 +97,10 @@ class PenaltyAdminStub:
     Allow: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.AllowRequest, _penalty_pb2.AllowEntry]
     RemoveAllow: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.RemoveAllowRequest, _penalty_pb2.RemoveAllowResponse]
     ListAllowlist: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.ListAllowlistRequest, _penalty_pb2.ListAllowlistResponse]
+    Disclose: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.DiscloseRequest, _penalty_pb2.Disclosure]
+    """Everything penaltyd holds about an address and every client behind it, with each
+    item's expiry: the exact answer to a data request. actor and note are required.
+    """
 
 @_typing.type_check_only
 class PenaltyAdminAsyncStub(PenaltyAdminStub):
@@ -108,6 +112,10 @@ class PenaltyAdminAsyncStub(PenaltyAdminStub):
     Allow: _aio.UnaryUnaryMultiCallable[_penalty_pb2.AllowRequest, _penalty_pb2.AllowEntry]  # type: ignore[assignment]
     RemoveAllow: _aio.UnaryUnaryMultiCallable[_penalty_pb2.RemoveAllowRequest, _penalty_pb2.RemoveAllowResponse]  # type: ignore[assignment]
     ListAllowlist: _aio.UnaryUnaryMultiCallable[_penalty_pb2.ListAllowlistRequest, _penalty_pb2.ListAllowlistResponse]  # type: ignore[assignment]
+    Disclose: _aio.UnaryUnaryMultiCallable[_penalty_pb2.DiscloseRequest, _penalty_pb2.Disclosure]  # type: ignore[assignment]
+    """Everything penaltyd holds about an address and every client behind it, with each
+    item's expiry: the exact answer to a data request. actor and note are required.
+    """
 
 class PenaltyAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -158,5 +166,15 @@ class PenaltyAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _penalty_pb2.ListAllowlistRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_penalty_pb2.ListAllowlistResponse, _abc.Awaitable[_penalty_pb2.ListAllowlistResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Disclose(
+        self,
+        request: _penalty_pb2.DiscloseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_penalty_pb2.Disclosure, _abc.Awaitable[_penalty_pb2.Disclosure]]:
+        """Everything penaltyd holds about an address and every client behind it, with each
+        item's expiry: the exact answer to a data request. actor and note are required.
+        """
 
 def add_PenaltyAdminServicer_to_server(servicer: PenaltyAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -44,10 +44,19 @@ class ReportItem:
     counts: Sequence[tuple[int, int]]  # merged (outcome, n) pairs; empty: read only
     fingerprint: str = ""  # the client's fingerprint behind its address ("" unknown)
     shared_configured: bool = False  # the address is in a configured shared CIDR
+    # What a shared mark of this address is indexed and announced as: "" for the identity
+    # itself; with identity_key, the sealed address (`penaltyd.keying`), so the watch
+    # stream can name it while the store never holds it in the clear.
+    label: str = ""
 
     @property
     def sub_identity(self) -> str:
         return sub_identity(self.identity, self.fingerprint)
+
+    @property
+    def mark(self) -> str:
+        """The name of this address's shared mark in indexes and feed events."""
+        return self.label or self.identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +104,44 @@ class LiftRecord:
     def decode(cls, raw: str) -> LiftRecord:
         actor, note, at = json.loads(raw)
         return cls(str(actor), str(note), int(at))
+
+    def describe(self) -> str:
+        return f"lifted by {self.actor or '?'} at unix ms {self.at_ms}: {self.note or '(no note)'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """One thing a store holds about an identity (`Store.held`, the Disclose RPC).
+
+    `kind` is one of `HELD_KINDS`; docs/privacy.md says what each holds and for how long.
+    """
+
+    kind: str
+    identity: str  # the store's name of the identity or sub-identity it is about
+    stored_as: str  # the key (or index) as stored
+    expires_at_ms: int  # deleted at the latest then (store clock)
+    content: str  # what it holds, in words (a penalty: its stored reason)
+    member: str = ""  # for an index entry: the member naming the identity
+
+
+def describe_counts(counts: Sequence[int]) -> str:
+    """Outcome totals in words ("accepted=3 unknown_recipient=5"), by Outcome number."""
+    from penalty.outcomes import name
+
+    return " ".join(f"{name(o)}={n}" for o, n in enumerate(counts) if n) or "no events"
+
+
+HELD_KINDS = (
+    "window",
+    "penalty",
+    "client_fingerprints",
+    "shared_mark",
+    "offence_counter",
+    "last_lift",
+    "active_index",
+    "shared_index",
+    "allow_entry",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +210,9 @@ class PageCursor:
 Listener = Callable[[FeedEvent], None]
 
 #: A copy of what the feed describes, taken at one instant: active penalties
-#: (identity -> (expires_at_ms, compact reason)), shared addresses (address ->
-#: expires_at_ms) and the allowlist. Copies, so a caller may read them across awaits.
+#: (identity -> (expires_at_ms, stored reason)), shared addresses (mark, see
+#: `ReportItem.mark` -> expires_at_ms) and the allowlist. Copies, so a caller may read
+#: them across awaits.
 RawSnapshot = tuple[dict[str, tuple[int, str]], dict[str, int], list[AllowEntry]]
 
 
@@ -229,6 +277,11 @@ class Store(Protocol):
         """End a penalty now and keep who/why for Explain; False if there was none."""
 
     async def last_lift(self, identity: str) -> LiftRecord | None: ...
+
+    async def held(self, identity: str, mark: str) -> list[Held]:
+        """Everything held about the address `identity` (the store's name of it) and every
+        client behind it, with each item's expiry; `mark` names its shared mark. For the
+        Disclose RPC: it may scan every key (Redis SCAN), never on the MX path."""
 
     # --- fleet-wide indexes
 

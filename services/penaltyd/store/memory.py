@@ -67,6 +67,7 @@ from penaltyd.store.base import (
     AllowEntry,
     Escalation,
     FleetStats,
+    Held,
     LiftRecord,
     Listener,
     PageCursor,
@@ -75,6 +76,7 @@ from penaltyd.store.base import (
     ReportItem,
     StatsDelta,
     Window,
+    describe_counts,
 )
 
 V = TypeVar("V")
@@ -546,7 +548,9 @@ class MemoryStore:
         self._windows = self._windows_t.d  # identity or sub-identity -> record
         self._penalties: dict[str, tuple[int, str, int]] = {}  # -> (expires, reason, marker)
         self._index = _Index()
-        self._shared: _Table[int] = _Table(self._bucket_ms, max_penalties, int)  # -> expiry
+        self._shared: _Table[tuple[int, str]] = _Table(
+            self._bucket_ms, max_penalties, lambda v: v[0]
+        )  # address -> (expiry, mark)
         self._offences: _Table[tuple[int, int]] = _Table(
             self._bucket_ms, max_penalties, lambda v: v[1]
         )  # identity -> (count, expiry)
@@ -715,11 +719,68 @@ class MemoryStore:
         now = self._clock()
         if self._active(identity, now) is None:
             return False
-        expires = self._penalties.pop(identity)[0]
+        expires, reason, _ = self._penalties.pop(identity)
         self._index.remove((expires, identity))
         self._lifts.put(identity, (record, now + self._window_ms), now)
-        self._emit(FeedEvent(LIFTED, identity))
+        self._emit(FeedEvent(LIFTED, identity, 0, reason))
         return True
+
+    async def held(self, identity: str, mark: str) -> list[Held]:
+        """Every table scanned for the address and the clients behind it (`A` and `A#...`):
+        O(tracked identities), in slices that serve the event loop in between."""
+        now, sub = self._clock(), identity + "#"
+        out: list[Held] = []
+
+        def about(key: str) -> bool:
+            return key == identity or key.startswith(sub)
+
+        tables: list[tuple[str, dict[str, Any]]] = [
+            ("windows", self._windows),
+            ("penalties", self._penalties),
+            ("shared", self._shared.d),
+            ("offences", self._offences.d),
+            ("lifts", self._lifts.d),
+        ]
+        for table, d in tables:
+            keys = list(d)
+            for start in range(0, len(keys), 50_000):
+                for key in keys[start : start + 50_000]:
+                    if about(key) and (value := d.get(key)) is not None:
+                        out.extend(self._held_one(table, key, value, now, mark))
+                await asyncio.sleep(0)
+        return out
+
+    def _held_one(self, table: str, key: str, value: Any, now: int, mark: str) -> list[Held]:
+        where = f"memory:{table}[{key}]"
+        if table == "windows":
+            counts = [0] * outcomes.COUNT
+            for i in range(_H, len(value), 2):
+                counts[~value[i] & _SLOT_MASK] += value[i + 1]
+            expires = self._record_expiry(value)
+            out = [Held("window", key, where, expires, describe_counts(counts))]
+            fps = _size(value[_CUR]) + _size(value[_PREV])
+            if fps:
+                out.append(
+                    Held(
+                        "client_fingerprints",
+                        key,
+                        where,
+                        expires,
+                        f"{fps} client fingerprints (30-bit hashes)",
+                    )
+                )
+            return out
+        if table == "penalties":
+            expires, reason, _ = value
+            return [Held("penalty", key, where, expires, reason)] if expires > now else []
+        if table == "shared":
+            expires, name = value
+            return [Held("shared_mark", key, where, expires, "shared address (detected)", name)]
+        if table == "offences":
+            count, expires = value
+            return [Held("offence_counter", key, where, expires, f"{count} offences")]
+        record, expires = value
+        return [Held("last_lift", key, where, expires, record.describe())]
 
     async def last_lift(self, identity: str) -> LiftRecord | None:
         hit = self._lifts.get(identity, self._clock())
@@ -845,9 +906,9 @@ class MemoryStore:
         shared = item.shared_configured or self._shared.get(address, now) is not None
         newly = False
         if not shared and writing and distinct > self._k:
-            self._shared.put(address, now + self._shared_ttl_ms, now)
+            self._shared.put(address, (now + self._shared_ttl_ms, item.mark), now)
             shared = newly = True
-            self._emit(FeedEvent(SHARED, address, now + self._shared_ttl_ms))
+            self._emit(FeedEvent(SHARED, item.mark, now + self._shared_ttl_ms))
         if not (shared or distinct >= 2):
             return Window(counts, penalty, distinct, shared, newly)
         sub = item.sub_identity
@@ -960,7 +1021,7 @@ class MemoryStore:
         penalties = [
             Penalty(i, e - now, e, r) for i, (e, r, _) in self._penalties.items() if e > now
         ]
-        shared = [(a, exp) for a, exp in self._shared.d.items() if exp > now]
+        shared = [(m, exp) for exp, m in self._shared.d.values() if exp > now]
         allow = [e for _, e in self._allow.items() if e.expires_at_ms > now]
         return penalties, shared, allow
 
@@ -968,7 +1029,7 @@ class MemoryStore:
         """`snapshot` as plain copies (what the watch hub keeps), without Penalty objects."""
         now = self._clock()
         penalties = {i: (e, r) for i, (e, r, _) in self._penalties.items() if e > now}
-        shared = {a: exp for a, exp in self._shared.d.items() if exp > now}
+        shared = {m: exp for exp, m in self._shared.d.values() if exp > now}
         allow = [e for _, e in self._allow.items() if e.expires_at_ms > now]
         return penalties, shared, allow
 

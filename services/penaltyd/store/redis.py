@@ -3,24 +3,30 @@
 Key scheme (every key has a TTL; `{...}` is the Redis Cluster hash tag). `A` is an
 address identity, `fp` a client fingerprint behind it (see `penalty.identity`)::
 
-    <p>:{A}:w[:fp]      hash   window: field bucket*SLOTS+outcome -> count (SLOTS:
-                               penalty.outcomes.SLOT_WIDTH), "m" -> last bucket
-                               already used by a penalty, and the penalty itself: "p" its
-                               compact reason, "x" its expiry (unix ms, Redis clock);
-                               expires with its newest bucket or its penalty, the later
-    <p>:{A}:h:<gen>     HLL    distinct client fingerprints per window generation (2 x window)
-    <p>:{A}:s           string shared mark (detected), PX shared_ttl
-    <p>:{A}:o[:fp]      string offence counter (escalation only), PX escalation window
-    <p>:{A}:l[:fp]      string last lift (actor, note, time), PX window
-    <p>:{idx<N>}:active zset   active penalties, shard N: member identity, score expiry
-    <p>:{sh<N>}:shared  zset   shared addresses, shard N: member address, score expiry
-    <p>:{trk<N>}:<gen>  HLL    identities seen per window generation, shard N
-    <p>:{bl<N>}:<b>     hash   baseline aggregates of bucket b from replicas on shard N
-    <p>:{rep}:degraded  zset   replica id -> last time it failed open
-    <p>:{rep}:probe:<r> string health probe of one replica (a write), PX 10 s
-    <p>:{allow}:e:<cidr> string allowlist entry, PX its expiry
-    <p>:{allow}:idx     zset   allowlist: member cidr, score expiry
-    <p>:feed            channel changes (penalties, shared marks, allowlist)
+    <p>:{A}:w                 hash   window: field bucket*SLOTS+outcome -> count (SLOTS:
+                                     penalty.outcomes.SLOT_WIDTH), "m" -> last bucket
+                                     already used by a penalty, and the penalty itself: "p"
+                                     its stored reason, "x" its expiry (unix ms, Redis
+                                     clock); expires with its newest bucket or its
+                                     penalty, the later
+    <p>:{A}:w:<fp>            hash   the same for one client behind the address
+    <p>:{A}:h:<gen>           HLL    distinct client fingerprints per window generation
+    <p>:{A}:s                 string shared mark (detected), PX shared_ttl
+    <p>:{A}:o[:<fp>]          string offence counter (escalation only), PX escalation window
+    <p>:{A}:l[:<fp>]          string last lift (actor, note, time), PX window
+    <p>:{idx<N>}:active       zset   active penalties, shard N: member identity, score expiry
+    <p>:{sh<N>}:shared        zset   shared addresses, shard N: member its mark (the address,
+                                     or its seal with identity_key), score expiry
+    <p>:{trk<N>}:<gen>        HLL    identities seen per window generation, shard N
+    <p>:{bl<N>}:<bucket>      hash   baseline aggregates of a bucket from replicas on shard N
+    <p>:{rep}:degraded        zset   replica id -> last time it failed open
+    <p>:{rep}:probe:<replica> string health probe of one replica (a write), PX 10 s
+    <p>:{allow}:e:<cidr>      string allowlist entry, PX its expiry
+    <p>:{allow}:idx           zset   allowlist: member cidr, score expiry
+    <p>:feed                  channel changes (penalties, shared marks, allowlist)
+
+Every kind, its lifetime and what it holds: `penaltyd.retention` (docs/privacy.md); a
+test keeps this list and that registry naming the same keys.
 
 A script touches only one address's keys (one slot); indexes and the feed are written in
 a second, pipelined round trip, and only when something starts, ends or is marked
@@ -55,6 +61,7 @@ from penaltyd.store.base import (
     AllowEntry,
     Escalation,
     FleetStats,
+    Held,
     LiftRecord,
     Listener,
     PageCursor,
@@ -65,6 +72,7 @@ from penaltyd.store.base import (
     StoreMisconfigured,
     StoreUnavailable,
     Window,
+    describe_counts,
 )
 from penaltyd.store.view import PenaltyView, StoreClock
 from serving.redis.errors import mapped_errors
@@ -345,11 +353,106 @@ class RedisStore:
             (record.encode(), self._window_ms),
         )
         if removed:
-            event = FeedEvent(LIFTED, identity)
+            reason = removed.decode() if isinstance(removed, bytes) else ""
+            event = FeedEvent(LIFTED, identity, 0, reason)
             zrem = ("ZREM", (self._ikey(identity),), (identity,))
             await self._pipeline([zrem, ("PUBLISH", (self._channel,), (event.encode(),))])
             self.view.apply(event)
         return bool(removed)
+
+    async def held(self, identity: str, mark: str) -> list[Held]:
+        """SCAN for the address's keys (they share its hash tag `{A}`), then one pipeline
+        for their expiries and values and the index entries naming it or a client behind
+        it. A scan visits every key (about a second per million on one node): admin only.
+        """
+        prefix = f"{self._p}:{{{identity}}}:"
+        pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix) + "*"
+        async with mapped_errors():
+            found = {
+                k.decode() if isinstance(k, bytes) else str(k)
+                async for k in self._client.scan_iter(match=pattern, count=1000)
+            }
+        keys = sorted(found)
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        for key in keys:
+            kind = key[len(prefix) :].split(":", 1)[0]
+            read = {"w": "HGETALL", "h": "PFCOUNT"}.get(kind, "GET")
+            calls += [("PEXPIRETIME", (key,), ()), (read, (key,), ())]
+        subjects = {identity} | {
+            f"{identity}#{rest.split(':', 1)[1]}"
+            for rest in (k[len(prefix) :] for k in keys)
+            if rest.split(":", 1)[0] in ("w", "o", "l") and ":" in rest
+        }
+        members = sorted(subjects)
+        calls += [("ZSCORE", (self._ikey(m),), (m,)) for m in members]
+        calls.append(("ZSCORE", (self._skey(mark),), (mark,)))
+        calls.append(("TIME", (), ()))
+        replies = await self._pipeline(calls)
+        sec, usec = replies[-1]
+        now = int(sec) * 1000 + int(usec) // 1000
+        out: list[Held] = []
+        for n, key in enumerate(keys):
+            expires, value = int(replies[2 * n]), replies[2 * n + 1]
+            out.extend(self._held_key(key, key[len(prefix) :], identity, expires, value, now))
+        scores = replies[2 * len(keys) : -1]
+        for member, score in zip(members, scores[:-1], strict=True):
+            if score is not None:
+                out.append(
+                    Held(
+                        "active_index",
+                        member,
+                        self._ikey(member),
+                        int(float(score)),
+                        "listed as an active penalty",
+                        member,
+                    )
+                )
+        if scores[-1] is not None:
+            out.append(
+                Held(
+                    "shared_index",
+                    identity,
+                    self._skey(mark),
+                    int(float(scores[-1])),
+                    "listed as a shared address",
+                    mark,
+                )
+            )
+        return out
+
+    def _held_key(
+        self, key: str, rest: str, identity: str, expires: int, value: Any, now: int
+    ) -> list[Held]:
+        kind, _, tail = rest.partition(":")
+        who = f"{identity}#{tail}" if tail and kind in ("w", "o", "l") else identity
+        if kind == "w":
+            fields = {k.decode(): v.decode() for k, v in cast(dict[bytes, bytes], value).items()}
+            counts = [0] * outcomes.COUNT
+            for f, v in fields.items():
+                if f.isdigit():
+                    counts[int(f) % outcomes.SLOT_WIDTH] += int(v)
+            out = [Held("window", who, key, expires, describe_counts(counts))]
+            if "p" in fields and int(fields.get("x", "0")) > now:
+                out.append(Held("penalty", who, key, int(fields["x"]), fields["p"]))
+            return out
+        if kind == "h":
+            return [
+                Held(
+                    "client_fingerprints",
+                    who,
+                    key,
+                    expires,
+                    f"about {int(value)} distinct client fingerprints (HyperLogLog)",
+                )
+            ]
+        text = value.decode() if isinstance(value, bytes) else str(value or "")
+        if kind == "s":
+            return [Held("shared_mark", who, key, expires, "shared address (detected)")]
+        if kind == "o":
+            return [Held("offence_counter", who, key, expires, f"{text} offences")]
+        if kind == "l":
+            return [Held("last_lift", who, key, expires, LiftRecord.decode(text).describe())]
+        return [Held("unknown", who, key, expires, f"a key of unknown kind {kind!r}")]
 
     async def last_lift(self, identity: str) -> LiftRecord | None:
         async with mapped_errors():
@@ -380,16 +483,14 @@ class RedisStore:
         windows = [_window(item, r) for item, r in zip(items, replies, strict=True)]
         marked = [
             (
-                FeedEvent(SHARED, item.identity, int(r[2]) + self._shared_ttl_ms),
-                self._skey(item.identity),
+                FeedEvent(SHARED, item.mark, int(r[2]) + self._shared_ttl_ms),
+                self._skey(item.mark),
             )
             for item, r, w in zip(items, replies, windows, strict=True)
             if w.newly_shared
         ]
         if marked:
             await self._announce(marked)
-            for event, _ in marked:
-                log.info("shared_address_marked", identity=event.identity, rule="detected")
         return windows
 
     # --- fleet-wide indexes

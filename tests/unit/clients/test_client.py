@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -204,3 +205,47 @@ async def test_the_live_replica_keeps_answering_while_connections_are_recycled(
             await asyncio.sleep(0.002)
         assert c.replica.restarts >= 2  # the stream did end, more than once
         assert unsynced == 0
+
+
+async def test_reports_older_than_max_age_are_dropped_not_sent(serve: ServeFactory) -> None:
+    # A report queued while penaltyd was away for longer than its window would be counted
+    # as fresh evidence (and keep a client's address on the MX longer than penaltyd keeps
+    # it): it is dropped and counted, and what is younger is delivered.
+    now = [1000.0]
+    pd = await serve(MemoryStore())
+    async with AsyncPenaltyClient(pd.address) as client:
+        reporter = client.reporter(max_age=600.0, clock=lambda: now[0])
+        for _ in range(3):
+            reporter.report("203.0.113.9", {UNKNOWN: 1})
+        now[0] += 601
+        for _ in range(2):
+            reporter.report("198.51.100.1", {ACCEPTED: 1})
+        reporter.start()
+        assert await reporter.flush(5)
+        assert (reporter.acked, reporter.expired, reporter.dropped) == (2, 3, 0)
+        await reporter.close()
+        assert (await client.explain("203.0.113.9")).events == 0
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    # The reporter's reconnect loop has no event to await from outside.
+    async def probe() -> bool:
+        return condition()
+
+    await eventually(probe, bool)
+
+
+async def test_reports_expire_while_penaltyd_stays_unreachable() -> None:
+    now = [0.0]
+    async with AsyncPenaltyClient(f"127.0.0.1:{free_port()}", deadline=0.2) as client:
+        reporter = client.reporter(max_age=600.0, clock=lambda: now[0])
+        reporter.start()
+        for _ in range(5):
+            reporter.report("203.0.113.9", {UNKNOWN: 1})
+        await until(lambda: reporter.reconnects >= 1)
+        assert reporter.pending == 5  # kept while they may still count
+        now[0] += 601
+        reporter.report("198.51.100.1", {ACCEPTED: 1})
+        await until(lambda: reporter.expired == 5)
+        assert reporter.pending == 1
+        await reporter.close(within=0)

@@ -392,3 +392,38 @@ def test_parse_ttl(text: str, seconds: int) -> None:
 def test_parse_ttl_refuses(text: str) -> None:
     with pytest.raises(typer.BadParameter):
         parse_ttl(text)
+
+
+async def test_disclose_answers_a_data_request_and_is_audited(serve: ServeFactory) -> None:
+    pd = await serve(MemoryStore())
+    for _ in range(30):
+        await pd.service.Report(report("203.0.113.8", UNKNOWN))
+    with structlog.testing.capture_logs() as logs:
+        out = await ctl(pd.address, "disclose", "203.0.113.8", "--note", "REQ-9", "--actor", "dpo")
+        assert out.exit_code == 0, out.output
+        assert "2 items held about 203.0.113.8" in out.stdout
+        assert "penalty" in out.stdout
+        assert "Not itemized" in out.stdout
+        as_json = await ctl(
+            pd.address, "--json", "disclose", "203.0.113.8", "--note", "REQ-9", "--actor", "dpo"
+        )
+    found = json.loads(as_json.stdout)
+    assert {i["kind"] for i in found["items"]} == {"window", "penalty"}
+    audits = [e for e in logs if e["event"] == "audit"]
+    assert [(e["method"], e["actor"], e["note"]) for e in audits] == [
+        ("Disclose", "dpo", "REQ-9")
+    ] * 2
+    missing = await ctl(pd.address, "disclose", "203.0.113.8")
+    assert missing.exit_code == 2  # --note is required: a data request has a case reference
+    assert "--note" in missing.output
+
+
+async def test_admin_commands_record_the_login_name_as_actor(serve: ServeFactory) -> None:
+    pd = await serve(MemoryStore())
+    with structlog.testing.capture_logs() as logs:
+        await ctl(pd.address, "explain", "203.0.113.8", env={"PENALTYCTL_ACTOR": "alice"})
+        await ctl(pd.address, "list", "--note", "weekly review")
+    audits = [e for e in logs if e["event"] == "audit"]
+    assert audits[0]["actor"] == "alice"
+    assert audits[1]["note"] == "weekly review"
+    assert audits[1]["actor"]  # the login name, never an empty actor

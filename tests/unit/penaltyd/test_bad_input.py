@@ -114,7 +114,9 @@ async def test_bad_admin_input(pd: Served) -> None:
 @pytest.mark.parametrize("method", ["Check", "Report"])
 @given(payload=st.binary(max_size=300))
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 async def test_random_bytes_never_internal(pd: Served, method: str, payload: bytes) -> None:
     call = pd.channel.unary_unary(f"/penalty.v1.PenaltyService/{method}")
@@ -195,7 +197,9 @@ def test_session_validation_is_all_or_nothing(
 
 @given(report_requests())
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 async def test_service_stores_nothing_for_rejected_reports(
     pd: Served, req: pb.ReportRequest

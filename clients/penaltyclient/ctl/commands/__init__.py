@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from penaltyclient.ctl.commands import allowlist, checks, explain, penalties, watch
+from penaltyclient.ctl.commands import allowlist, checks, disclose, explain, penalties, watch
 
 COMMANDS: dict[str, Callable[..., None]] = {
     # The MX API: verdicts, fail-open (no token needed).
@@ -37,6 +37,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "allowlist": allowlist.allowlist,
     "list": penalties.list_penalties,
     "stats": penalties.stats,
+    "disclose": disclose.disclose,
     # The change feed.
     "watch": watch.watch,
 }

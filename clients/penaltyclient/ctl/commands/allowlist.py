@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from penalty.v1 import penalty_pb2 as pb
-from penaltyclient.ctl.options import Actor, JsonOut, Note
+from penaltyclient.ctl.options import Actor, JsonOut, Note, recorded_actor
 from penaltyclient.ctl.output import literal, when
 from penaltyclient.ctl.parsing import parse_ttl
 from penaltyclient.ctl.session import Session
@@ -43,7 +43,7 @@ def allow(
     state = Session.of(ctx, json_out)
     seconds = parse_ttl(ttl)
     with state.client() as client:
-        entry = client.allow(cidr, ttl_seconds=seconds, note=note, actor=actor)
+        entry = client.allow(cidr, ttl_seconds=seconds, note=note, actor=recorded_actor(actor))
     text = f"allowlisted {entry.cidr} until {when(entry.expires_at_unix_ms)}"
     state.show(entry, literal(text, "green"))
 
@@ -54,12 +54,13 @@ def unallow(
         str, typer.Argument(metavar="CIDR", help="the entry, as `allowlist` shows it.")
     ],
     actor: Actor = "",
+    note: Note = "",
     json_out: JsonOut = False,
 ) -> None:
     """Remove an allowlist entry. Exit 1 when there was no such entry."""
     state = Session.of(ctx, json_out)
     with state.client() as client:
-        removed = client.remove_allow(cidr, actor=actor)
+        removed = client.remove_allow(cidr, actor=recorded_actor(actor), note=note)
     state.conclude(
         pb.RemoveAllowResponse(removed=removed),
         removed,

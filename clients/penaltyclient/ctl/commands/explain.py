@@ -7,24 +7,45 @@ own sub-identity window, allowlist match and last lift), so it has a module of i
 
 from __future__ import annotations
 
+import typer
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from penalty.v1 import penalty_pb2 as pb
-from penaltyclient.ctl.options import ClientArgs, client_command
+from penaltyclient.ctl.options import (
+    Actor,
+    Fingerprint,
+    Helo,
+    Ip,
+    JsonOut,
+    MailFrom,
+    Note,
+    recorded_actor,
+)
 from penaltyclient.ctl.output import literal, outcome_name, signed, time_left, when
 from penaltyclient.ctl.session import Session
 
 
-@client_command
-def explain(state: Session, who: ClientArgs) -> None:
+def explain(
+    ctx: typer.Context,
+    ip: Ip,
+    helo: Helo = "",
+    mail_from: MailFrom = "",
+    fingerprint: Fingerprint = "",
+    actor: Actor = "",
+    note: Note = "",
+    json_out: JsonOut = False,
+) -> None:
     """Why is (or isn't) this client penalized? Window counts, ratio, Wilson bound,
     threshold and baseline, verdict and reason, shared-address status, the client's own
     sub-identity window, allowlist match and last lift."""
+    state = Session.of(ctx, json_out)
     with state.client() as client:
-        ex = client.explain(who.ip, who.helo, who.mail_from, who.fingerprint)
+        ex = client.explain(
+            ip, helo, mail_from, fingerprint, actor=recorded_actor(actor), note=note
+        )
     state.show(ex, render_explanation(ex))
 
 

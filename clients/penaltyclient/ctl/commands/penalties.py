@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from penalty.v1 import penalty_pb2 as pb
-from penaltyclient.ctl.options import Actor, Helo, Ip, JsonOut, MailFrom, Note
+from penaltyclient.ctl.options import Actor, Helo, Ip, JsonOut, MailFrom, Note, recorded_actor
 from penaltyclient.ctl.output import literal, when
 from penaltyclient.ctl.session import Session
 
@@ -34,7 +34,9 @@ def lift(
     """
     state = Session.of(ctx, json_out)
     with state.client() as client:
-        result = client.lift(ip, actor=actor, note=note, helo=helo, mail_from=mail_from)
+        result = client.lift(
+            ip, actor=recorded_actor(actor), note=note, helo=helo, mail_from=mail_from
+        )
     state.conclude(
         result,
         result.lifted,
@@ -58,6 +60,8 @@ def list_penalties(
             help="penalties fetched per ListPenalties call.",
         ),
     ] = 500,
+    actor: Actor = "",
+    note: Note = "",
     json_out: JsonOut = False,
 ) -> None:
     """Active penalties fleet-wide (identity, seconds left, expiry, reason), fetched page
@@ -66,7 +70,7 @@ def list_penalties(
     if limit:  # one more than shown tells whether more exist
         page_size = min(page_size, limit + 1)
     with state.client() as client:
-        pager = client.penalties(page_size=page_size)
+        pager = client.penalties(page_size=page_size, actor=recorded_actor(actor), note=note)
         if state.json:  # stream: a huge list never sits in memory
             for p in itertools.islice(pager, limit or None):
                 state.emit(p)

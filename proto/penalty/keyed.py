@@ -1,0 +1,70 @@
+"""Keyed identities: what a store (and a log line) holds instead of an address.
+
+With an `identity_key`, no store key, index member, HyperLogLog element or feed message
+carries an address: each carries a *token*, a keyed hash (HMAC-SHA-256, truncated to 128
+bits, base32) of the identity. Without the key nobody can turn a token back into an
+address or test a guess (a copy of Redis, a backup, a stolen replica reveals nothing
+searchable); with it, the same identity always gives the same token, in every process.
+Client fingerprints are keyed the same way (the unkeyed one, a hash of HELO name and
+sender domain, could be reversed by guessing common domains).
+
+Subkeys are derived from the operator's key with HKDF-SHA-256 (RFC 5869), one per use,
+so a token key never doubles as an encryption key. Stdlib only: this module is part of
+the contract (the same tokens in every component that computes them).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from functools import lru_cache
+
+TOKEN_BYTES = 16  # 128 bits: no collision among any number of identities a fleet sees
+FINGERPRINT_BYTES = 8
+
+
+def hkdf(key: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA-256 with an empty salt (RFC 5869): a subkey of `key` for `info`."""
+    prk = hmac.new(b"\0" * 32, key, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def _b32(raw: bytes) -> str:
+    return base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+class IdentityKey:
+    """Tokens of identities and fingerprints under one operator key."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("identity_key must be at least 16 bytes (128 bits)")
+        self._identity = hkdf(secret, b"penaltyd identity token v1")
+        self._fingerprint = hkdf(secret, b"penaltyd fingerprint token v1")
+        self.seal_key = hkdf(secret, b"penaltyd seal v1", 64)  # AES-256-SIV
+        self.log_key = hkdf(secret, b"penaltyd log token v1")
+        self.token = lru_cache(maxsize=131072)(self._token)
+        self.fingerprint = lru_cache(maxsize=131072)(self._fp)
+
+    def _token(self, identity: str) -> str:
+        """`k` + base32 of the keyed hash: 27 characters, never an address."""
+        digest = hmac.digest(self._identity, identity.encode(), "sha256")
+        return "k" + _b32(digest[:TOKEN_BYTES])
+
+    def _fp(self, fingerprint: str) -> str:
+        if not fingerprint:
+            return ""
+        digest = hmac.digest(self._fingerprint, fingerprint.encode(), "sha256")
+        return _b32(digest[:FINGERPRINT_BYTES])
+
+    def log_token(self, value: str) -> str:
+        """A short keyed token for log lines (`log_addresses = "keyed"`): lines about the
+        same address can be joined without the address being written."""
+        digest = hmac.digest(self.log_key, value.encode(), "sha256")
+        return "~" + _b32(digest[:8])

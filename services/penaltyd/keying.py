@@ -1,0 +1,128 @@
+"""How penaltyd names identities to its store: plain, or keyed tokens with sealed addresses.
+
+Without `identity_key` the store sees identities as they are (`203.0.113.7`,
+`100.64.1.1#<fingerprint>`). With it, the engine hands the store only tokens
+(`penalty.keyed`): `k<address token>` and `k<address token>#<fingerprint token>`, so no
+key, index member, HyperLogLog element or feed message names an address. Where an
+operator needs the address back (ListPenalties, WatchPenalties, penaltyctl, logs), the
+store holds it *sealed*: encrypted and authenticated with AES-256-SIV (RFC 5297) under a
+key derived from `identity_key`, readable only by replicas that hold the key:
+
+- a penalty carries its sealed identity after its compact reason (`reasons.SEAL`), so
+  it travels with the penalty through every store, index and feed;
+- a shared mark is indexed and announced under the sealed address (its *label*).
+
+SIV is deterministic (the same identity always seals to the same text) on purpose: the
+seal of an address is computed once and cached, so a report costs a dict lookup, and a
+label names one index member however often the address is marked. Equality is all it
+reveals, which the tokens reveal anyway.
+
+Rotation: with `identity_key_previous`, checks, lifts and Disclose also look identities
+up under the old key's tokens, and seals open with either key, so penalties started
+before the roll-out keep answering; reports and new penalties use the new key. The old
+key may be dropped once the longest retention of any key has passed
+(`penaltyd.retention.rotation_seconds`, docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from functools import lru_cache
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+from penalty.keyed import IdentityKey
+from penaltyd.reasons import SEAL
+
+_AAD = [b"penaltyd identity v1"]
+_CACHE = 131_072  # identities whose tokens and seals are kept (~25 MB at most)
+
+
+def _plain(value: str) -> str:
+    return value
+
+
+class Keying:
+    """The engine's translation between identities and what the store holds.
+
+    Unkeyed, every method is the identity function (no cost on the hot path).
+    """
+
+    def __init__(self, current: bytes | None = None, previous: bytes | None = None) -> None:
+        self._key = IdentityKey(current) if current else None
+        self._previous = IdentityKey(previous) if previous and current else None
+        self._siv = [AESSIV(k.seal_key) for k in (self._key, self._previous) if k is not None]
+        self.store_identity: Callable[[str], str] = _plain
+        self.store_fingerprint: Callable[[str], str] = _plain
+        self.label: Callable[[str], str] = _plain
+        if self._key is not None:
+            key = self._key
+            self.store_identity = lru_cache(maxsize=_CACHE)(lambda i: self._tokens(key, i))
+            self.store_fingerprint = key.fingerprint
+            self.label = lru_cache(maxsize=_CACHE)(self._seal)
+
+    @property
+    def keyed(self) -> bool:
+        return self._key is not None
+
+    @property
+    def rotating(self) -> bool:
+        return self._previous is not None
+
+    @staticmethod
+    def _tokens(key: IdentityKey, identity: str) -> str:
+        address, sep, fp = identity.partition("#")
+        token = key.token(address)
+        return f"{token}#{key.fingerprint(fp)}" if sep else token
+
+    def previous_identity(self, identity: str) -> str | None:
+        """The store's name for `identity` under the previous key (during a rotation)."""
+        return None if self._previous is None else self._tokens(self._previous, identity)
+
+    def store_names(self, identity: str) -> list[str]:
+        """Every name `identity` may have in the store: current key, then previous."""
+        names = [self.store_identity(identity)]
+        old = self.previous_identity(identity)
+        if old is not None:
+            names.append(old)
+        return names
+
+    def _seal(self, plain: str) -> str:
+        sealed = self._siv[0].encrypt(plain.encode(), _AAD)
+        return "s" + base64.urlsafe_b64encode(sealed).decode().rstrip("=")
+
+    def open(self, sealed: str) -> str | None:
+        """The plain text of a seal, with the current or the previous key; None if neither
+        opens it (not a seal, or sealed under a key this replica does not hold)."""
+        if not self._siv or not sealed.startswith("s"):
+            return None
+        body = sealed[1:]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except ValueError:
+            return None
+        for siv in self._siv:
+            try:
+                return siv.decrypt(raw, _AAD).decode()
+            except (InvalidTag, ValueError, UnicodeDecodeError):
+                continue
+        return None
+
+    def stored_reason(self, compact: str, plain_identity: str) -> str:
+        """The reason a penalty is stored with: its compact reason, plus the sealed identity."""
+        if self._key is None:
+            return compact
+        return f"{compact}{SEAL}{self.label(plain_identity)}"
+
+    def reveal(self, identity: str, reason: str) -> tuple[str, str]:
+        """(plain identity, compact reason) of a penalty as the store returned it."""
+        compact, sep, sealed = reason.partition(SEAL)
+        if not sep:
+            return identity, compact
+        return self.open(sealed) or identity, compact
+
+    def reveal_label(self, label: str) -> str:
+        """The address a shared mark's label names (the label itself if it is not ours)."""
+        return self.open(label) or label if self._key is not None else label
