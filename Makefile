@@ -170,6 +170,7 @@ integration: venv deps
 
 bench: venv redis-server h2load
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.keyed   # what identity_key costs (docs/performance.md#keyed-identities)
 	$(MAKE) --no-print-directory bench-hostile
 	$(MAKE) --no-print-directory bench-peers
 

@@ -8,7 +8,7 @@ When Redis dies every check would log; `RateLimitedLog` says it once per interva
 the number of suppressed repeats, so the log stays readable and cheap.
 
 `log_addresses` (every console script): `plain` writes IP addresses as they are;
-`keyed` replaces each with a short keyed token (`~` + 13 base32 characters, HMAC under
+`keyed` replaces each with a short keyed token (`~` + 11 base64url characters, HMAC under
 the identity key where one is configured, else under a key drawn at start: lines about
 one address can then be joined within one run only); `none` replaces each with `-`.
 `AddressScrubber` does it for every string in every event, whatever field it is in
