@@ -238,18 +238,24 @@ def sender_domain(mail_from: str) -> str:
     return addr.rpartition("@")[2].lower().rstrip(".") if "@" in addr else ""
 
 
-@lru_cache(maxsize=65536)
 def client_fingerprint(helo: str, mail_from: str, fingerprint: str) -> str:
     """A short stable fingerprint of what tells clients behind one address apart.
 
     HELO name, envelope-sender domain and the MX's optional client fingerprint are hashed
     (blake2b, 40 bits: collisions among the few hundred clients of one address are
     negligible) so raw envelope data is never used as a key. "" when nothing is known.
+    The sender is cut to its domain before anything is cached: a full address (a person)
+    is never kept, not even in memory.
     """
     if not (helo or mail_from or fingerprint):
         return ""
     helo, mail_from, fingerprint = bound_client(helo, mail_from, fingerprint)
-    material = f"{helo.strip().lower()}\0{sender_domain(mail_from)}\0{fingerprint}"
+    return _fingerprint(helo.strip().lower(), sender_domain(mail_from), fingerprint)
+
+
+@lru_cache(maxsize=65536)
+def _fingerprint(helo: str, domain: str, fingerprint: str) -> str:
+    material = f"{helo}\0{domain}\0{fingerprint}"
     return hashlib.blake2b(material.encode(), digest_size=5).hexdigest()
 
 

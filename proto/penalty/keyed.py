@@ -53,7 +53,7 @@ class IdentityKey:
         self._identity = hkdf(secret, b"penaltyd identity token v1")
         self._fingerprint = hkdf(secret, b"penaltyd fingerprint token v1")
         self.seal_key = hkdf(secret, b"penaltyd seal v1", 64)  # AES-256-SIV
-        self.log_key = hkdf(secret, b"penaltyd log token v1")
+        self._log_secret = _b64(hkdf(secret, b"penaltyd log secret v1")).encode()
         self.token = lru_cache(maxsize=131072)(self._token)
         self.fingerprint = lru_cache(maxsize=131072)(self._fp)
 
@@ -68,8 +68,22 @@ class IdentityKey:
         digest = hmac.digest(self._fingerprint, fingerprint.encode(), "sha256")
         return _b64(digest[:FINGERPRINT_BYTES])
 
-    def log_token(self, value: str) -> str:
-        """A short keyed token for log lines (`log_addresses = "keyed"`): lines about the
-        same address can be joined without the address being written."""
-        digest = hmac.digest(self.log_key, value.encode(), "sha256")
+    @property
+    def log_secret(self) -> bytes:
+        """The secret of this key's log tokens, for the programs that log beside penaltyd
+        (the sidecars' `--log-key-file`): one-way from the identity key, so an MX that
+        holds it can join log lines but neither compute store tokens nor open seals."""
+        return self._log_secret
+
+
+class LogTokens:
+    """Short keyed tokens for log lines (`log_addresses = "keyed"`): lines about the same
+    address can be joined without the address being written. Every program with the same
+    log secret (penaltyd's `IdentityKey.log_secret`) writes the same token."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._key = hkdf(secret, b"penaltyd log token v1")
+
+    def token(self, value: str) -> str:
+        digest = hmac.digest(self._key, value.encode(), "sha256")
         return "~" + _b64(digest[:8])

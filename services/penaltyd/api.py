@@ -240,6 +240,9 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         self.validator = validator
         self.replies = replies
         self.invalid_requests = engine.metrics.invalid_requests
+        # One Disclose at a time per replica: each scans the keyspace (SCAN on Redis), so
+        # a burst of them queues here, within their deadline, instead of loading Redis.
+        self._disclosing = asyncio.Semaphore(1)
         self.gate = AdminGate.for_settings(
             engine.settings, api="admin", env_var="PENALTYD_ADMIN_TOKEN"
         )
@@ -405,7 +408,8 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         ref = self.validator.client(plain, "client")
         actor, note = self.validator.who(request, required=True)
         with self._audit("Disclose", context, actor, note, identity=ref.identity) as fields:
-            found = await self.engine.disclose(ref)
+            async with self._disclosing:
+                found = await self.engine.disclose(ref)
             fields["items"] = len(found.items)
         return penalty_pb2.Disclosure(
             ip=ref.ip,

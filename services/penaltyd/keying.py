@@ -126,3 +126,33 @@ class Keying:
     def reveal_label(self, label: str) -> str:
         """The address a shared mark's label names (the label itself if it is not ours)."""
         return self.open(label) or label if self._key is not None else label
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m penaltyd.keying --log-key [--config FILE]`: print the log secret of the
+    configured identity_key, for the sidecars' `--log-key-file` (their keyed log tokens
+    then match penaltyd's). It is derived one way: it opens no seal and makes no store
+    token, so it may live on an MX where the identity key must not."""
+    import argparse
+    import sys
+
+    from penaltyd.settings import load_settings
+
+    p = argparse.ArgumentParser(prog="python -m penaltyd.keying", description=main.__doc__)
+    p.add_argument("--log-key", action="store_true", required=True)
+    p.add_argument("--config", metavar="FILE", help="penaltyd's TOML settings file")
+    args = p.parse_args(argv)
+    try:
+        secret = load_settings(args.config).log_key()
+    except (OSError, ValueError) as exc:
+        print(f"penaltyd.keying: {exc}", file=sys.stderr)
+        return 2
+    if secret is None:
+        print("penaltyd.keying: no identity_key is configured", file=sys.stderr)
+        return 2
+    print(secret.decode())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -237,6 +237,11 @@ MX_SIDE: tuple[Kept, ...] = (
         "at most the longest penalty and watch_log_events events; memory only",
     ),
     Kept(
+        "penaltyd replica and MX live replicas: fingerprint cache",
+        "HELO names and sender domains (never full senders) with their fingerprints",
+        "the 65,536 most recently seen distinct clients; memory only",
+    ),
+    Kept(
         "penaltyd replica: key caches (identity_key)",
         "addresses with their tokens and seals, for speed",
         "the 131,072 most recently used; memory only",

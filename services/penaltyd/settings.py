@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import SettingsConfigDict
 
 from penalty.identity import IdentityRules, nat64_network
+from penalty.keyed import IdentityKey
 from penalty.replies import DEFAULT_SMTP_REPLY
 from serving import settings as serving_settings
 from serving.settings import MIN_KEY_CHARS, ServingSettings, cidr_list, read_key
@@ -212,7 +213,9 @@ class Settings(ServingSettings):
         return current, previous
 
     def log_key(self) -> bytes | None:
-        return self.identity_keys()[0]
+        """The log secret derived from identity_key (`penalty.keyed`), not the key itself."""
+        current = self.identity_keys()[0]
+        return None if current is None else IdentityKey(current).log_secret
 
     def caller_tokens(self) -> dict[str, str]:
         """Service tokens by caller name, from `service_tokens` and `service_tokens_file`.

@@ -9,6 +9,7 @@ Undecodable requests never get here: the guarded deserializer hands the servicer
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +93,14 @@ class Validator:
         return identity, sorted(merged.items())
 
     def text(self, value: str, field: str, limit: int, *, required: bool = False) -> str:
+        """An operator's one-line text (actor, note): what the audit trail and every other
+        operator's terminal show later, so control, bidi and zero-width characters (a
+        terminal escape, a reversed case reference, an "empty" note) are refused."""
         if len(value) > limit:
             raise BadField(field, f"longer than {limit} characters")
+        bad = next((c for c in value if unicodedata.category(c)[0] == "C"), None)
+        if bad is not None:
+            raise BadField(field, f"control or invisible character U+{ord(bad):04X}")
         if required and not value.strip():
             raise BadField(field, "required")
         return value

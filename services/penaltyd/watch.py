@@ -109,13 +109,13 @@ class WatchHub:
         self._size = log_size
         self._ring: list[bytes] = [b""] * log_size
         self.seq = 0  # sequence number of the newest event
-        self._max_age = max_age
+        self._event_max_age = max_age  # events older than this are forgotten
         self._clock = clock
         self._times: collections.deque[tuple[float, int]] = collections.deque()  # (t, seq)
         self._floor = 0  # newest sequence number dropped for its age
         self.epoch = 0  # bumped on RESYNC: every watcher of an older epoch ends
         self._chunk = chunk_size
-        self._max_age = snapshot_max_age
+        self._snapshot_max_age = snapshot_max_age  # a snapshot is shared this long
         self.stall_seconds = stall_seconds
         self._changed = asyncio.Event()
         self._senders = asyncio.Semaphore(snapshot_senders)
@@ -147,7 +147,7 @@ class WatchHub:
 
     def expire(self, now: float | None = None) -> None:
         """Forget events older than `max_age` (called on every publish and watch turn)."""
-        oldest = (self._clock() if now is None else now) - self._max_age
+        oldest = (self._clock() if now is None else now) - self._event_max_age
         times = self._times
         while times and times[0][0] < oldest:
             _, upto = times.popleft()
@@ -208,7 +208,7 @@ class WatchHub:
         if (
             snap is not None
             and snap.epoch == self.epoch
-            and time.monotonic() - snap.built_at <= self._max_age
+            and time.monotonic() - snap.built_at <= self._snapshot_max_age
             and snap.seq >= self.first_seq - 1
         ):
             return snap
@@ -347,7 +347,7 @@ class WatchHub:
                     raise WatchEnded(
                         "RESOURCE_EXHAUSTED",
                         f"watcher fell more than {self._size} events or "
-                        f"{self._max_age:g} s behind; watch again",
+                        f"{self._event_max_age:g} s behind; watch again",
                     )
                 if cursor == self.seq:
                     await self._changed.wait()

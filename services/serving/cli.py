@@ -132,11 +132,11 @@ def add_log_address_arguments(p: argparse.ArgumentParser, *, env_prefix: str) ->
     p.add_argument(
         "--log-key-file",
         metavar="FILE",
-        default=os.environ.get(f"{env_prefix}_IDENTITY_KEY_FILE", ""),
-        help="with --log-addresses keyed: the key of the tokens; penaltyd's identity_key "
-        "file gives the tokens penaltyd's own lines carry (env "
-        f"{env_prefix}_IDENTITY_KEY_FILE; default: a key drawn at start, so tokens join "
-        "lines within one run only)",
+        default=os.environ.get(f"{env_prefix}_LOG_KEY_FILE", ""),
+        help="with --log-addresses keyed: the secret of the tokens; `python -m "
+        "penaltyd.keying --log-key` prints penaltyd's (derived from its identity_key, which "
+        f"never belongs on an MX), so both write the same tokens (env {env_prefix}_LOG_KEY_FILE; "
+        "default: a secret drawn at start, so tokens join lines within one run only)",
     )
 
 

@@ -12,7 +12,10 @@ the number of suppressed repeats, so the log stays readable and cheap.
 the identity key where one is configured, else under a key drawn at start: lines about
 one address can then be joined within one run only); `none` replaces each with `-`.
 `AddressScrubber` does it for every string in every event, whatever field it is in
-(an identity, an error message, a peer), so no code path can forget it.
+(an identity, an error message, a peer), so no code path can forget it; the client
+fingerprint after a sub-identity's address (`-#<fp>`) and the values of the fields that
+carry what a client said (`helo`, `mail_from`, ...: a HELO name often spells the
+address) are replaced the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Literal
 
 import structlog
 
-from penalty.keyed import IdentityKey
+from penalty.keyed import LogTokens
 
 LogAddresses = Literal["plain", "keyed", "none"]
 LOG_ADDRESS_MODES: tuple[str, ...] = ("plain", "keyed", "none")
@@ -36,6 +39,12 @@ LOG_ADDRESS_MODES: tuple[str, ...] = ("plain", "keyed", "none")
 # One match per run of characters an address is written with: linear, never backtracks.
 _RUN = re.compile(r"[0-9A-Fa-f:.]+")
 _V4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+# A sub-identity's client fingerprint after its (already replaced) address or prefix:
+# 40 bits of a hash of HELO name and sender domain, reversible by guessing common names.
+_FINGERPRINT = re.compile(r"(-|~[A-Za-z0-9_-]{11}|/\d{1,3})#([0-9a-f]{10})(?![0-9a-f])")
+# Fields that hold what an SMTP client said about itself rather than an address: the
+# whole value is replaced (a HELO name often spells the address: host-203-0-113-7...).
+ENVELOPE_FIELDS = frozenset({"helo", "mail_from", "sender", "from", "to", "rcpt", "recipient"})
 
 
 class AddressScrubber:
@@ -44,8 +53,7 @@ class AddressScrubber:
     def __init__(self, mode: LogAddresses, key: bytes | None = None) -> None:
         self.mode = mode
         if mode == "keyed":
-            tokens = IdentityKey(key or os.urandom(32))
-            self._replace: Callable[[str], str] = tokens.log_token
+            self._replace: Callable[[str], str] = LogTokens(key or os.urandom(32)).token
         else:
             self._replace = lambda _: "-"
 
@@ -71,7 +79,10 @@ class AddressScrubber:
 
     def scrub(self, value: Any) -> Any:
         if isinstance(value, str):
-            return _RUN.sub(self._run, value) if value else value
+            if not value:
+                return value
+            text = _RUN.sub(self._run, value)
+            return _FINGERPRINT.sub(self._fingerprint, text) if "#" in text else text
         if isinstance(value, list | tuple):
             return type(value)(self.scrub(v) for v in value)
         if isinstance(value, dict):
@@ -80,8 +91,18 @@ class AddressScrubber:
             return value
         return self.scrub(str(value))
 
+    def _fingerprint(self, m: re.Match[str]) -> str:
+        return f"{m.group(1)}#{self._replace(m.group(2))}"
+
+    def field(self, name: str, value: Any) -> Any:
+        if name == "event":
+            return value
+        if name in ENVELOPE_FIELDS and isinstance(value, str):
+            return self._replace(value) if value else value
+        return self.scrub(value)
+
     def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-        return {k: v if k == "event" else self.scrub(v) for k, v in event.items()}
+        return {k: self.field(k, v) for k, v in event.items()}
 
 
 def configure(

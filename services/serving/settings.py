@@ -267,8 +267,16 @@ def _problem_lines(
             key = ".".join(str(part) for part in loc)
             given = error.get("input")
             shown = f" = {given!r}" if isinstance(given, str | int | float) else ""
+            if _is_secret(settings_cls, loc):  # never a secret on stderr (the journal)
+                shown = " = '***'"
             lines.append(f"{key}{shown} ({where}): {message}")
     return lines
+
+
+def _is_secret(settings_cls: type[BaseSettings], loc: tuple[Any, ...]) -> bool:
+    """Whether the setting at `loc` holds a secret (a SecretStr, at any nesting level)."""
+    field = settings_cls.model_fields.get(str(loc[0])) if loc else None
+    return field is not None and "SecretStr" in str(field.annotation)
 
 
 def load_settings(

@@ -44,7 +44,10 @@ def emit(message: Message) -> None:
 
 
 def literal(text: str, style: str = "") -> Text:
-    """Untrusted text (reasons, notes, HELO names) as literal rich text: never markup."""
+    """Untrusted text (reasons, notes, HELO names) as literal rich text: never markup, and
+    never a terminal escape or an invisible character (shown escaped, as `\\x1b`)."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return Text(text, style=style)
 
 

@@ -3,7 +3,11 @@ trail, the retention registry and its table, bounded buffers and the address scr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -247,6 +251,38 @@ async def test_disclose_requires_an_actor_and_a_case_reference(
     assert missing in (err.value.details() or "")
 
 
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        ("lift", "actor"),  # a terminal escape: retitles the next operator's window
+        ("allow", "note"),  # a bidi override: "REQ-1" shown reversed
+        ("disclose", "note"),  # a zero-width space: an "empty" case reference
+    ],
+)
+async def test_operator_text_with_control_or_invisible_characters_is_refused(
+    serve: ServeFactory, call: str, field: str
+) -> None:
+    pd = await serve(MemoryStore())
+    bad = {"actor": "\x1b]0;pwned\x07", "note": "\u202eREQ-1"}[field]
+    if call == "disclose":
+        bad = "\u200b"
+    who = {"actor": "ops", "note": "REQ-1", field: bad}
+    requests = {
+        "lift": lambda: pd.admin.Lift(pb.LiftRequest(client=client("203.0.113.1"), **who)),
+        "allow": lambda: pd.admin.Allow(
+            pb.AllowRequest(cidr="192.0.2.0/24", actor=who["actor"], note=who["note"])
+        ),
+        "disclose": lambda: pd.admin.Disclose(
+            pb.DiscloseRequest(client=client("203.0.113.1"), **who)
+        ),
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await requests[call]()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(field)
+    assert not (await pd.admin.ListAllowlist(pb.ListAllowlistRequest())).entries
+
+
 async def test_every_admin_call_about_an_address_is_audited_and_counted(
     serve: ServeFactory,
 ) -> None:
@@ -308,6 +344,10 @@ async def test_the_watch_log_forgets_events_older_than_the_longest_penalty(
     await privacy.attack(pd.service, client("203.0.113.20"))
     assert hub.first_seq == 1
     assert hub.seq >= 1
+    later = time.monotonic() + 60  # a watcher a minute behind still catches up
+    hub._clock = lambda: later
+    hub.expire()
+    assert hub.first_seq == 1
     hub._clock = lambda: 10_000_000.0  # far beyond penalty_seconds
     hub.expire()
     assert hub.first_seq == hub.seq + 1  # nothing held any longer
@@ -328,6 +368,8 @@ async def test_the_watch_log_forgets_events_older_than_the_longest_penalty(
         ("::ffff:198.51.100.9", "-"),
         ("2001:0db8:0000:0000:0000:0000:0000:0001", "-"),
         ("unknown[203.0.113.9]: 450", "unknown[-]: 450"),
+        ("203.0.113.7#d5ce0a84e0", "-#-"),  # the fingerprint: a reversible hash
+        ("2001:db8:77:1::/64#d5ce0a84e0 started", "-/64#- started"),
         ("took 12:30:45, version 1.2.3, id deadbeef, ratio 0.5", None),
     ],
 )
@@ -358,6 +400,26 @@ def test_the_scrubber_reaches_every_field() -> None:
         "nested": {"peer": "ipv6:[-]:50051"},
         "count": 3,
     }
+
+
+def test_what_a_client_said_about_itself_is_replaced_whole() -> None:
+    # A HELO name often spells the address, and a sender names a person: penalty-milter's
+    # milter_tempfail and relaycheck-milter's milter_classified log them.
+    event = {
+        "event": "milter_tempfail",
+        "helo": "host-203-0-113-21.dyn.example",
+        "mail_from": "alice.smith@victim-corp.example",
+        "seconds_left": 300,
+    }
+    assert AddressScrubber("none")(None, "info", event) == {
+        "event": "milter_tempfail",
+        "helo": "-",
+        "mail_from": "-",
+        "seconds_left": 300,
+    }
+    keyed = AddressScrubber("keyed", b"k" * 40)(None, "info", event)
+    assert re.fullmatch(r"~[A-Za-z0-9_-]{11}", keyed["helo"])
+    assert keyed["helo"] == AddressScrubber("keyed", b"k" * 40)(None, "info", event)["helo"]
 
 
 # --- the retention registry
@@ -409,3 +471,65 @@ def test_report_items_name_the_store_keys_the_registry_knows() -> None:
     assert all(retention.kind_of(k, "pd") is not None for k in keys)
     assert retention.kind_of("pd:{203.0.113.7}:x", "pd") is None
     assert retention.kind_of("other:{203.0.113.7}:w", "pd") is None
+
+
+def test_the_sidecars_log_secret_joins_lines_but_opens_nothing(tmp_path: Path) -> None:
+    # An MX is told penaltyd's log secret (python -m penaltyd.keying --log-key), never
+    # the identity key: the same log tokens as penaltyd's, and nothing else.
+    from penaltyd import keying
+
+    secret = Settings(identity_key=KEY).log_key()
+    assert secret is not None
+    assert KEY.encode() not in secret
+    penaltyd_line = AddressScrubber("keyed", secret).scrub("penalty for 203.0.113.7")
+    config = tmp_path / "penaltyd.toml"
+    config.write_text(f'identity_key = "{KEY}"\n')
+    exported = tmp_path / "log.key"
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert keying.main(["--log-key", "--config", str(config)]) == 0
+    exported.write_text(out.getvalue())
+    from serving.settings import read_key
+
+    sidecar_secret = read_key("", str(exported), "log_key")
+    assert sidecar_secret == secret
+    assert AddressScrubber("keyed", sidecar_secret).scrub("penalty for 203.0.113.7") == (
+        penaltyd_line
+    )
+    # ...and it is no identity key: neither store tokens nor seals follow from it.
+    as_key = Keying(secret)
+    assert as_key.store_identity("203.0.113.7") != Keying(KEY.encode()).store_identity(
+        "203.0.113.7"
+    )
+    assert as_key.open(Keying(KEY.encode()).label("203.0.113.7")) is None
+
+
+def test_penaltyctl_shows_stored_control_characters_escaped() -> None:
+    # Text stored before validation refused it (or a HELO name in a reason) never reaches
+    # an operator's terminal as an escape sequence.
+    from penaltyclient.ctl.output import literal
+
+    assert literal("a\x1b]0;pwned\x07b\u202eevil").plain == "a\\x1b]0;pwned\\x07b\\u202eevil"
+    assert literal("plain note, ünïcode").plain == "plain note, ünïcode"
+
+
+async def test_discloses_scan_one_at_a_time(serve: ServeFactory) -> None:
+    # Each Disclose scans the keyspace: eight at once must not become eight scans at once.
+    pd = await serve(MemoryStore())
+    running, most = 0, 0
+    real = pd.engine.disclose
+
+    async def counted(ref: ClientRef) -> object:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0)  # a scan yields to the loop
+            return await real(ref)
+        finally:
+            running -= 1
+
+    pd.engine.disclose = counted
+    request = pb.DiscloseRequest(client=client("203.0.113.1"), actor="dpo", note="REQ-2")
+    answers = await asyncio.gather(*(pd.admin.Disclose(request) for _ in range(8)))
+    assert len(answers) == 8
+    assert most == 1

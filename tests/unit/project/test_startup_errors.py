@@ -123,3 +123,11 @@ def test_relaycheck_mistakes(taken: int, tmp_path: Path) -> None:
 )
 def test_sidecars_name_a_port_in_use(module: str, args: list[str], taken: int) -> None:
     one_line(run(module, *args, f"127.0.0.1:{taken}"), f"{taken}")
+
+
+def test_a_refused_secret_is_named_but_never_echoed() -> None:
+    # A real key mistyped by one character would otherwise land in the journal.
+    secret = "shortsecretvalue123"
+    out = run("penaltyd", "--print-config", env={"PENALTYD_IDENTITY_KEY": secret})
+    one_line(out, "identity_key = '***'", "variable PENALTYD_IDENTITY_KEY", "at least 32")
+    assert secret not in out.stderr + out.stdout
