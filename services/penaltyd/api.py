@@ -39,12 +39,23 @@ Kind = penalty_pb2.PenaltyEvent.Kind
 R = TypeVar("R")
 
 
+#: Rendered tempfail verdicts kept (`Replies.verdict`); the cache is emptied when full.
+VERDICT_CACHE = 4096
+
+
 class Replies:
-    """Turns answers into Verdicts with the configured SMTP reply."""
+    """Turns answers into Verdicts with the configured SMTP reply.
+
+    A tempfail verdict is rendered once per penalty, address and second left, not per
+    call: every check that hits the same penalty within the same second gets the same
+    (read-only) message, so a penalized check costs a dictionary lookup more than a pass
+    instead of two string renders and a seven-field message (docs/performance.md).
+    """
 
     def __init__(self, template: str) -> None:
         self._template = template
         self.render = reasons.render
+        self._tempfail: dict[tuple[str, str, int, int, str, bool], penalty_pb2.Verdict] = {}
 
     def verdict(self, answer: Answer, ip: str) -> penalty_pb2.Verdict:
         p = answer.penalty
@@ -55,7 +66,13 @@ class Replies:
                 allowlisted=answer.allow is not None,
             )
         seconds = p.seconds_left
-        return Verdict(
+        key = (answer.identity, ip, p.expires_at_ms, seconds, p.reason, answer.degraded)
+        cached = self._tempfail.get(key)
+        if cached is not None:
+            return cached
+        if len(self._tempfail) >= VERDICT_CACHE:
+            self._tempfail.clear()
+        verdict = self._tempfail[key] = Verdict(
             tempfail=True,
             seconds_left=seconds,
             expires_at_unix_ms=p.expires_at_ms,
@@ -64,6 +81,7 @@ class Replies:
             smtp_reply=replies.render(self._template, ip, answer.identity, seconds),
             degraded=answer.degraded,
         )
+        return verdict
 
     def penalty(self, p: Penalty) -> penalty_pb2.Penalty:
         return penalty_pb2.Penalty(
