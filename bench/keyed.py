@@ -28,13 +28,16 @@ import redis as redis_py
 
 from bench import h2load
 from bench.cpu import CpuMeter
+from bench.fleet import ip, used_memory
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
 from penaltyd.engine import Engine
 from penaltyd.keying import Keying
 from penaltyd.metrics import Metrics
 from penaltyd.settings import Settings
+from penaltyd.store.base import ReportItem
 from penaltyd.store.memory import MemoryStore
+from penaltyd.store.redis import RedisStore
 from penaltyd.validation import Validator
 from tests.harness.processes import PenaltydProcess
 from tests.harness.redis import RedisServer
@@ -176,6 +179,41 @@ def engine_costs(rounds: int) -> dict[str, dict[str, float]]:
     }
 
 
+MEMORY_IDENTITIES = 20_000
+
+
+async def _fill(url: str, keying: Keying, fingerprint: bool) -> None:
+    """One report (two outcomes) for each of MEMORY_IDENTITIES addresses, as the engine
+    names them in the store: keyed tokens with a key, addresses without."""
+    store = RedisStore(url, use_view=False)
+    counts = [(pb.OUTCOME_ACCEPTED, 3), (pb.OUTCOME_UNKNOWN_RECIPIENT, 1)]
+    fp = keying.store_fingerprint("ab12cd34ef") if fingerprint else ""
+    try:
+        for start in range(0, MEMORY_IDENTITIES, 1000):
+            stop = min(MEMORY_IDENTITIES, start + 1000)
+            items = [
+                ReportItem(keying.store_identity(ip(i)), counts, fp) for i in range(start, stop)
+            ]
+            await store.record(items)
+    finally:
+        await store.close()
+
+
+def memory() -> dict[str, float]:
+    """Redis bytes per tracked identity (and with a client fingerprint), plain vs keyed:
+    a token is 23 characters where an IPv4 address is 7 to 15."""
+    out: dict[str, float] = {}
+    for mode in ("plain", "keyed"):
+        keying = Keying(KEY.encode() if mode == "keyed" else None)
+        for fingerprint in (False, True):
+            with RedisServer() as r:
+                before = used_memory(r.port)
+                asyncio.run(_fill(r.url, keying, fingerprint))
+                name = f"{mode}{'_fingerprint' if fingerprint else ''}"
+                out[name] = (used_memory(r.port) - before) / MEMORY_IDENTITIES
+    return out
+
+
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
@@ -200,7 +238,13 @@ def run(rounds: int = 3, seconds: float = 4.0) -> dict[str, Any]:
             "failed": sum(r[name]["failed"] for rs in runs.values() for r in rs),
         }
     engine = engine_costs(max(rounds, 5))
-    return {"runs": runs, "summary": summary, "cold_us": cold_us(), "engine": engine}
+    return {
+        "runs": runs,
+        "summary": summary,
+        "cold_us": cold_us(),
+        "engine": engine,
+        "memory": memory(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2))
     print("identity_key: penaltyd CPU per call, plain vs keyed (median of rounds)")
     worst = 0.0
+    mem = result["memory"]
+    print(
+        f"Redis bytes per tracked identity: plain {mem['plain']:.0f}, keyed {mem['keyed']:.0f}; "
+        f"with a client fingerprint: plain {mem['plain_fingerprint']:.0f}, "
+        f"keyed {mem['keyed_fingerprint']:.0f}"
+    )
     for name, s in result["summary"].items():
         worst = max(worst, s["ratio"])
         print(
