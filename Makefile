@@ -171,6 +171,8 @@ integration: venv deps
 bench: venv redis-server h2load
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.keyed   # what identity_key costs (docs/performance.md#keyed-identities)
+	$(PY) -m bench.workers # workers=2 against workers=1 on Redis, with the CPU each used
+	$(PY) -m bench.visible # a penalty visible on the MX that reported it (policyd + milter)
 	$(MAKE) --no-print-directory bench-hostile
 	$(MAKE) --no-print-directory bench-peers
 

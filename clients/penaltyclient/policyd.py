@@ -829,7 +829,9 @@ def _stats_fields(policy: PolicyServer) -> dict[str, object]:
         "reports_sent": r.acked,
         "reports_dropped": r.dropped,
         "reports_expired": r.expired,
-        "live_replica": bool(policy.client.replica and policy.client.replica.synced),
+        # `is not None`: a replica holding no penalty has len() 0 and is falsy, which made
+        # an idle, synced replica read `live_replica: false` (issue 11).
+        "live_replica": policy.client.replica is not None and policy.client.replica.synced,
     }
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from penaltyclient.aio import AsyncPenaltyClient
 from penaltyclient.milter import PenaltyMilter
-from penaltyclient.policyd import PolicyServer, _milter, parser
+from penaltyclient.policyd import PolicyServer, _milter, _stats_fields, parser
 from penaltyd.store.memory import MemoryStore
 from tests.harness.inprocess import ServeFactory
 from tests.harness.milter import Mta
@@ -98,3 +98,13 @@ def test_milter_listen_is_documented() -> None:
     args = parser().parse_args(["--milter-listen", "127.0.0.1:10041"])
     assert isinstance(args, argparse.Namespace)
     assert args.milter_listen == "127.0.0.1:10041"
+
+
+async def test_an_idle_synced_replica_is_reported_live(sidecar: Sidecar) -> None:
+    """A replica holding no penalty is empty (len 0, falsy) but synced: the stats line
+    must say `live_replica: true` (it said false whenever the MX was idle)."""
+    replica = sidecar.client.replica
+    assert replica is not None
+    assert len(replica) == 0
+    assert replica.synced
+    assert _stats_fields(sidecar.policy)["live_replica"] is True
