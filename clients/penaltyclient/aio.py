@@ -345,12 +345,13 @@ class SessionReporter:
             )
         )
 
-    def enqueue(self, request: pb.ReportRequest) -> bool:
-        """Queue a report as it is (e.g. one kept across a restart); False if dropped."""
+    def enqueue(self, request: pb.ReportRequest, age: float = 0.0) -> bool:
+        """Queue a report as it is (e.g. one kept across a restart, `age` seconds old
+        already, which counts towards `max_age`); False if dropped."""
         if len(self._queue) >= self.max_queue:
             self.dropped += 1
             return False
-        self._queue.append((self._clock(), request))
+        self._queue.append((self._clock() - max(0.0, age), request))
         if len(self._queue) >= self.max_batch:
             self._wakeup.set()
         return True

@@ -858,8 +858,11 @@ class LogWatch:
         if found.problem:
             log.error("the spool is unusable; removed", path=str(path), problem=found.problem)
         elif not self._too_old(found.saved_at, "spool"):
+            # The time on disk counts towards the reporter's max_age: a report is not made
+            # young again by a restart.
+            age = time.time() - found.saved_at if found.saved_at else 0.0
             for request in found.requests:
-                if self.reporter.enqueue(request):
+                if self.reporter.enqueue(request, age):
                     self.replayed += 1
             if found.bad:
                 log.warning("skipped unusable spool records", path=str(path), skipped=found.bad)

@@ -249,3 +249,21 @@ async def test_reports_expire_while_penaltyd_stays_unreachable() -> None:
         await until(lambda: reporter.expired == 5)
         assert reporter.pending == 1
         await reporter.close(within=0)
+
+
+async def test_a_report_kept_across_a_restart_keeps_its_age(serve: ServeFactory) -> None:
+    # penalty-logwatch's spool: the time on disk counts, so a restart never makes a
+    # report young again.
+    pd = await serve(MemoryStore())
+    async with AsyncPenaltyClient(pd.address) as client:
+        reporter = client.reporter(max_age=600.0)
+        reporter.enqueue(pb.ReportRequest(client=pb.Client(ip="203.0.113.9"),
+                                          counts=[pb.OutcomeCount(outcome=UNKNOWN, n=1)]),
+                         age=601)  # fmt: skip
+        reporter.enqueue(pb.ReportRequest(client=pb.Client(ip="198.51.100.1"),
+                                          counts=[pb.OutcomeCount(outcome=ACCEPTED, n=1)]),
+                         age=30)  # fmt: skip
+        reporter.start()
+        assert await reporter.flush(5)
+        assert (reporter.acked, reporter.expired) == (1, 1)
+        await reporter.close()
