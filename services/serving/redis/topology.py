@@ -26,6 +26,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from serving.errors import StoreMisconfigured
+from serving.redis.lane import LaneRedis
 
 COMMON: dict[str, Any] = {
     # No per-read socket timeout: it halves redis-py's throughput (DESIGN.md s. 12a);
@@ -108,12 +109,17 @@ def connect(url: str, max_connections: int) -> tuple[Topology, Any, Any]:
     feed_retry = Retry(NoBackoff(), 0)
     if topo.kind == "single":
         fast: dict[str, Any] = {}
-        if urlsplit(url).scheme == "redis":  # TLS and unix sockets keep their own classes
+        plain = urlsplit(url).scheme == "redis"  # TLS and unix sockets keep their own classes
+        if plain:
             fast["connection_class"] = HiredisPackingConnection
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=None, **COMMON, **fast
         )
-        client = aioredis.Redis(connection_pool=pool, retry=command_retry)
+        if plain:  # single script calls (a unary Report) on a lean lane (`serving.redis.lane`)
+            client = LaneRedis(connection_pool=pool, retry=command_retry)
+            client.attach_lane()
+        else:
+            client = aioredis.Redis(connection_pool=pool, retry=command_retry)
         feed = aioredis.Redis.from_url(url, retry=feed_retry, **COMMON)
         return topo, client, feed
     auth: dict[str, Any] = {"password": topo.password, "username": topo.username}
