@@ -274,6 +274,7 @@ class AsyncPenaltyClient(ClientBase):
 
 #: The index of the refused report in a Session error's field path: "reports[26].client.ip".
 _REFUSED_ITEM = re.compile(r"reports\[(\d{1,6})\]")
+_ACCEPTED = pb.OUTCOME_ACCEPTED
 
 
 _Aged = tuple[float, list[pb.ReportRequest]]  # a batch and when its oldest report was queued
@@ -284,9 +285,11 @@ class SessionReporter:
 
     `report()` bounds what the SMTP client chose (`penalty.identity.bound_client`, counts
     clamped) and queues (bounded: beyond `max_queue` reports are dropped and counted); a
-    writer sends up to `max_batch` reports per message at least every `interval` seconds;
-    a batch not yet acknowledged when the stream breaks is queued again (at least once),
-    and the stream reconnects with backoff. A report still waiting `max_age` seconds after
+    writer sends up to `max_batch` reports per message at least every `interval` seconds,
+    and a report of an error (any outcome but ACCEPTED: it may start a penalty) at once
+    when no batch is on its way, or as soon as that batch is answered; a batch not yet
+    acknowledged when the stream breaks is queued again (at least once), and the stream
+    reconnects with backoff. A report still waiting `max_age` seconds after
     it was queued (penaltyd down that long) is dropped and counted in `expired`: penaltyd
     would count it as fresh in a window it has left, and it holds a client's address and
     HELO name longer than penaltyd itself keeps them (600 s: penaltyd's window_seconds).
@@ -331,6 +334,7 @@ class SessionReporter:
         self.expired = 0  # reports older than max_age, dropped unsent
         self.reconnects = 0
         self.tempfails: deque[pb.Verdict] = deque(maxlen=1000)
+        self._urgent = False  # an error report waits in the queue: send without the interval
 
     def report(
         self, ip: str, counts: Counts, helo: str = "", mail_from: str = "", fingerprint: str = ""
@@ -354,6 +358,13 @@ class SessionReporter:
         self._queue.append((self._clock() - max(0.0, age), request))
         if len(self._queue) >= self.max_batch:
             self._wakeup.set()
+        elif not self._urgent and any(c.outcome != _ACCEPTED for c in request.counts):
+            # An error may be the one that starts a penalty: it leaves now, not after the
+            # batching interval, when no batch is on its way (single flight: errors that
+            # come meanwhile leave together when that batch is answered).
+            self._urgent = True
+            if not self._inflight:
+                self._wakeup.set()
         return True
 
     @property
@@ -444,6 +455,8 @@ class SessionReporter:
                         continue
                     aged = self._next_batch()
                     batch = aged[1]
+                    if not self._queue:
+                        self._urgent = False
                     next_id += 1
                     self._inflight[next_id] = aged
                     self.sent += len(batch)  # before the write: a failed write re-queues it
@@ -485,6 +498,8 @@ class SessionReporter:
                     self.tempfails.append(verdict)
                     if self._on_tempfail is not None:
                         self._on_tempfail(verdict)
+            if self._urgent and not self._inflight:
+                self._wakeup.set()  # errors queued while this batch was on its way
 
     def _refused(
         self, queued_at: float, batch: list[pb.ReportRequest], field: str, message: str

@@ -135,6 +135,33 @@ async def test_session_reporter_batches(serve: ServeFactory) -> None:
         await reporter.close()
 
 
+async def test_an_error_report_leaves_at_once_accepted_ones_wait_for_the_interval(
+    serve: ServeFactory,
+) -> None:
+    """An error may start a penalty: it must not wait for the batching interval (the
+    milter's rejections reach penaltyd, and the verdict the replica, a round trip after
+    the rejection); accepted recipients still leave in batches."""
+    pd = await serve(MemoryStore())
+    async with AsyncPenaltyClient(pd.address) as client:
+        reporter = client.reporter(interval=30.0)
+        reporter.start()
+
+        async def acked() -> int:
+            return reporter.acked
+
+        await asyncio.sleep(0.05)  # the writer waits for its interval
+        reporter.report("198.51.100.1", {ACCEPTED: 1})
+        await asyncio.sleep(0.2)
+        assert reporter.acked == 0  # accepted: waits for the interval (or a full batch)
+        reporter.report("203.0.113.9", {UNKNOWN: 1})
+        await eventually(acked, lambda n: n == 2, within=2.0)
+        for _ in range(40):  # a burst: single flight, everything still delivered
+            reporter.report("203.0.113.9", {UNKNOWN: 1})
+        await eventually(acked, lambda n: n == 42, within=2.0)
+        assert any(v.identity == "203.0.113.9" for v in reporter.tempfails)
+        await reporter.close()
+
+
 async def test_round_robin_over_replicas(serve: ServeFactory) -> None:
     a = await serve(MemoryStore())
     b = await serve(MemoryStore())
