@@ -12,9 +12,11 @@ docs/detection.md for what the model leaves out.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from penalty.v1 import penalty_pb2 as pb
 
@@ -38,11 +40,33 @@ CGNAT_SPAMMER = "CGNAT spammer"
 ROTATOR = "IPv6 /64 rotator"
 ROTATOR_HELO = "IPv6 rotator, random HELO"
 
-LEGIT_CLASSES = (HOURLY, MINUTELY, BULK, STALE, CGNAT_USER)
-ATTACK_CLASSES = (DICTIONARY, SLOW, CGNAT_SPAMMER, ROTATOR, ROTATOR_HELO)
+# Issue 15's populations (scenario "reputation").
+NEWSLETTER = "newsletter 8-12 % stale"
+BIG = "big sender, bounce bursts"
+NEIGHBOUR = "legit in the botnet /24"
+COLD_USER = "CGNAT user, cold start"
+COMEBACK = "dictionary, comes back"
+MODERATE = "moderate spammer"
+BOTNET = "/24 botnet"
+COLD_SPAMMER = "CGNAT spammer, cold start"
+
+LEGIT_CLASSES = (HOURLY, MINUTELY, BULK, STALE, NEWSLETTER, BIG, NEIGHBOUR, CGNAT_USER, COLD_USER)
+ATTACK_CLASSES = (
+    DICTIONARY,
+    COMEBACK,
+    SLOW,
+    MODERATE,
+    BOTNET,
+    CGNAT_SPAMMER,
+    COLD_SPAMMER,
+    ROTATOR,
+    ROTATOR_HELO,
+)
 ROTATOR_CLASSES = (ROTATOR, ROTATOR_HELO)
 
 CGNAT_ADDRESS = "100.64.7.9"  # RFC 6598 shared address space: one carrier-grade NAT
+COLD_CGNAT_ADDRESS = "100.64.8.1"  # another, whose spammer speaks before any of its users
+BOTNET_NET = "198.18.7.0/24"  # RFC 2544 benchmarking space: the botnet's /24
 
 MINUTE = 60.0
 HOUR = 3600.0
@@ -70,6 +94,14 @@ class Scenario:
     # and an attacker that is the only client an address has shown is judged alone (see
     # docs/detection.md, "Cold start"). `--warmup 0` measures exactly that case.
     warmup_minutes: float = 10.0
+    # Issue 15 (scenario "reputation"); 0 elsewhere.
+    newsletters: int = 0  # mailing lists with 8-12 % stale addresses
+    big_senders: int = 0  # ~0.5 message/s, and a campaign with 35 % bounces every ~30 min
+    comeback: int = 0  # dictionary attackers that come back 20-40 min after their first run
+    moderate: int = 0  # 30-45 % unknown recipients at ~10 RCPT/min, from warm-up to the end
+    botnet: int = 0  # addresses in BOTNET_NET, 2 RCPT/min each at 90 % unknown recipients
+    botnet_neighbours: int = 0  # legitimate senders in the same /24
+    cold_cgnat_users: int = 0  # users behind COLD_CGNAT_ADDRESS (its spammer comes first)
 
     @property
     def seconds(self) -> float:
@@ -114,7 +146,30 @@ QUICK = Scenario(
     attack_minutes=(10.0, 20.0),
 )
 
-SCENARIOS = {s.name: s for s in (DEFAULT, QUICK)}
+# Issue 15: the populations its replay used, for two hours.
+REPUTATION = Scenario(
+    name="reputation",
+    hours=2.0,
+    hourly=100,
+    minutely=40,
+    bulk=1,
+    stale_lists=0,
+    dictionary=0,
+    slow=0,
+    cgnat_users=100,
+    cgnat_spammers=2,
+    rotators=2,
+    rotators_random_helo=1,
+    newsletters=8,
+    big_senders=2,
+    comeback=6,
+    moderate=10,
+    botnet=40,
+    botnet_neighbours=10,
+    cold_cgnat_users=40,
+)
+
+SCENARIOS = {s.name: s for s in (DEFAULT, QUICK, REPUTATION)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +191,7 @@ class Sender:
     stop_s: float
     rotate: bool = False  # a fresh address inside `ip` (a /64) for every attempt
     random_helo: bool = False  # a fresh HELO name for every attempt
+    again: tuple[float, float] | None = None  # a second attack period (comes back)
 
     @property
     def attacker(self) -> bool:
@@ -280,7 +336,8 @@ def population(s: Scenario, rng: random.Random) -> list[Sender]:
         error_ratio: float,
         errors: tuple[int, ...],
         period: tuple[float, float],
-        **kw: bool,
+        rotate: bool = False,
+        random_helo: bool = False,
     ) -> Sender:
         return Sender(
             name=f"{cls} #{i}",
@@ -296,7 +353,8 @@ def population(s: Scenario, rng: random.Random) -> list[Sender]:
             lost_ratio=0.0,
             start_s=period[0],
             stop_s=period[1],
-            **kw,
+            rotate=rotate,
+            random_helo=random_helo,
         )
 
     for i in range(s.dictionary):
@@ -322,6 +380,149 @@ def population(s: Scenario, rng: random.Random) -> list[Sender]:
         period = attack_period()
         out.append(
             attacker(CGNAT_SPAMMER, i, CGNAT_ADDRESS, rng.uniform(2, 5), 0.95, (UNKNOWN,), period)
+        )
+    # --- issue 15's populations
+    for i in range(s.newsletters):
+        domain = f"news{i}.example.org"
+        out.append(
+            Sender(
+                name=f"{NEWSLETTER} #{i}",
+                cls=NEWSLETTER,
+                legit=True,
+                ip=legit_v4(),
+                helo=f"news.{domain}",
+                domains=(domain,),
+                rate=1 / (rng.uniform(10, 40) * MINUTE),
+                rcpts=(20, 200),
+                error_ratio=rng.uniform(0.08, 0.12),
+                errors=(UNKNOWN,),
+                lost_ratio=0.005,
+                start_s=rng.uniform(0, 600),
+                stop_s=end,
+            )
+        )
+    for i in range(s.big_senders):
+        ip, domain = addrs.v4("198.18.30.0/24"), f"big{i}.example.com"
+        common: dict[str, Any] = {
+            "cls": BIG,
+            "legit": True,
+            "ip": ip,
+            "helo": f"out.{domain}",
+            "domains": (domain,),
+        }
+        out.append(
+            Sender(
+                name=f"{BIG} #{i}",
+                rate=0.5 * rng.uniform(0.8, 1.2),
+                rcpts=(1, 3),
+                error_ratio=0.01,
+                errors=(UNKNOWN,),
+                lost_ratio=0.002,
+                start_s=rng.uniform(0, 60),
+                stop_s=end,
+                **common,
+            )
+        )
+        out.append(  # the same host's campaigns to an old list: a burst of bounces
+            Sender(
+                name=f"{BIG} #{i} campaign",
+                rate=1 / (30 * MINUTE),
+                rcpts=(150, 300),
+                error_ratio=0.35,
+                errors=(UNKNOWN,),
+                lost_ratio=0.0,
+                start_s=rng.uniform(0, 600),
+                stop_s=end,
+                **common,
+            )
+        )
+    for i in range(s.botnet_neighbours):
+        domain = f"hosted{i}.example.net"
+        out.append(
+            Sender(
+                name=f"{NEIGHBOUR} #{i}",
+                cls=NEIGHBOUR,
+                legit=True,
+                ip=addrs.v4(BOTNET_NET),
+                helo=f"mail.{domain}",
+                domains=(domain,),
+                rate=rng.uniform(0.5, 2.0) / (5 * MINUTE),
+                rcpts=(1, 5),
+                error_ratio=0.02,
+                errors=(UNKNOWN,),
+                lost_ratio=0.005,
+                start_s=rng.uniform(0, 60),
+                stop_s=end,
+            )
+        )
+    for i in range(s.cold_cgnat_users):
+        domain = f"home{i}.example.net"
+        out.append(
+            Sender(
+                name=f"{COLD_USER} #{i}",
+                cls=COLD_USER,
+                legit=True,
+                ip=COLD_CGNAT_ADDRESS,
+                helo=f"pc-{i}.{domain}",
+                domains=(domain,),
+                rate=1 / (rng.uniform(15, 120) * MINUTE),
+                rcpts=(1, 3),
+                error_ratio=0.01,
+                errors=(UNKNOWN,),
+                lost_ratio=0.005,
+                start_s=rng.uniform(60, 300),
+                stop_s=end,
+            )
+        )
+    if s.cold_cgnat_users:
+        start = rng.uniform(5, 30)  # before any user has spoken: the cold start
+        out.append(
+            attacker(
+                COLD_SPAMMER,
+                0,
+                COLD_CGNAT_ADDRESS,
+                rng.uniform(2, 5),
+                0.95,
+                (UNKNOWN,),
+                (start, start + rng.uniform(10, 20) * MINUTE),
+            )
+        )
+    for i in range(s.comeback):
+        first = attack_period()
+        gap = rng.uniform(20, 40) * MINUTE
+        length = first[1] - first[0]
+        again = (first[1] + gap, first[1] + gap + length)
+        out.append(
+            dataclasses.replace(
+                attacker(
+                    COMEBACK,
+                    i,
+                    addrs.v4("203.0.113.0/24"),
+                    rng.uniform(*s.dictionary_rate),
+                    rng.uniform(0.70, 0.95),
+                    (UNKNOWN,),
+                    first,
+                ),
+                again=again if again[0] < end else None,
+            )
+        )
+    for i in range(s.moderate):
+        ip = addrs.v4(f"198.18.{40 + i}.0/24")  # each in its own /24
+        out.append(
+            attacker(
+                MODERATE,
+                i,
+                ip,
+                rng.uniform(8, 12) / MINUTE,
+                rng.uniform(0.30, 0.45),
+                (UNKNOWN,),
+                (rng.uniform(warmup, warmup + 60), end),
+            )
+        )
+    for i in range(s.botnet):
+        start = rng.uniform(warmup, warmup + 120)
+        out.append(
+            attacker(BOTNET, i, addrs.v4(BOTNET_NET), 2 / MINUTE, 0.9, (UNKNOWN,), (start, end))
         )
     for cls, count, random_helo in (
         (ROTATOR, s.rotators, False),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -31,12 +32,13 @@ from penalty.identity import NetworkSet, parse_network
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd import reasons
 from penaltyd.batching import Coalescer
-from penaltyd.detector import Baseline, Decision, Detector
+from penaltyd.detector import Baseline, Decision, Detector, Standing
 from penaltyd.events import FeedEvent
 from penaltyd.fleetstats import FleetStatistics
 from penaltyd.keying import Keying
 from penaltyd.metrics import Metrics
 from penaltyd.reportbuffer import ReportBuffer
+from penaltyd.reputation import FleetDistribution, Neighbourhoods
 from penaltyd.retention import longest_penalty_seconds
 from penaltyd.settings import Settings
 from penaltyd.store.base import (
@@ -48,6 +50,7 @@ from penaltyd.store.base import (
     PageCursor,
     Penalty,
     ReportItem,
+    Reputation,
     Store,
     StoreError,
     Window,
@@ -83,6 +86,21 @@ class Explained:
     last_lift: LiftRecord | None
     baseline: Baseline
     window_seconds: int
+    standing: Standing | None = None  # reputation (None for a whole address told apart)
+    reputation: Reputation | None = None  # the address's long-horizon counters
+    neighbourhood: str = ""  # its network ("203.0.113.0/24")
+    neighbourhood_reputation: Reputation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationView:
+    """The reputation query (PenaltyAdmin.Reputation): an address's or a network's."""
+
+    identity: str  # "" for a network query
+    network: str
+    reputation: Reputation | None  # the address's (None for a network query)
+    neighbourhood: Reputation
+    standing: Standing
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +194,11 @@ class Engine:
             timeout_s=self._admin_timeout,
             degraded=lambda: self.degraded,
         )
+        self.neighbourhoods = Neighbourhoods(
+            settings, self.keying, store.now_ms, self._admin_timeout
+        )
+        self._cold_start = settings.cold_start_sub_identity
+        self.distribution = FleetDistribution()
 
     async def start(self) -> None:
         self.store.listen(self._on_event)
@@ -350,13 +373,16 @@ class Engine:
                 continue
             answers.append(None)
             fp = ref.fingerprint
+            weighted = self.detector.weighted(counts)
             item = ReportItem(
                 keying.store_identity(ref.identity),
                 counts,
                 keying.store_fingerprint(fp) if fp else "",
                 self.shared_configured(ref) is not None,
                 keying.label(ref.identity) if fp and keying.keyed else "",
+                weighted,
             )
+            self.neighbourhoods.add(ref.addr, sum(n for _, n in counts), weighted)
             pending.append((item, ref))
         if pending:
             fresh = iter(await self._record(pending))
@@ -385,6 +411,15 @@ class Engine:
         self.stats.add(items, windows)
         return answers
 
+    def standing(self, ref: ClientRef, window: Window) -> Standing:
+        """What the address's and its neighbourhood's long memory say (pure: no I/O)."""
+        return self.detector.standing(
+            window.reputation,
+            self.neighbourhoods.get(ref.addr),
+            self.baseline,
+            self.distribution.typical,
+        )
+
     def _plan(self, ref: ClientRef, window: Window) -> Answer | tuple[bool, Decision]:
         """The answer a window gives, or the penalty it starts: (on the client behind the
         address rather than the address?, decision). Pure: no I/O."""
@@ -393,8 +428,14 @@ class Engine:
         if window.sub_penalty is not None:
             return Answer(ref.sub_identity, window.sub_penalty)
         if window.sub_counts is None:
-            decision = self.detector.evaluate(window.counts, self.baseline)
-            return (False, decision) if decision.fire else Answer(ref.identity, None)
+            # Judged alone, with its history and its neighbourhood's as evidence. A penalty
+            # on an address whose one client is known lands on that client (cold start):
+            # the address's other clients, unseen so far, are still told apart later.
+            decision = self.detector.judge(window.counts, self.baseline, self.standing(ref, window))
+            if not decision.fire:
+                return Answer(ref.identity, None)
+            on_client = self._cold_start and bool(ref.fingerprint) and not window.shared
+            return on_client, decision
         # Told apart: the client on its own window, the whole address by the shared rules.
         sub = self.detector.evaluate(window.sub_counts, self.baseline)
         if sub.fire:
@@ -406,9 +447,11 @@ class Engine:
         """Answers for a batch; every penalty it triggers starts in one store batch."""
         out: list[Answer | tuple[str, str]] = []
         firing: dict[str, tuple[str, Decision]] = {}  # store name -> (identity, decision)
+        refs: dict[str, ClientRef] = {}
         for (item, ref), window in zip(pending, windows, strict=True):
             if window.newly_shared:
                 log.info("shared_address_marked", identity=ref.identity, rule="detected")
+            self.distribution.add(item.identity, window.reputation)
             plan = self._plan(ref, window)
             if isinstance(plan, Answer):
                 out.append(plan)
@@ -418,6 +461,7 @@ class Engine:
                 (item.sub_identity, ref.sub_identity) if sub else (item.identity, ref.identity)
             )
             firing.setdefault(name, (plain, decision))
+            refs.setdefault(name, ref)
             out.append((name, plain))
         if not firing:
             return cast(list[Answer], out)
@@ -439,6 +483,7 @@ class Engine:
             penalties[name] = penalty
             if created:
                 self.metrics.penalties_started.labels(decision.rule).inc()
+                self.neighbourhoods.add(refs[name].addr, 0, 0.0, 1)
                 log.info(
                     "penalty_started",
                     identity=plain,
@@ -490,6 +535,15 @@ class Engine:
                 for name in keying.store_names(plain):
                     last_lift = last_lift or await self.store.last_lift(name)
         told_apart = window.sub_counts is not None
+        standing = None if told_apart else self.standing(ref, window)
+        if not told_apart and window.penalty is None and ref.fingerprint:
+            # A cold-start penalty is on the client, not the address: it is this client's.
+            async with self._admin_call("explain"):
+                for name in keying.store_names(ref.sub_identity):
+                    (held,) = await self.store.penalties([name])
+                    if held is not None:
+                        window = dataclasses.replace(window, penalty=held)
+                        break
         if configured:
             why = f"configured: {configured} is in shared_cidrs"
         elif window.shared:
@@ -507,7 +561,11 @@ class Engine:
         return Explained(
             ref=ref,
             window=window,
-            decision=self.detector.evaluate(window.counts, self.baseline, shared=told_apart),
+            decision=(
+                self.detector.evaluate(window.counts, self.baseline, shared=True)
+                if told_apart
+                else self.detector.judge(window.counts, self.baseline, standing)
+            ),
             sub_decision=(
                 self.detector.evaluate(window.sub_counts, self.baseline)
                 if window.sub_counts is not None
@@ -518,7 +576,53 @@ class Engine:
             last_lift=last_lift,
             baseline=self.baseline,
             window_seconds=self.settings.window_seconds,
+            standing=standing,
+            reputation=window.reputation,
+            neighbourhood=self.neighbourhoods.of(ref.addr),
+            neighbourhood_reputation=self.neighbourhoods.get(ref.addr),
         )
+
+    async def reputation(self, ref: ClientRef | None, network: str = "") -> ReputationView:
+        """An address's reputation and its neighbourhood's, or one network's (fresh from
+        the store, not the cache). `network` must be a neighbourhood (ValueError)."""
+        nbs = self.neighbourhoods
+        if ref is not None:
+            network = nbs.of(ref.addr)
+        else:
+            net = parse_network(network)
+            if net.prefixlen != nbs.prefix[net.version]:
+                raise ValueError(
+                    f"a neighbourhood is an IPv{net.version} /{nbs.prefix[net.version]}"
+                )
+            network = str(net)
+        rep = None
+        async with self._admin_call("reputation"):
+            if ref is not None:
+                item = ReportItem(self.keying.store_identity(ref.identity), ())
+                (window,) = await self.store.record([item])
+                rep = window.reputation
+            nb = await nbs.read(self.store, network)
+        standing = self.detector.standing(rep, nb, self.baseline, self.distribution.typical)
+        return ReputationView(ref.identity if ref else "", network, rep, nb, standing)
+
+    async def worst_neighbourhoods(self, limit: int) -> list[ReputationView]:
+        """The neighbourhoods with the most (decayed) weighted errors, worst first."""
+        nbs = self.neighbourhoods
+        out = []
+        async with self._admin_call("reputation"):
+            for label, _ in await self.store.worst_neighbourhoods(limit):
+                network = self.keying.reveal_label(label)
+                try:
+                    parse_network(network)
+                except ValueError:
+                    continue  # sealed under a key this replica lacks
+                nb = await nbs.read(self.store, network)
+                standing = self.detector.standing(
+                    None, nb, self.baseline, self.distribution.typical
+                )
+                out.append(ReputationView("", network, None, nb, standing))
+        out.sort(key=lambda v: -v.neighbourhood.weighted_errors)
+        return out
 
     async def lift(self, ref: ClientRef, actor: str, note: str) -> list[str]:
         """Lift the address's penalty and, with a fingerprint, the client's; returns what ended."""
@@ -554,6 +658,21 @@ class Engine:
                         items.append(
                             Held(h.kind, plain, h.stored_as, h.expires_at_ms, reason, h.member)
                         )
+                network = self.neighbourhoods.of(ref.addr)
+                nb_name = self.neighbourhoods.name(network)
+                for h in await self.store.neighbourhood_held(
+                    nb_name, self.neighbourhoods.label(network)
+                ):
+                    items.append(
+                        Held(
+                            h.kind,
+                            ref.identity,
+                            h.stored_as,
+                            h.expires_at_ms,
+                            f"{network}: {h.content}",
+                            h.member,
+                        )
+                    )
                 allow = await self.store.allowlist()
         for entry in allow:
             if ref.addr in parse_network(entry.cidr):
@@ -637,5 +756,8 @@ class Engine:
             await self.refresh_stats()
 
     async def refresh_stats(self) -> bool:
-        """One flush and read of the fleet statistics (`FleetStatistics.refresh`)."""
-        return await self.stats.refresh()
+        """One flush and read of the fleet statistics (`FleetStatistics.refresh`), then of
+        the neighbourhoods' reputation (`Neighbourhoods.flush`)."""
+        ok = await self.stats.refresh()
+        self.distribution.refresh()
+        return await self.neighbourhoods.flush(self.store) and ok

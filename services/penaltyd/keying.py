@@ -77,6 +77,11 @@ class Keying:
         token = key.token(address)
         return f"{token}#{key.fingerprint(fp)}" if sep else token
 
+    def neighbourhood_name(self, network: str) -> str:
+        """The store's name of a neighbourhood ("203.0.113.0/24"): its keyed token with a
+        key (of "nb " + the network, so it never equals an identity's token)."""
+        return network if self._key is None else self._key.token("nb " + network)
+
     def previous_identity(self, identity: str) -> str | None:
         """The store's name for `identity` under the previous key (during a rotation)."""
         return None if self._previous is None else self._tokens(self._previous, identity)

@@ -3,7 +3,10 @@
 A penalty's reason is written once per penalty and read on every check that hits it, by
 every replica, and kept in Redis for the whole penalty. Storing the rendered sentence
 would cost ~200 bytes per active penalty; the compact form costs ~40 and renders to the
-same sentence anywhere: ``rule;events;weighted;lower_bound;threshold;o=n,o=n``.
+same sentence anywhere: ``rule;events;weighted;lower_bound;threshold;o=n,o=n``, and for a
+penalty its reputation decided (or a clean history held back), ``;history`` with the
+long-horizon figures: ``ie/iw/ib/ne/nw/nb/bar/h`` (identity events, weighted errors,
+bound; the neighbourhood's; the long-horizon bar; history b, c or -).
 
 With `identity_key` the stored reason also carries the penalty's sealed identity after
 `SEAL` (`penaltyd.keying`); rendering drops it.
@@ -23,10 +26,35 @@ SEAL = "\x1e"
 def encode(decision: Decision) -> str:
     ev = decision.evidence
     counts = ",".join(f"{i}={n}" for i, n in enumerate(ev.counts) if n and i)
-    return (
+    head = (
         f"{decision.rule};{ev.events};{ev.weighted_errors:g};{ev.lower_bound:.3f};"
         f"{decision.threshold:.3f};{counts}"
     )
+    st = decision.standing
+    if st is None or (st.history == "" and not st.bad_neighbourhood):
+        return head
+    i, n = st.identity, st.neighbourhood
+    ie, iw = (i.events, i.weighted_errors) if i else (0.0, 0.0)
+    ne, nw = (n.events, n.weighted_errors) if n else (0.0, 0.0)
+    h = {"bad": "b", "clean": "c"}.get(st.history, "-")
+    return (
+        f"{head};{ie:.0f}/{iw:.0f}/{st.identity_bound:.3f}/{ne:.0f}/{nw:.0f}/"
+        f"{st.neighbourhood_bound:.3f}/{st.threshold:.3f}/{h}"
+    )
+
+
+def _history(text: str) -> str:
+    try:
+        ie, iw, ib, ne, nw, nb, bar, h = text.split("/")
+    except ValueError:
+        return text
+    out = []
+    if h in ("b", "c"):
+        word = "bad" if h == "b" else "clean (more evidence needed)"
+        out.append(f"history {word}: {iw} weighted errors in {ie} events, bound {ib} vs {bar}")
+    if float(ne or 0):
+        out.append(f"neighbourhood: {nw} weighted errors in {ne} events, bound {nb} vs {bar}")
+    return "; ".join(out)
 
 
 def render(stored: str) -> str:
@@ -40,9 +68,10 @@ def render(stored: str) -> str:
 @lru_cache(maxsize=4096)
 def _render(compact: str) -> str:
     parts = compact.split(";")
-    if len(parts) != 6:
+    if len(parts) not in (6, 7):
         return compact
-    rule, events, weighted, lower, threshold, counts = parts
+    rule, events, weighted, lower, threshold, counts = parts[:6]
+    history = f"; {_history(parts[6])}" if len(parts) == 7 else ""
     try:
         detail = " ".join(
             f"{outcome_name(int(o))}={n}" for o, n in (c.split("=") for c in counts.split(",") if c)
@@ -52,10 +81,12 @@ def _render(compact: str) -> str:
     head = {
         "significance": "error ratio significantly above threshold",
         "burst": "burst of errors",
+        "reputation": "fresh errors from an address with a bad history",
+        "neighbourhood": "errors from an address in a misbehaving neighbourhood",
     }.get(rule, rule or "penalty")
     return (
         f"{head}: {weighted} weighted errors in {events} events, "
-        f"Wilson lower bound {lower} > threshold {threshold} ({detail})"
+        f"Wilson lower bound {lower} > threshold {threshold} ({detail}){history}"
         if rule == "significance"
-        else f"{head}: {weighted} weighted errors in {events} events ({detail})"
+        else f"{head}: {weighted} weighted errors in {events} events ({detail}){history}"
     )

@@ -46,6 +46,9 @@ class KeyKind:
     lifetime: str  # the formula, in settings
     seconds: Callable[[Settings], float]
     names_address: bool  # holds an identity (a keyed token with identity_key)
+    # Looked up under identity_key_previous during a rotation (reputation is not: under a
+    # new key it starts again, which fails open), so it sets `rotation_seconds`.
+    rotated: bool = True
 
     def matches(self, key: str, prefix: str) -> bool:
         return (
@@ -121,6 +124,42 @@ KEY_KINDS: tuple[KeyKind, ...] = (
         "window_seconds",
         lambda s: s.window_seconds,
         True,
+    ),
+    KeyKind(
+        "<p>:{A}:r",
+        r"\{(?!nb:)[^{}]+\}:r",
+        "hash",
+        "the address's reputation: decayed counts of its events, weighted errors and "
+        "penalties (no outcome detail, no client)",
+        "Report (record.lua), a penalty starting",
+        "reputation_ttl_seconds after the last report or penalty",
+        lambda s: s.reputation_ttl_seconds,
+        True,
+        False,
+    ),
+    KeyKind(
+        "<p>:{nb:<N>}:r",
+        r"\{nb:[^{}]+\}:r",
+        "hash",
+        "a neighbourhood's reputation (N: its network, a /24 or /48, or the network's keyed "
+        "token with identity_key): decayed counts of events, weighted errors, penalties",
+        "every replica, every stats_flush_seconds",
+        "reputation_ttl_seconds after the last flush that added to it",
+        lambda s: s.reputation_ttl_seconds,
+        True,
+        False,
+    ),
+    KeyKind(
+        "<p>:{nbw<N>}:worst",
+        r"\{nbw\d+\}:worst",
+        "sorted set",
+        "the worst neighbourhoods (member: the network, or its seal with identity_key) by "
+        "decayed weighted errors, at most neighbourhood_worst_keep per shard",
+        "every replica, every stats_flush_seconds",
+        "reputation_ttl_seconds after the last entry on the shard",
+        lambda s: s.reputation_ttl_seconds,
+        True,
+        False,
     ),
     KeyKind(
         "<p>:{idx<N>}:active",
@@ -268,7 +307,7 @@ MX_SIDE: tuple[Kept, ...] = (
 def rotation_seconds(s: Settings) -> float:
     """How long to keep `identity_key_previous` after every replica has the new key:
     the longest lifetime of any key that names an identity (tokens under the old key)."""
-    return max(k.seconds(s) for k in KEY_KINDS if k.names_address)
+    return max(k.seconds(s) for k in KEY_KINDS if k.names_address and k.rotated)
 
 
 def kind_of(key: str, prefix: str) -> KeyKind | None:
@@ -300,8 +339,10 @@ def markdown(s: Settings | None = None) -> str:
     lines += [
         "",
         f"`{FEED}` (pub/sub) carries every change to the replicas and stores nothing. "
-        f"Longest lifetime of a key naming an identity (keep `identity_key_previous` this "
-        f"long after a rotation): **{_duration(rotation_seconds(s))}** with the defaults.",
+        f"Longest lifetime of a key naming an identity that is looked up under the previous "
+        f"key during a rotation (keep `identity_key_previous` this long after a rotation): "
+        f"**{_duration(rotation_seconds(s))}** with the defaults. Reputation keys are not: "
+        f"under a new key an address's and a neighbourhood's history start again.",
         "",
         "| Where | Holds | Kept at most |",
         "|---|---|---|",

@@ -48,6 +48,9 @@ def make_store(settings: Settings) -> Store:
             shared_ttl_seconds=settings.shared_ttl_seconds,
             max_connections=settings.redis_max_connections,
             use_view=settings.use_penalty_view,
+            reputation_half_life_seconds=settings.reputation_half_life_seconds,
+            reputation_ttl_seconds=settings.reputation_ttl_seconds,
+            worst_keep=settings.neighbourhood_worst_keep,
         )
     return MemoryStore(
         window_seconds=settings.window_seconds,
@@ -56,6 +59,8 @@ def make_store(settings: Settings) -> Store:
         shared_ttl_seconds=settings.shared_ttl_seconds,
         max_identities=settings.memory_max_identities,
         max_penalties=settings.memory_max_penalties,
+        reputation_half_life_seconds=settings.reputation_half_life_seconds,
+        reputation_ttl_seconds=settings.reputation_ttl_seconds,
     )
 
 

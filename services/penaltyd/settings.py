@@ -114,6 +114,29 @@ class Settings(ServingSettings):
     escalation_cap_seconds: int = Field(3600, ge=1, le=86_400)  # longest escalated penalty
     escalation_window_seconds: int = Field(86_400, ge=60, le=30 * 86_400)  # offences remembered
 
+    # --- reputation: the longer memory (docs/detection.md, "Reputation")
+    reputation_half_life_seconds: int = Field(
+        3600, ge=60, le=7 * 86_400
+    )  # counters halve this fast
+    reputation_ttl_seconds: int = Field(14_400, ge=60, le=30 * 86_400)  # forgotten this long after
+    neighbourhood_ipv4_prefix: int = Field(24, ge=8, le=32)  # IPv4 neighbourhood (/24)
+    neighbourhood_ipv6_prefix: int = Field(48, ge=16, le=128)  # IPv6 neighbourhood (/48)
+    reputation_z: float = Field(2.0, gt=0, le=10)  # Wilson z on the long-horizon counters
+    reputation_min_events: float = Field(50.0, ge=1)  # decayed events before history counts
+    reputation_threshold_floor: float = Field(0.2, gt=0, lt=1)  # long-horizon bar, at least this
+    reputation_baseline_multiplier: float = Field(4.0, ge=0, le=100)  # ...or this x fleet ratio
+    reputation_clean_events: float = Field(500.0, ge=1)  # decayed events of a "long clean history"
+    reputation_clean_factor: float = Field(2.0, ge=1, le=100)  # clean history: n_min, burst x this
+    neighbourhood_min_events: float = Field(50.0, ge=1)  # decayed events before a network counts
+    neighbourhood_n_min: int = Field(4, ge=1, le=1000)  # bad network: events an address needs
+    neighbourhood_min_errors: float = Field(3.0, gt=0)  # ...and weighted errors of its own
+    neighbourhood_min_ratio: float = Field(0.6, ge=0, le=1)  # ...at at least this raw ratio
+    neighbourhood_cache: int = Field(65_536, ge=16, le=10_000_000)  # networks kept per replica
+    neighbourhood_worst_keep: int = Field(256, ge=1, le=100_000)  # worst networks indexed per shard
+    # A single-client penalty on an address whose client is known (HELO, sender) lands on
+    # that client, so later clients of the address are still told apart (cold start).
+    cold_start_sub_identity: bool = True
+
     # --- allowlist
     allow_min_prefix_v4: int = Field(16, ge=0, le=32)  # broader IPv4 CIDRs are refused
     allow_min_prefix_v6: int = Field(32, ge=0, le=128)  # broader IPv6 CIDRs are refused
@@ -179,6 +202,8 @@ class Settings(ServingSettings):
     def _window_fits(self) -> Settings:
         if self.window_seconds % self.bucket_seconds:
             raise ValueError("window_seconds must be a multiple of bucket_seconds")
+        if self.reputation_ttl_seconds < self.reputation_half_life_seconds:
+            raise ValueError("reputation_ttl_seconds must be at least reputation_half_life_seconds")
         if self.window_seconds // self.bucket_seconds > 120:
             raise ValueError("at most 120 buckets per window (memory per identity)")
         for name in ("identity_key", "identity_key_previous"):

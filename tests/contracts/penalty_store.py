@@ -16,6 +16,7 @@ from penaltyd.store.base import (
     AllowEntry,
     Escalation,
     LiftRecord,
+    NeighbourhoodDelta,
     PageCursor,
     ReportItem,
     StatsDelta,
@@ -364,3 +365,65 @@ class StoreContract:
         day = Escalation().memory_ms  # the longest lifetime here: the offence memory
         assert all(h.expires_at_ms <= now + day + 1000 for h in held)
         assert await self.store.held("198.51.100.1", "198.51.100.1") == []
+
+    # --- reputation (issue 15): the longer memory
+
+    async def test_reputation_counts_events_and_weighted_errors_beyond_the_window(self) -> None:
+        a = "203.0.113.70"
+        report = ReportItem(a, [(ACCEPTED, 2), (UNKNOWN, 3)], weighted=3.0)
+        (w,) = await self.record(report)
+        assert w.reputation is not None
+        assert w.reputation.events == pytest.approx(5, rel=1e-3)
+        assert w.reputation.weighted_errors == pytest.approx(3, rel=1e-3)
+        assert w.reputation.penalties == 0
+        await self.advance(WINDOW_MS + 1500)  # the window forgets; the reputation does not
+        w = await self.read(a)
+        assert w.counts == counts()
+        assert w.reputation is not None
+        assert w.reputation.events == pytest.approx(5, rel=1e-2)  # one hour half-life
+        assert w.reputation.ratio == pytest.approx(0.6, rel=1e-2)
+
+    async def test_a_penalty_counts_in_its_address_reputation(self) -> None:
+        a = "203.0.113.71"
+        await self.record(ReportItem(a, [(UNKNOWN, 1)], weighted=1.0))
+        await self.store.start_penalty(a, 60_000, "r")
+        await self.store.start_penalty(a, 60_000, "r")  # not new: not counted again
+        await self.store.start_penalty(f"{a}#cd", 60_000, "r")  # a client behind it counts
+        rep = (await self.read(a)).reputation
+        assert rep is not None
+        assert rep.penalties == pytest.approx(2, rel=1e-2)
+
+    async def test_neighbourhoods_add_up_replicas_and_list_the_worst(self) -> None:
+        deltas = [
+            NeighbourhoodDelta("203.0.113.0/24", "203.0.113.0/24", 10, 9.0, 1),
+            NeighbourhoodDelta("198.51.100.0/24", "198.51.100.0/24", 100, 1.0, 0),
+        ]
+        first = await self.store.flush_neighbourhoods(deltas)
+        assert [r.events for r in first] == [pytest.approx(10), pytest.approx(100)]
+        again = await self.store.flush_neighbourhoods(deltas[:1])  # another replica's flush
+        assert again[0].weighted_errors == pytest.approx(18, rel=1e-3)
+        assert again[0].penalties == pytest.approx(2, rel=1e-2)
+        (read,) = await self.store.flush_neighbourhoods(
+            [NeighbourhoodDelta("203.0.113.0/24", "203.0.113.0/24")]
+        )
+        assert read.events == pytest.approx(20, rel=1e-3)  # a delta with no counts only reads
+        worst = await self.store.worst_neighbourhoods(10)
+        assert [label for label, _ in worst] == ["203.0.113.0/24", "198.51.100.0/24"]
+        assert worst[0][1] == pytest.approx(18, rel=1e-2)
+        assert [label for label, _ in await self.store.worst_neighbourhoods(1)] == [
+            "203.0.113.0/24"
+        ]
+        held = await self.store.neighbourhood_held("203.0.113.0/24", "203.0.113.0/24")
+        assert "neighbourhood_reputation" in {h.kind for h in held}
+        now = self.store.now_ms()
+        assert all(now < h.expires_at_ms <= now + 14_400_000 + 1000 for h in held)
+        assert await self.store.neighbourhood_held("192.0.2.0/24", "192.0.2.0/24") == []
+
+    async def test_held_lists_the_address_reputation(self) -> None:
+        a = "203.0.113.72"
+        await self.record(ReportItem(a, [(UNKNOWN, 4)], weighted=4.0))
+        held = await self.store.held(a, a)
+        rep = [h for h in held if h.kind == "reputation"]
+        assert len(rep) == 1
+        assert rep[0].identity == a
+        assert "4.0 weighted errors" in rep[0].content

@@ -48,6 +48,7 @@ class ReportItem:
     # itself; with identity_key, the sealed address (`penaltyd.keying`), so the watch
     # stream can name it while the store never holds it in the clear.
     label: str = ""
+    weighted: float = 0.0  # the report's weighted errors (the identity's reputation adds them)
 
     @property
     def sub_identity(self) -> str:
@@ -57,6 +58,44 @@ class ReportItem:
     def mark(self) -> str:
         """The name of this address's shared mark in indexes and feed events."""
         return self.label or self.identity
+
+
+@dataclass(frozen=True, slots=True)
+class Reputation:
+    """Long-horizon counters of an identity or a neighbourhood, decayed to the store's now
+    (half-life `reputation_half_life_seconds`): events, weighted errors, penalties."""
+
+    events: float = 0.0
+    weighted_errors: float = 0.0
+    penalties: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return min(1.0, self.weighted_errors / self.events) if self.events > 0 else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.events:.1f} events, {self.weighted_errors:.1f} weighted errors, "
+            f"{self.penalties:.2f} penalties (decayed)"
+        )
+
+
+def decay(value: float, age_ms: float, half_life_ms: float) -> float:
+    """`value` as it is `age_ms` later: halved every `half_life_ms` (both stores)."""
+    return value * 2.0 ** (-max(0.0, age_ms) / half_life_ms) if value else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourhoodDelta:
+    """What one replica saw of one neighbourhood since its last flush (`name`: the
+    store's name of the network, a keyed token with identity_key; `label`: what the
+    worst-neighbourhoods index lists, the network or its seal)."""
+
+    name: str
+    label: str
+    events: int = 0
+    weighted_errors: float = 0.0
+    penalties: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +109,7 @@ class Window:
     newly_shared: bool = False  # this very report marked it
     sub_counts: tuple[int, ...] | None = None  # the client's own window, when kept
     sub_penalty: Penalty | None = None  # the client's own penalty
+    reputation: Reputation | None = None  # the address's long-horizon counters, after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +181,9 @@ HELD_KINDS = (
     "active_index",
     "shared_index",
     "allow_entry",
+    "reputation",
+    "neighbourhood_reputation",
+    "worst_index",
 )
 
 
@@ -295,6 +338,19 @@ class Store(Protocol):
 
     async def flush_stats(self, delta: StatsDelta) -> None:
         """Add one replica's aggregates (baseline, identities seen, degraded)."""
+
+    # --- reputation of neighbourhoods (aggregated per replica, flushed with the stats)
+
+    async def flush_neighbourhoods(self, deltas: Sequence[NeighbourhoodDelta]) -> list[Reputation]:
+        """Add each delta to its neighbourhood's decayed counters (and enter it in the
+        worst-neighbourhoods index); returns each one's counters after the update. A delta
+        with no counts only reads."""
+
+    async def worst_neighbourhoods(self, limit: int) -> list[tuple[str, float]]:
+        """(label, decayed weighted errors) of the worst indexed neighbourhoods, worst first."""
+
+    async def neighbourhood_held(self, name: str, label: str) -> list[Held]:
+        """What is held about one neighbourhood (Disclose of an address inside it)."""
 
     async def fleet_stats(self) -> FleetStats: ...
 

@@ -70,14 +70,20 @@ from penaltyd.store.base import (
     Held,
     LiftRecord,
     Listener,
+    NeighbourhoodDelta,
     PageCursor,
     Penalty,
     RawSnapshot,
     ReportItem,
+    Reputation,
     StatsDelta,
     Window,
+    decay,
     describe_counts,
 )
+
+#: Reputation counters: (events, weighted errors, penalties, as of unix ms, expires at ms).
+RepRecord = tuple[float, float, float, int, int]
 
 V = TypeVar("V")
 
@@ -529,6 +535,8 @@ class MemoryStore:
         max_identities: int = 1_000_000,
         max_penalties: int = 250_000,
         sweep_slice: int = 2_000,
+        reputation_half_life_seconds: int = 3600,
+        reputation_ttl_seconds: int = 14_400,
         clock: Callable[[], int] = wall_ms,
     ) -> None:
         if min(max_identities, max_penalties, sweep_slice) < 1:
@@ -557,6 +565,14 @@ class MemoryStore:
         self._lifts: _Table[tuple[LiftRecord, int]] = _Table(
             self._bucket_ms, max_penalties, lambda v: v[1]
         )
+        # Reputation (issue 15): per address and per neighbourhood, each bounded like the
+        # windows (the soonest to expire is forgotten first) and expiring with its TTL.
+        self._half_life_ms = reputation_half_life_seconds * 1000
+        self._rep_ttl_ms = reputation_ttl_seconds * 1000
+        self._rep: _Table[RepRecord] = _Table(self._bucket_ms, max_identities, lambda v: v[4])
+        self._nbs: _Table[tuple[RepRecord, str]] = _Table(
+            self._bucket_ms, max_identities, lambda v: v[0][4]
+        )  # neighbourhood -> (counters, label in the worst-neighbourhoods listing)
         self._allow: NetworkSet[AllowEntry] = NetworkSet()
         self._baseline: dict[int, list[float]] = {}  # bucket -> [events, weighted errors]
         self._tracked: dict[int, _Distinct] = {}  # generation -> identities seen
@@ -584,6 +600,11 @@ class MemoryStore:
             + self._offences.evicted
             + self._lifts.evicted
         )
+
+    @property
+    def reputation_evicted(self) -> int:
+        """Reputation records (addresses, neighbourhoods) forgotten early: table full."""
+        return self._rep.evicted + self._nbs.evicted
 
     @property
     def windows_evicted(self) -> int:
@@ -702,6 +723,7 @@ class MemoryStore:
         # window too, so a few such penalties never add up to one on the whole address.
         self._set_marker(identity, marker)
         address = address_of(identity)
+        self._bump_rep(address, 0, 0.0, 1, now)
         if address != identity:
             self._set_marker(address, marker)
             held = self._penalties.get(address)
@@ -709,6 +731,64 @@ class MemoryStore:
                 self._penalties[address] = (held[0], held[1], marker)
         self._emit(FeedEvent(STARTED, identity, expires, reason))
         return Penalty(identity, ttl_ms, expires, reason), True
+
+    def _decayed(self, rec: RepRecord | None, now: int) -> Reputation | None:
+        if rec is None or rec[4] <= now:
+            return None
+        age, hl = now - rec[3], self._half_life_ms
+        return Reputation(decay(rec[0], age, hl), decay(rec[1], age, hl), decay(rec[2], age, hl))
+
+    def _bump(
+        self, rec: RepRecord | None, events: int, weighted: float, penalties: int, now: int
+    ) -> RepRecord:
+        cur = self._decayed(rec, now) or Reputation()
+        return (
+            cur.events + events,
+            cur.weighted_errors + weighted,
+            cur.penalties + penalties,
+            now,
+            now + self._rep_ttl_ms,
+        )
+
+    def _bump_rep(
+        self, address: str, events: int, weighted: float, penalties: int, now: int
+    ) -> Reputation:
+        new = self._bump(self._rep.d.get(address), events, weighted, penalties, now)
+        self._rep.put(address, new, now)
+        return Reputation(new[0], new[1], new[2])
+
+    async def flush_neighbourhoods(self, deltas: Sequence[NeighbourhoodDelta]) -> list[Reputation]:
+        now = self._clock()
+        out = []
+        for d in deltas:
+            held = self._nbs.d.get(d.name)
+            if not (d.events or d.penalties):
+                out.append(self._decayed(held[0] if held else None, now) or Reputation())
+                continue
+            new = self._bump(
+                held[0] if held else None, d.events, d.weighted_errors, d.penalties, now
+            )
+            self._nbs.put(d.name, (new, d.label or (held[1] if held else d.name)), now)
+            out.append(Reputation(new[0], new[1], new[2]))
+        return out
+
+    async def worst_neighbourhoods(self, limit: int) -> list[tuple[str, float]]:
+        now = self._clock()
+        rows = []
+        for rec, label in list(self._nbs.d.values()):
+            r = self._decayed(rec, now)
+            if r is not None and r.weighted_errors > 0:
+                rows.append((label, r.weighted_errors))
+        return heapq.nlargest(limit, rows, key=lambda row: row[1])
+
+    async def neighbourhood_held(self, name: str, label: str) -> list[Held]:
+        now = self._clock()
+        held = self._nbs.d.get(name)
+        r = self._decayed(held[0] if held else None, now)
+        if held is None or r is None:
+            return []
+        where = f"memory:neighbourhoods[{name}]"
+        return [Held("neighbourhood_reputation", name, where, held[0][4], r.describe())]
 
     def _set_marker(self, key: str, marker: int) -> None:
         rec = self._windows.get(key)
@@ -740,6 +820,7 @@ class MemoryStore:
             ("shared", self._shared.d),
             ("offences", self._offences.d),
             ("lifts", self._lifts.d),
+            ("reputation", self._rep.d),
         ]
         for table, d in tables:
             keys = list(d)
@@ -776,6 +857,9 @@ class MemoryStore:
         if table == "shared":
             expires, name = value
             return [Held("shared_mark", key, where, expires, "shared address (detected)", name)]
+        if table == "reputation":
+            r = self._decayed(value, now)
+            return [Held("reputation", key, where, value[4], r.describe())] if r else []
         if table == "offences":
             count, expires = value
             return [Held("offence_counter", key, where, expires, f"{count} offences")]
@@ -900,8 +984,13 @@ class MemoryStore:
             rec = self._windows.get(address)
         counts = self._totals(rec)
         penalty = self._active(address, now)
+        if writing:
+            events = sum(n for _, n in item.counts)
+            reputation = self._bump_rep(address, events, item.weighted, 0, now)
+        else:
+            reputation = self._decayed(self._rep.d.get(address), now) or Reputation()
         if not fp:
-            return Window(counts, penalty)
+            return Window(counts, penalty, reputation=reputation)
         distinct = self._distinct(rec)
         shared = item.shared_configured or self._shared.get(address, now) is not None
         newly = False
@@ -910,11 +999,18 @@ class MemoryStore:
             shared = newly = True
             self._emit(FeedEvent(SHARED, item.mark, now + self._shared_ttl_ms))
         if not (shared or distinct >= 2):
-            return Window(counts, penalty, distinct, shared, newly)
+            return Window(counts, penalty, distinct, shared, newly, reputation=reputation)
         sub = item.sub_identity
         sub_rec = self._write(sub, item.counts, now, None) if writing else self._windows.get(sub)
         return Window(
-            counts, penalty, distinct, shared, newly, self._totals(sub_rec), self._active(sub, now)
+            counts,
+            penalty,
+            distinct,
+            shared,
+            newly,
+            self._totals(sub_rec),
+            self._active(sub, now),
+            reputation,
         )
 
     async def record(self, items: Sequence[ReportItem]) -> list[Window]:
@@ -1050,8 +1146,9 @@ class MemoryStore:
         yield from self._windows_t.expire(now)
         while n := self._trim_penalties(now):
             yield n
-        for table in (self._shared, self._offences, self._lifts):
+        for table in (self._shared, self._offences, self._lifts, self._rep):
             yield from table.expire(now)
+        yield from self._nbs.expire(now)
         gen = now // self._window_ms
         for g in [g for g in self._tracked if g < gen - 1]:
             del self._tracked[g]

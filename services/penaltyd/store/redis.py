@@ -14,6 +14,12 @@ address identity, `fp` a client fingerprint behind it (see `penalty.identity`)::
     <p>:{A}:s                 string shared mark (detected), PX shared_ttl
     <p>:{A}:o[:<fp>]          string offence counter (escalation only), PX escalation window
     <p>:{A}:l[:<fp>]          string last lift (actor, note, time), PX window
+    <p>:{A}:r                 hash   the address's reputation: e events, w weighted errors,
+                                     p penalties, decayed to t (unix ms); PX reputation ttl
+    <p>:{nb:<N>}:r            hash   the same for a neighbourhood N (a /24, a /48; a keyed
+                                     token with identity_key), written by the stats flush
+    <p>:{nbw<N>}:worst        zset   worst neighbourhoods, shard N: member the network (or
+                                     its seal), score log2(weighted errors) + t / half-life
     <p>:{idx<N>}:active       zset   active penalties, shard N: member identity, score expiry
     <p>:{sh<N>}:shared        zset   shared addresses, shard N: member its mark (the address,
                                      or its seal with identity_key), score expiry
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 import zlib
@@ -64,14 +71,17 @@ from penaltyd.store.base import (
     Held,
     LiftRecord,
     Listener,
+    NeighbourhoodDelta,
     PageCursor,
     Penalty,
     RawSnapshot,
     ReportItem,
+    Reputation,
     StatsDelta,
     StoreMisconfigured,
     StoreUnavailable,
     Window,
+    decay,
     describe_counts,
 )
 from penaltyd.store.view import PenaltyView, StoreClock
@@ -81,7 +91,7 @@ from serving.redis.topology import connect
 
 log = structlog.get_logger("penaltyd.store.redis")
 
-_SCRIPT_NAMES = ("record", "peek", "start_penalty", "index_add", "lift")
+_SCRIPT_NAMES = ("record", "peek", "start_penalty", "index_add", "lift", "neighbourhood")
 
 
 _SCRIPTS = Scripts("penaltyd.store", _SCRIPT_NAMES)
@@ -100,6 +110,8 @@ def _window(item: ReportItem, r: Sequence[Any]) -> Window:
     kept = bool(r[8])
     sub = base + outcomes.SLOT_WIDTH  # record.lua returns SLOTS totals for each window
     sub_counts = tuple(int(n) for n in r[sub : sub + outcomes.COUNT]) if kept else None
+    rep = base + 2 * outcomes.SLOT_WIDTH
+    reputation = Reputation(float(r[rep]), float(r[rep + 1]), float(r[rep + 2]))
     return Window(
         counts=counts,
         penalty=_penalty(item.identity, int(r[0]), r[1], now),
@@ -108,6 +120,7 @@ def _window(item: ReportItem, r: Sequence[Any]) -> Window:
         newly_shared=bool(r[5]),
         sub_counts=sub_counts,
         sub_penalty=_penalty(item.sub_identity, int(r[6]), r[7], now) if kept else None,
+        reputation=reputation,
     )
 
 
@@ -133,6 +146,9 @@ class RedisStore:
         shared_ttl_seconds: int = 3600,
         max_connections: int = 32,
         use_view: bool = True,
+        reputation_half_life_seconds: int = 3600,
+        reputation_ttl_seconds: int = 14_400,
+        worst_keep: int = 256,
     ) -> None:
         # The feed client must *notice* every reconnect (it may have missed events), so
         # its connection never retries silently (see `topology.connect`).
@@ -145,6 +161,9 @@ class RedisStore:
         self._window_ms = window_seconds * 1000
         self._k = shared_min_sub_identities
         self._shared_ttl_ms = shared_ttl_seconds * 1000
+        self._half_life_ms = reputation_half_life_seconds * 1000
+        self._rep_ttl_ms = reputation_ttl_seconds * 1000
+        self._worst_keep = worst_keep
         self._scripts = _SCRIPTS
         self._channel = f"{key_prefix}:feed"
         self.clock = StoreClock()
@@ -170,6 +189,7 @@ class RedisStore:
             f"{self._p}:{{{a}}}:h:{gen - 1}",
             self._key(a, "s"),
             self._key(sub, "w"),
+            self._key(a, "r"),
         )
 
     def _ikey(self, member: str) -> str:
@@ -324,8 +344,22 @@ class RedisStore:
         calls = [
             (
                 "start_penalty",
-                (self._key(i, "w"), self._key(i, "o"), self._key(address_of(i), "w")),
-                (ttl, reason, self._bucket_ms, esc.multiplier, esc.cap_ms, esc.memory_ms),
+                (
+                    self._key(i, "w"),
+                    self._key(i, "o"),
+                    self._key(address_of(i), "w"),
+                    self._key(address_of(i), "r"),
+                ),
+                (
+                    ttl,
+                    reason,
+                    self._bucket_ms,
+                    esc.multiplier,
+                    esc.cap_ms,
+                    esc.memory_ms,
+                    self._half_life_ms,
+                    self._rep_ttl_ms,
+                ),
             )
             for i, ttl, reason in starts
         ]
@@ -376,7 +410,7 @@ class RedisStore:
         calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
         for key in keys:
             kind = key[len(prefix) :].split(":", 1)[0]
-            read = {"w": "HGETALL", "h": "PFCOUNT"}.get(kind, "GET")
+            read = {"w": "HGETALL", "h": "PFCOUNT", "r": "HGETALL"}.get(kind, "GET")
             calls += [("PEXPIRETIME", (key,), ()), (read, (key,), ())]
         subjects = {identity} | {
             f"{identity}#{rest.split(':', 1)[1]}"
@@ -445,6 +479,8 @@ class RedisStore:
                     f"about {int(value)} distinct client fingerprints (HyperLogLog)",
                 )
             ]
+        if kind == "r":
+            return [Held("reputation", who, key, expires, self._describe_rep(value, now))]
         text = value.decode() if isinstance(value, bytes) else str(value or "")
         if kind == "s":
             return [Held("shared_mark", who, key, expires, "shared address (detected)")]
@@ -453,6 +489,109 @@ class RedisStore:
         if kind == "l":
             return [Held("last_lift", who, key, expires, LiftRecord.decode(text).describe())]
         return [Held("unknown", who, key, expires, f"a key of unknown kind {kind!r}")]
+
+    def _describe_rep(self, value: Any, now: int) -> str:
+        fields = {k.decode(): float(v) for k, v in cast(dict[bytes, bytes], value).items()}
+        age = now - fields.get("t", now)
+        rep = Reputation(
+            *(decay(fields.get(f, 0.0), age, self._half_life_ms) for f in ("e", "w", "p"))
+        )
+        return rep.describe()
+
+    # --- neighbourhoods
+
+    def _nb_key(self, name: str) -> str:
+        return f"{self._p}:{{nb:{name}}}:r"
+
+    def _worst_key(self, label: str) -> str:
+        return f"{self._p}:{{nbw{_shard(label, self._shards)}}}:worst"
+
+    async def flush_neighbourhoods(self, deltas: Sequence[NeighbourhoodDelta]) -> list[Reputation]:
+        """One pipeline: each neighbourhood's script (add and read), then the worst index
+        entries of those that were written, each shard trimmed to `worst_keep`."""
+        if not deltas:
+            return []
+        hl, ttl = self._half_life_ms, self._rep_ttl_ms
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = [
+            (
+                "neighbourhood",
+                (self._nb_key(d.name),),
+                (d.events, f"{d.weighted_errors:.6g}", d.penalties, hl, ttl),
+            )
+            for d in deltas
+        ]
+        replies = await self._pipeline(calls)
+        out = [Reputation(float(r[0]), float(r[1]), float(r[2])) for r in replies]
+        index: dict[str, list[Any]] = {}
+        for d, r, rep in zip(deltas, replies, out, strict=True):
+            if (d.events or d.penalties) and rep.weighted_errors > 0:
+                score = math.log2(rep.weighted_errors) + int(r[3]) / hl
+                index.setdefault(self._worst_key(d.label or d.name), []).extend(
+                    (f"{score:.9f}", d.label or d.name)
+                )
+        more: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        for key, members in index.items():
+            more += [
+                ("ZADD", (key,), members),
+                ("ZREMRANGEBYRANK", (key,), (0, -(self._worst_keep + 1))),
+                ("PEXPIRE", (key,), (ttl,)),
+            ]
+        if more:
+            await self._pipeline(more)
+        return out
+
+    async def worst_neighbourhoods(self, limit: int) -> list[tuple[str, float]]:
+        now = await self._store_now_ms()
+        keys = [f"{self._p}:{{nbw{n}}}:worst" for n in range(self._shards)]
+        replies = await self._pipeline(
+            [("ZREVRANGE", (k,), (0, max(0, limit - 1), "WITHSCORES")) for k in keys]
+        )
+        rows: list[tuple[str, float]] = []
+        for reply in replies:
+            flat = list(reply)
+            if flat and isinstance(flat[0], (list, tuple)):
+                flat = [x for pair in flat for x in pair]
+            for member, score in zip(flat[::2], flat[1::2], strict=True):
+                value = 2.0 ** (float(score) - now / self._half_life_ms)
+                label = member.decode() if isinstance(member, bytes) else str(member)
+                rows.append((label, value))
+        rows.sort(key=lambda row: -row[1])
+        return rows[:limit]
+
+    async def neighbourhood_held(self, name: str, label: str) -> list[Held]:
+        key, worst = self._nb_key(name), self._worst_key(label)
+        expires, value, score, (sec, usec) = await self._pipeline(
+            [
+                ("PEXPIRETIME", (key,), ()),
+                ("HGETALL", (key,), ()),
+                ("ZSCORE", (worst,), (label,)),
+                ("TIME", (), ()),
+            ]
+        )
+        now = int(sec) * 1000 + int(usec) // 1000
+        out = []
+        if value:
+            out.append(
+                Held(
+                    "neighbourhood_reputation",
+                    name,
+                    key,
+                    int(expires),
+                    self._describe_rep(value, now),
+                )
+            )
+        if score is not None:
+            out.append(
+                Held(
+                    "worst_index",
+                    name,
+                    worst,
+                    now + self._rep_ttl_ms,
+                    "listed among the worst neighbourhoods",
+                    label,
+                )
+            )
+        return out
 
     async def last_lift(self, identity: str) -> LiftRecord | None:
         async with mapped_errors():
@@ -472,6 +611,9 @@ class RedisStore:
                 "1" if item.shared_configured else "0",
                 self._shared_ttl_ms,
                 2 * self._window_ms,
+                self._half_life_ms,
+                self._rep_ttl_ms,
+                f"{item.weighted:.6g}",
             ]
             for outcome, n in item.counts:
                 args += (outcome, n)

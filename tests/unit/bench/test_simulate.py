@@ -56,7 +56,8 @@ def test_ipv6_rotators_are_deferred_as_their_64(quick: dict[str, Any]) -> None:
     assert rotators, _why(quick)
     for r in rotators:
         assert r["addresses_used"] > 100, r  # really rotating
-        assert r["penalty_identities"] == [r["prefix"]], r
+        # On the /64, or on its one client (cold start), never on a rotated address.
+        assert {i.split("#")[0] for i in r["penalty_identities"]} == {r["prefix"]}, r
 
 
 def test_all_targets_reported_met(quick: dict[str, Any]) -> None:

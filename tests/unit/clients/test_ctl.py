@@ -401,14 +401,14 @@ async def test_disclose_answers_a_data_request_and_is_audited(serve: ServeFactor
     with structlog.testing.capture_logs() as logs:
         out = await ctl(pd.address, "disclose", "203.0.113.8", "--note", "REQ-9", "--actor", "dpo")
         assert out.exit_code == 0, out.output
-        assert "2 items held about 203.0.113.8" in out.stdout
+        assert "3 items held about 203.0.113.8" in out.stdout  # window, penalty, reputation
         assert "penalty" in out.stdout
         assert "Not itemized" in out.stdout
         as_json = await ctl(
             pd.address, "--json", "disclose", "203.0.113.8", "--note", "REQ-9", "--actor", "dpo"
         )
     found = json.loads(as_json.stdout)
-    assert {i["kind"] for i in found["items"]} == {"window", "penalty"}
+    assert {i["kind"] for i in found["items"]} == {"window", "penalty", "reputation"}
     audits = [e for e in logs if e["event"] == "audit"]
     assert [(e["method"], e["actor"], e["note"]) for e in audits] == [
         ("Disclose", "dpo", "REQ-9")

@@ -7,11 +7,16 @@
 -- KEYS[3] previous generation {A}:h:<g-1> (read only)
 -- KEYS[4] shared mark     {A}:s       string, PX shared_ttl: the address is handled as shared
 -- KEYS[5] sub window      {A}:w:<fp>  as KEYS[1], for one client behind a shared address
+-- KEYS[6] reputation      {A}:r       hash: e events, w weighted errors, p penalties (decayed
+--                                      to t, unix ms), PX reputation ttl
 -- ARGV[1] bucket ms  ARGV[2] buckets per window  ARGV[3] fingerprint ("" if unknown)
 -- ARGV[4] K (more distinct clients than this: shared)  ARGV[5] "1" if configured shared
--- ARGV[6] shared mark ttl ms  ARGV[7] HLL ttl ms  ARGV[8..] outcome, n pairs (none: read only)
+-- ARGV[6] shared mark ttl ms  ARGV[7] HLL ttl ms  ARGV[8] reputation half-life ms
+-- ARGV[9] reputation ttl ms  ARGV[10] the report's weighted errors
+-- ARGV[11..] outcome, n pairs (none: read only)
 -- Returns {pttl, reason|false, now_ms, distinct, shared, newly_shared, sub_pttl,
---          sub_reason|false, sub_kept, totals[SLOTS]..., sub_totals[SLOTS]...}
+--          sub_reason|false, sub_kept, totals[SLOTS]..., sub_totals[SLOTS]...,
+--          rep events, rep weighted, rep penalties (strings: Lua numbers reply as integers)}
 -- Outcome slots per bucket: penalty.outcomes.SLOT_WIDTH (a test checks they agree).
 local SLOTS = 16
 local t = redis.call('TIME')
@@ -20,10 +25,10 @@ local bucket_ms = tonumber(ARGV[1])
 local nbuckets = tonumber(ARGV[2])
 local bucket = math.floor(now_ms / bucket_ms)
 local oldest = bucket - nbuckets + 1
-local writing = #ARGV > 7
+local writing = #ARGV > 10
 
 local function add(key)
-  for i = 8, #ARGV, 2 do
+  for i = 11, #ARGV, 2 do
     redis.call('HINCRBY', key, bucket * SLOTS + tonumber(ARGV[i]), ARGV[i + 1])
   end
   -- The key dies when its newest bucket has left the window, or when its penalty ends if
@@ -95,7 +100,25 @@ if fp ~= '' then
   end
 end
 
+-- The address's reputation: counters decayed to now, plus this report.
+local rep = redis.call('HMGET', KEYS[6], 'e', 'w', 'p', 't')
+local f = 0
+if rep[4] then f = 2 ^ (-math.max(0, now_ms - tonumber(rep[4])) / tonumber(ARGV[8])) end
+local re = tonumber(rep[1] or '0') * f
+local rw = tonumber(rep[2] or '0') * f
+local rp = tonumber(rep[3] or '0') * f
+if writing then
+  for i = 12, #ARGV, 2 do re = re + tonumber(ARGV[i]) end
+  rw = rw + tonumber(ARGV[10])
+  redis.call('HSET', KEYS[6], 'e', string.format('%.6g', re), 'w', string.format('%.6g', rw),
+    'p', string.format('%.4g', rp), 't', now_ms)
+  redis.call('PEXPIRE', KEYS[6], ARGV[9])
+end
+
 local out = {pttl, reason, now_ms, distinct, shared, newly, sub_pttl, sub_reason, kept}
 for i = 1, SLOTS do out[#out + 1] = totals[i] end
 for i = 1, SLOTS do out[#out + 1] = sub_totals[i] end
+out[#out + 1] = string.format('%.6g', re)
+out[#out + 1] = string.format('%.6g', rw)
+out[#out + 1] = string.format('%.4g', rp)
 return out

@@ -5,8 +5,10 @@
 -- KEYS[3] the address window (the same key as KEYS[1] unless KEYS[1] is a client's window
 -- behind a shared address: its evidence is in the address window too, and must not add
 -- up, after a few such penalties, to a penalty on the whole address).
+-- KEYS[4] the address's reputation {A}:r (a new penalty adds one to its decayed count).
 -- ARGV[1] base length (ms), ARGV[2] compact reason, ARGV[3] bucket length (ms),
--- ARGV[4] escalation multiplier (1 = off), ARGV[5] cap (ms), ARGV[6] offence memory (ms)
+-- ARGV[4] escalation multiplier (1 = off), ARGV[5] cap (ms), ARGV[6] offence memory (ms),
+-- ARGV[7] reputation half-life (ms), ARGV[8] reputation ttl (ms)
 -- Returns {created 0|1, pttl, reason, now_ms, offences}
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -31,4 +33,11 @@ if left < 0 or now_ms + left < expires then redis.call('PEXPIREAT', KEYS[1], exp
 if KEYS[3] ~= KEYS[1] and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[3], 'm', bucket)
 end
+local rep = redis.call('HMGET', KEYS[4], 'e', 'w', 'p', 't')
+local f = 0
+if rep[4] then f = 2 ^ (-math.max(0, now_ms - tonumber(rep[4])) / tonumber(ARGV[7])) end
+redis.call('HSET', KEYS[4], 'e', string.format('%.6g', tonumber(rep[1] or '0') * f),
+  'w', string.format('%.6g', tonumber(rep[2] or '0') * f),
+  'p', string.format('%.4g', tonumber(rep[3] or '0') * f + 1), 't', now_ms)
+redis.call('PEXPIRE', KEYS[4], ARGV[8])
 return {1, ttl, ARGV[2], now_ms, offences}
