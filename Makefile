@@ -171,6 +171,7 @@ integration: venv deps
 bench: venv redis-server h2load
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.keyed   # what identity_key costs (docs/performance.md#keyed-identities)
+	$(PY) -m bench.reputation  # reputation: Redis bytes per identity/neighbourhood, CPU before/after
 	$(PY) -m bench.workers # workers=2 against workers=1 on Redis, with the CPU each used
 	$(PY) -m bench.visible # a penalty visible on the MX that reported it (policyd + milter)
 	$(MAKE) --no-print-directory bench-hostile
@@ -192,6 +193,9 @@ bench-peers: venv peers-deps
 	$(PY) -m bench.peers $(PEERS_ARGS)
 
 # In process, on a simulated clock: 2 simulated hours in well under a minute, no servers.
+# Default: issue 15's populations over five seeds, each class's worst seed
+# (docs/detection.md, "Reputation"); SIM_ARGS="--quick" or "--seed 3" for one run.
+SIM_ARGS ?= --scenario reputation --seeds 5
 simulate: venv
 	$(PY) -m bench.simulate $(SIM_ARGS)
 

@@ -151,6 +151,24 @@ class PenaltyClient(ClientBase):
         )
         return result
 
+    def reputation(
+        self, ip: str = "", network: str = "", *, actor: str = "", note: str = ""
+    ) -> pb.ReputationAnswer:
+        """An address's reputation and its neighbourhood's, or one network's (audited)."""
+        req = pb.ReputationRequest(actor=actor, note=note, network=network)
+        if ip:
+            req.client.CopyFrom(pb.Client(ip=ip))
+        result: pb.ReputationAnswer = self._admin(self.admin.Reputation, req)
+        return result
+
+    def worst_neighbourhoods(
+        self, limit: int = 20, *, actor: str = "", note: str = ""
+    ) -> pb.WorstNeighbourhoodsResponse:
+        """The neighbourhoods with the most (decayed) weighted errors, worst first."""
+        req = pb.WorstNeighbourhoodsRequest(limit=limit, actor=actor, note=note)
+        result: pb.WorstNeighbourhoodsResponse = self._admin(self.admin.WorstNeighbourhoods, req)
+        return result
+
     def disclose(self, ip: str, *, actor: str, note: str) -> pb.Disclosure:
         """Everything penaltyd holds about `ip` and every client behind it (a data
         request: `actor` and `note`, the case reference, are required and audited)."""

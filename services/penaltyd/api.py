@@ -23,9 +23,9 @@ import structlog
 from penalty import replies
 from penalty.v1 import penalty_pb2, penalty_pb2_grpc
 from penaltyd import reasons
-from penaltyd.detector import Decision
-from penaltyd.engine import Answer, Engine, Explained
-from penaltyd.store.base import PageCursor, Penalty
+from penaltyd.detector import Decision, Standing, wilson_lower_bound
+from penaltyd.engine import Answer, Engine, Explained, ReputationView
+from penaltyd.store.base import PageCursor, Penalty, Reputation
 from penaltyd.validation import Validator
 from penaltyd.watch import WatchEnded, allow_message
 from serving.errors import BadField, BadMessage, abort_invalid
@@ -326,6 +326,7 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         with self._audit("Explain", context, actor, note, identity=ref.identity):
             ex = await self.engine.explain(ref)
         out = self._decision(ex, ex.decision, ref.identity, ex.window.penalty)
+        self._reputation_fields(out, ex)
         out.shared = ex.window.shared
         out.shared_reason = ex.shared_reason
         out.distinct_sub_identities = ex.window.distinct
@@ -414,6 +415,82 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
             removed = await self.engine.remove_allow(cidr, actor)
             fields["removed"] = removed
         return penalty_pb2.RemoveAllowResponse(removed=removed)
+
+    def _rep(self, rep: Reputation | None) -> penalty_pb2.Reputation | None:
+        if rep is None:
+            return None
+        z = self.engine.detector.rep_z
+        return penalty_pb2.Reputation(
+            events=rep.events,
+            weighted_errors=rep.weighted_errors,
+            penalties=rep.penalties,
+            error_ratio=rep.ratio,
+            lower_bound=wilson_lower_bound(rep.weighted_errors, rep.events, z),
+        )
+
+    def _reputation_fields(self, out: penalty_pb2.Explanation, ex: Explained) -> None:
+        """Explain's reputation: the long memory and how it moved the bar (issue 15)."""
+        out.neighbourhood = ex.neighbourhood
+        out.n_min = ex.decision.n_min
+        out.burst_errors = ex.decision.burst
+        st = ex.standing
+        if st is None:
+            out.reputation_effect = "none: the whole address is judged by the shared rules"
+            return
+        if (rep := self._rep(ex.reputation)) is not None:
+            out.reputation.CopyFrom(rep)
+        if (nb := self._rep(ex.neighbourhood_reputation)) is not None:
+            out.neighbourhood_reputation.CopyFrom(nb)
+        out.reputation_threshold = st.threshold
+        out.history = st.history
+        out.bad_neighbourhood = st.bad_neighbourhood
+        out.reputation_effect = st.describe()
+
+    def _answer(self, v: ReputationView) -> penalty_pb2.ReputationAnswer:
+        st: Standing = v.standing
+        out = penalty_pb2.ReputationAnswer(
+            identity=v.identity,
+            network=v.network,
+            threshold=st.threshold,
+            history=st.history,
+            bad_neighbourhood=st.bad_neighbourhood,
+            effect=st.describe(),
+        )
+        if (rep := self._rep(v.reputation)) is not None:
+            out.reputation.CopyFrom(rep)
+        if (nb := self._rep(v.neighbourhood)) is not None:
+            out.neighbourhood.CopyFrom(nb)
+        return out
+
+    @admin
+    async def Reputation(
+        self, request: penalty_pb2.ReputationRequest, context: grpc.aio.ServicerContext
+    ) -> penalty_pb2.ReputationAnswer:
+        actor, note = self.validator.who(request)
+        if request.HasField("client") == bool(request.network):
+            raise BadField("client", "give a client or a network, not both nor neither")
+        ref = self.validator.check(request) if request.HasField("client") else None
+        subject = ref.identity if ref is not None else request.network[:64]
+        with self._audit("Reputation", context, actor, note, identity=subject):
+            try:
+                view = await self.engine.reputation(ref, request.network)
+            except ValueError as exc:
+                raise BadField("network", str(exc)) from exc
+        return self._answer(view)
+
+    @admin
+    async def WorstNeighbourhoods(
+        self, request: penalty_pb2.WorstNeighbourhoodsRequest, context: grpc.aio.ServicerContext
+    ) -> penalty_pb2.WorstNeighbourhoodsResponse:
+        actor, note = self.validator.who(request)
+        if request.limit > 1000:
+            raise BadField("limit", "must be at most 1000")
+        with self._audit("WorstNeighbourhoods", context, actor, note) as fields:
+            views = await self.engine.worst_neighbourhoods(request.limit or 20)
+            fields["neighbourhoods"] = len(views)
+        return penalty_pb2.WorstNeighbourhoodsResponse(
+            neighbourhoods=[self._answer(v) for v in views]
+        )
 
     @admin
     async def Disclose(

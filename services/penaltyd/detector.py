@@ -17,8 +17,8 @@ rises above `threshold_max`, so no baseline, however pushed, switches enforcemen
 
 *Reputation* (issue 15) is the longer memory: decayed counters over hours of the address
 and of its network neighbourhood (IPv4 /24, IPv6 /48), judged against a long-horizon bar
-that adapts to the fleet (`reputation_baseline_multiplier` x the baseline ratio, at least
-`reputation_threshold_floor`) with its own Wilson z. It moves the window's bar:
+that adapts to the fleet (`reputation_baseline_multiplier` x the typical address's ratio,
+at least `reputation_threshold_floor`) with its own Wilson z. It moves the window's bar:
 
 - *bad history* (the address's long-horizon bound above that bar): one fresh weighted
   error is enough (rule `reputation`), so a moderate spammer that no 10-minute window
@@ -186,9 +186,9 @@ class Detector:
         self, baseline: Baseline | None = None, typical: float | None = None
     ) -> float:
         """The long-horizon bar: `reputation_baseline_multiplier` x the *typical* address's
-        long-horizon error ratio (the median over the addresses the replica recently saw,
-        `penaltyd.reputation.FleetDistribution`: robust to the attackers among them, who
-        are a minority of addresses though they may send most of the errors), never under
+        long-horizon error ratio (the first quartile over the addresses the replica recently
+        saw, `penaltyd.reputation.FleetDistribution`: robust to the attackers among them,
+        who are a minority of addresses though they may send most of the errors), never under
         `reputation_threshold_floor` nor over the window's threshold. Legitimate senders
         sit at 0-12 % errors; the bar sits above them, where the fixed 0.5 floor let
         moderate spammers (30-45 %) pass. Until the typical ratio is known (too few
@@ -223,6 +223,10 @@ class Detector:
             nbb = wilson_lower_bound(neighbourhood.weighted_errors, neighbourhood.events, z)
             bad_nb = nbb > bar
         return Standing(identity, neighbourhood, bar, ib, nbb, history, bad_nb)
+
+    def has_errors(self, counts: Sequence[int]) -> bool:
+        """Whether the counts hold any weighted error: without one no rule can fire."""
+        return any(n and w for n, w in zip(counts, self.weights, strict=False))
 
     def judge(
         self, counts: Sequence[int], baseline: Baseline | None, standing: Standing | None

@@ -431,6 +431,8 @@ class Engine:
             # Judged alone, with its history and its neighbourhood's as evidence. A penalty
             # on an address whose one client is known lands on that client (cold start):
             # the address's other clients, unseen so far, are still told apart later.
+            if not self.detector.has_errors(window.counts):
+                return Answer(ref.identity, None)  # no rule fires without an error (cheap)
             decision = self.detector.judge(window.counts, self.baseline, self.standing(ref, window))
             if not decision.fire:
                 return Answer(ref.identity, None)
@@ -759,5 +761,16 @@ class Engine:
         """One flush and read of the fleet statistics (`FleetStatistics.refresh`), then of
         the neighbourhoods' reputation (`Neighbourhoods.flush`)."""
         ok = await self.stats.refresh()
-        self.distribution.refresh()
-        return await self.neighbourhoods.flush(self.store) and ok
+        typical = self.distribution.refresh()
+        flushed = await self.neighbourhoods.flush(self.store)
+        m, detector = self.metrics, self.detector
+        m.reputation_typical_ratio.set(typical or 0.0)
+        m.reputation_threshold.set(detector.reputation_threshold(self.baseline, typical))
+        m.bad_neighbourhoods.set(
+            sum(
+                1
+                for rep in self.neighbourhoods.flushed
+                if detector.standing(None, rep, self.baseline, typical).bad_neighbourhood
+            )
+        )
+        return flushed and ok

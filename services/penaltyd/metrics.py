@@ -50,6 +50,22 @@ class Metrics(ServiceMetrics):
         )
         for rule in RULES:
             self.penalties_started.labels(rule)
+        # Reputation (issue 15): the long-horizon bar and what it adapts to.
+        self.reputation_threshold = Gauge(
+            "penaltyd_reputation_threshold",
+            "The long-horizon bar addresses and neighbourhoods are judged against",
+            registry=r,
+        )
+        self.reputation_typical_ratio = Gauge(
+            "penaltyd_reputation_typical_ratio",
+            "The first-quartile address's long-horizon error ratio (the bar adapts to it)",
+            registry=r,
+        )
+        self.bad_neighbourhoods = Gauge(
+            "penaltyd_bad_neighbourhoods",
+            "Misbehaving neighbourhoods among those this replica flushed last",
+            registry=r,
+        )
         self.check_latency = Histogram(
             "penaltyd_check_latency_seconds",
             "Checks answered, by path: the in-process view (no I/O) or the store",

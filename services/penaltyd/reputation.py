@@ -48,28 +48,37 @@ class _Pending:
 
 
 class FleetDistribution:
-    """The typical address's long-horizon error ratio: the median over the addresses this
-    replica recorded since its last stats flush (each once, at most `SAMPLE`), so the
-    reputation bar adapts to the fleet's distribution of senders rather than to its
-    event-weighted error ratio, which a few busy attackers dominate."""
+    """The typical address's long-horizon error ratio: the `QUANTILE` (first quartile) of
+    the ratios of the last `SAMPLE` distinct addresses this replica recorded (each once,
+    with its latest ratio, whatever its rate), so the reputation bar adapts to the fleet's
+    distribution of senders rather than to its event-weighted error ratio, which a few busy
+    attackers dominate. Robust while attackers are fewer than three quarters of the
+    addresses seen (the median was not: in the simulator's mix, with a 40-address botnet,
+    attackers were nearly half of the addresses with history, and the median sat on the
+    newsletters' 10 %)."""
 
     SAMPLE = 4096
-    MIN_SAMPLE = 20  # fewer addresses than this in a flush: keep the last figure
+    MIN_SAMPLE = 20  # fewer addresses than this: not known yet
     MIN_EVENTS = 5.0  # an address counts once its long-horizon counters hold this many
+    QUANTILE = 0.25
 
     def __init__(self) -> None:
         self._seen: dict[str, float] = {}
         self.typical: float | None = None  # None: not known yet (the fleet mean is used)
 
     def add(self, identity: str, rep: Reputation | None) -> None:
-        if rep is not None and rep.events >= self.MIN_EVENTS and len(self._seen) < self.SAMPLE:
-            self._seen[identity] = rep.ratio
+        if rep is None or rep.events < self.MIN_EVENTS:
+            return
+        seen = self._seen
+        seen.pop(identity, None)
+        seen[identity] = rep.ratio
+        if len(seen) > self.SAMPLE:
+            del seen[next(iter(seen))]  # the address not seen for longest
 
     def refresh(self) -> float | None:
-        seen, self._seen = self._seen, {}
-        if len(seen) >= self.MIN_SAMPLE:
-            ratios = sorted(seen.values())
-            self.typical = ratios[len(ratios) // 2]
+        if len(self._seen) >= self.MIN_SAMPLE:
+            ratios = sorted(self._seen.values())
+            self.typical = ratios[int(len(ratios) * self.QUANTILE)]
         return self.typical
 
 
@@ -87,6 +96,7 @@ class Neighbourhoods:
         self.pending: dict[NetKey, _Pending] = {}
         self.cache: dict[NetKey, tuple[Reputation, int]] = {}
         self.dropped = 0
+        self.flushed: list[Reputation] = []  # what the last flush read back
         self._log = RateLimitedLog(log)
 
     # --- names
@@ -149,6 +159,7 @@ class Neighbourhoods:
         pending, self.pending = self.pending, {}
         keys = list(pending)
         ok = True
+        self.flushed = []
         for start in range(0, len(keys), FLUSH_SLICE):
             part = keys[start : start + FLUSH_SLICE]
             deltas = []
@@ -170,6 +181,7 @@ class Neighbourhoods:
                 continue
             now = self._now_ms()
             cache = self.cache
+            self.flushed += reps
             for k, rep in zip(part, reps, strict=True):
                 cache.pop(k, None)
                 cache[k] = (rep, now)

@@ -383,6 +383,15 @@ class Explanation(_message.Message):
     ALLOW_FIELD_NUMBER: _builtins.int
     LAST_LIFT_FIELD_NUMBER: _builtins.int
     BASELINE_FIELD_NUMBER: _builtins.int
+    REPUTATION_FIELD_NUMBER: _builtins.int
+    NEIGHBOURHOOD_FIELD_NUMBER: _builtins.int
+    NEIGHBOURHOOD_REPUTATION_FIELD_NUMBER: _builtins.int
+    REPUTATION_THRESHOLD_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    BAD_NEIGHBOURHOOD_FIELD_NUMBER: _builtins.int
+    REPUTATION_EFFECT_FIELD_NUMBER: _builtins.int
+    N_MIN_FIELD_NUMBER: _builtins.int
+    BURST_ERRORS_FIELD_NUMBER: _builtins.int
     identity: _builtins.str
     """the address identity (IPv4 /32, IPv6 /64 by default)"""
     events: _builtins.int
@@ -407,6 +416,20 @@ class Explanation(_message.Message):
     """"<identity>#<fingerprint>" when sub-identity windows apply"""
     baseline: _builtins.float
     """fleet-wide baseline error ratio used for the threshold"""
+    neighbourhood: _builtins.str
+    """its network, e.g. "203.0.113.0/24" """
+    reputation_threshold: _builtins.float
+    """the long-horizon bar both are judged against"""
+    history: _builtins.str
+    """"bad" (one fresh error fires), "clean" (more needed) or "" """
+    bad_neighbourhood: _builtins.bool
+    """an address here needs little evidence of its own"""
+    reputation_effect: _builtins.str
+    """how reputation moved the bar, in words"""
+    n_min: _builtins.int
+    """events the significance rule asked for"""
+    burst_errors: _builtins.float
+    """the burst limit applied"""
     @_builtins.property
     def window(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutcomeTotal]:
         """counts in the current window that still count as evidence"""
@@ -426,6 +449,17 @@ class Explanation(_message.Message):
     @_builtins.property
     def last_lift(self) -> Global___Lift:
         """the last lift of this identity within the window"""
+
+    @_builtins.property
+    def reputation(self) -> Global___Reputation:
+        """Reputation (issue 15): the address's and its neighbourhood's long memory, and how it
+        moved the bar (absent for a whole address whose clients are told apart).
+        the address's decayed counters
+        """
+
+    @_builtins.property
+    def neighbourhood_reputation(self) -> Global___Reputation:
+        """the network's, as of this replica's last flush"""
 
     def __init__(
         self,
@@ -449,14 +483,185 @@ class Explanation(_message.Message):
         allow: Global___AllowEntry | None = ...,
         last_lift: Global___Lift | None = ...,
         baseline: _builtins.float = ...,
+        reputation: Global___Reputation | None = ...,
+        neighbourhood: _builtins.str = ...,
+        neighbourhood_reputation: Global___Reputation | None = ...,
+        reputation_threshold: _builtins.float = ...,
+        history: _builtins.str = ...,
+        bad_neighbourhood: _builtins.bool = ...,
+        reputation_effect: _builtins.str = ...,
+        n_min: _builtins.int = ...,
+        burst_errors: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "last_lift", b"last_lift", "sub", b"sub", "verdict", b"verdict"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "last_lift", b"last_lift", "neighbourhood_reputation", b"neighbourhood_reputation", "reputation", b"reputation", "sub", b"sub", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "baseline", b"baseline", "distinct_sub_identities", b"distinct_sub_identities", "error_ratio", b"error_ratio", "events", b"events", "identity", b"identity", "last_lift", b"last_lift", "rule", b"rule", "shared", b"shared", "shared_reason", b"shared_reason", "sub", b"sub", "sub_identity", b"sub_identity", "threshold", b"threshold", "verdict", b"verdict", "weighted_errors", b"weighted_errors", "wilson_lower_bound", b"wilson_lower_bound", "window", b"window", "window_seconds", b"window_seconds", "would_fire", b"would_fire"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "bad_neighbourhood", b"bad_neighbourhood", "baseline", b"baseline", "burst_errors", b"burst_errors", "distinct_sub_identities", b"distinct_sub_identities", "error_ratio", b"error_ratio", "events", b"events", "history", b"history", "identity", b"identity", "last_lift", b"last_lift", "n_min", b"n_min", "neighbourhood", b"neighbourhood", "neighbourhood_reputation", b"neighbourhood_reputation", "reputation", b"reputation", "reputation_effect", b"reputation_effect", "reputation_threshold", b"reputation_threshold", "rule", b"rule", "shared", b"shared", "shared_reason", b"shared_reason", "sub", b"sub", "sub_identity", b"sub_identity", "threshold", b"threshold", "verdict", b"verdict", "weighted_errors", b"weighted_errors", "wilson_lower_bound", b"wilson_lower_bound", "window", b"window", "window_seconds", b"window_seconds", "would_fire", b"would_fire"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Explanation: _TypeAlias = Explanation  # noqa: Y015
+
+@_typing.final
+class Reputation(_message.Message):
+    """Long-horizon counters, decayed (half-life reputation_half_life_seconds)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    WEIGHTED_ERRORS_FIELD_NUMBER: _builtins.int
+    PENALTIES_FIELD_NUMBER: _builtins.int
+    ERROR_RATIO_FIELD_NUMBER: _builtins.int
+    LOWER_BOUND_FIELD_NUMBER: _builtins.int
+    events: _builtins.float
+    weighted_errors: _builtins.float
+    penalties: _builtins.float
+    error_ratio: _builtins.float
+    lower_bound: _builtins.float
+    """Wilson lower bound of the ratio at reputation_z"""
+    def __init__(
+        self,
+        *,
+        events: _builtins.float = ...,
+        weighted_errors: _builtins.float = ...,
+        penalties: _builtins.float = ...,
+        error_ratio: _builtins.float = ...,
+        lower_bound: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_ratio", b"error_ratio", "events", b"events", "lower_bound", b"lower_bound", "penalties", b"penalties", "weighted_errors", b"weighted_errors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reputation: _TypeAlias = Reputation  # noqa: Y015
+
+@_typing.final
+class ReputationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    network: _builtins.str
+    """...or a neighbourhood, e.g. "203.0.113.0/24" (the configured prefix)"""
+    actor: _builtins.str
+    note: _builtins.str
+    @_builtins.property
+    def client(self) -> Global___Client:
+        """an address (its neighbourhood comes with it)..."""
+
+    def __init__(
+        self,
+        *,
+        client: Global___Client | None = ...,
+        network: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "client", b"client", "network", b"network", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReputationRequest: _TypeAlias = ReputationRequest  # noqa: Y015
+
+@_typing.final
+class ReputationAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    REPUTATION_FIELD_NUMBER: _builtins.int
+    NEIGHBOURHOOD_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    BAD_NEIGHBOURHOOD_FIELD_NUMBER: _builtins.int
+    EFFECT_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    """"" for a network query"""
+    network: _builtins.str
+    threshold: _builtins.float
+    """the long-horizon bar"""
+    history: _builtins.str
+    """"bad", "clean" or "" """
+    bad_neighbourhood: _builtins.bool
+    effect: _builtins.str
+    """in words"""
+    @_builtins.property
+    def reputation(self) -> Global___Reputation:
+        """the address's (unset for a network query)"""
+
+    @_builtins.property
+    def neighbourhood(self) -> Global___Reputation: ...
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        network: _builtins.str = ...,
+        reputation: Global___Reputation | None = ...,
+        neighbourhood: Global___Reputation | None = ...,
+        threshold: _builtins.float = ...,
+        history: _builtins.str = ...,
+        bad_neighbourhood: _builtins.bool = ...,
+        effect: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["neighbourhood", b"neighbourhood", "reputation", b"reputation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bad_neighbourhood", b"bad_neighbourhood", "effect", b"effect", "history", b"history", "identity", b"identity", "neighbourhood", b"neighbourhood", "network", b"network", "reputation", b"reputation", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReputationAnswer: _TypeAlias = ReputationAnswer  # noqa: Y015
+
+@_typing.final
+class WorstNeighbourhoodsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """default 20, at most 1000"""
+    actor: _builtins.str
+    note: _builtins.str
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        actor: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "limit", b"limit", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorstNeighbourhoodsRequest: _TypeAlias = WorstNeighbourhoodsRequest  # noqa: Y015
+
+@_typing.final
+class WorstNeighbourhoodsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEIGHBOURHOODS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def neighbourhoods(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReputationAnswer]:
+        """most weighted errors first"""
+
+    def __init__(
+        self,
+        *,
+        neighbourhoods: _abc.Iterable[Global___ReputationAnswer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["neighbourhoods", b"neighbourhoods"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorstNeighbourhoodsResponse: _TypeAlias = WorstNeighbourhoodsResponse  # noqa: Y015
 
 @_typing.final
 class Lift(_message.Message):

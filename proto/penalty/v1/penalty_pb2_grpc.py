@@ -277,6 +277,16 @@ class PenaltyAdminStub:
                 request_serializer=penalty_dot_v1_dot_penalty__pb2.DiscloseRequest.SerializeToString,
                 response_deserializer=penalty_dot_v1_dot_penalty__pb2.Disclosure.FromString,
                 _registered_method=True)
+        self.Reputation = channel.unary_unary(
+                '/penalty.v1.PenaltyAdmin/Reputation',
+                request_serializer=penalty_dot_v1_dot_penalty__pb2.ReputationRequest.SerializeToString,
+                response_deserializer=penalty_dot_v1_dot_penalty__pb2.ReputationAnswer.FromString,
+                _registered_method=True)
+        self.WorstNeighbourhoods = channel.unary_unary(
+                '/penalty.v1.PenaltyAdmin/WorstNeighbourhoods',
+                request_serializer=penalty_dot_v1_dot_penalty__pb2.WorstNeighbourhoodsRequest.SerializeToString,
+                response_deserializer=penalty_dot_v1_dot_penalty__pb2.WorstNeighbourhoodsResponse.FromString,
+                _registered_method=True)
 
 
 class PenaltyAdminServicer:
@@ -332,6 +342,19 @@ class PenaltyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reputation(self, request, context):
+        """An address's or a network's reputation (issue 15), and the worst neighbourhoods.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WorstNeighbourhoods(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PenaltyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -374,6 +397,16 @@ def add_PenaltyAdminServicer_to_server(servicer, server):
                     servicer.Disclose,
                     request_deserializer=penalty_dot_v1_dot_penalty__pb2.DiscloseRequest.FromString,
                     response_serializer=penalty_dot_v1_dot_penalty__pb2.Disclosure.SerializeToString,
+            ),
+            'Reputation': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reputation,
+                    request_deserializer=penalty_dot_v1_dot_penalty__pb2.ReputationRequest.FromString,
+                    response_serializer=penalty_dot_v1_dot_penalty__pb2.ReputationAnswer.SerializeToString,
+            ),
+            'WorstNeighbourhoods': grpc.unary_unary_rpc_method_handler(
+                    servicer.WorstNeighbourhoods,
+                    request_deserializer=penalty_dot_v1_dot_penalty__pb2.WorstNeighbourhoodsRequest.FromString,
+                    response_serializer=penalty_dot_v1_dot_penalty__pb2.WorstNeighbourhoodsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -592,6 +625,60 @@ class PenaltyAdmin:
             '/penalty.v1.PenaltyAdmin/Disclose',
             penalty_dot_v1_dot_penalty__pb2.DiscloseRequest.SerializeToString,
             penalty_dot_v1_dot_penalty__pb2.Disclosure.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reputation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/penalty.v1.PenaltyAdmin/Reputation',
+            penalty_dot_v1_dot_penalty__pb2.ReputationRequest.SerializeToString,
+            penalty_dot_v1_dot_penalty__pb2.ReputationAnswer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WorstNeighbourhoods(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/penalty.v1.PenaltyAdmin/WorstNeighbourhoods',
+            penalty_dot_v1_dot_penalty__pb2.WorstNeighbourhoodsRequest.SerializeToString,
+            penalty_dot_v1_dot_penalty__pb2.WorstNeighbourhoodsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -101,6 +101,9 @@ class PenaltyAdminStub:
     """Everything penaltyd holds about an address and every client behind it, with each
     item's expiry: the exact answer to a data request. actor and note are required.
     """
+    Reputation: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.ReputationRequest, _penalty_pb2.ReputationAnswer]
+    """An address's or a network's reputation (issue 15), and the worst neighbourhoods."""
+    WorstNeighbourhoods: _grpc.UnaryUnaryMultiCallable[_penalty_pb2.WorstNeighbourhoodsRequest, _penalty_pb2.WorstNeighbourhoodsResponse]
 
 @_typing.type_check_only
 class PenaltyAdminAsyncStub(PenaltyAdminStub):
@@ -116,6 +119,9 @@ class PenaltyAdminAsyncStub(PenaltyAdminStub):
     """Everything penaltyd holds about an address and every client behind it, with each
     item's expiry: the exact answer to a data request. actor and note are required.
     """
+    Reputation: _aio.UnaryUnaryMultiCallable[_penalty_pb2.ReputationRequest, _penalty_pb2.ReputationAnswer]  # type: ignore[assignment]
+    """An address's or a network's reputation (issue 15), and the worst neighbourhoods."""
+    WorstNeighbourhoods: _aio.UnaryUnaryMultiCallable[_penalty_pb2.WorstNeighbourhoodsRequest, _penalty_pb2.WorstNeighbourhoodsResponse]  # type: ignore[assignment]
 
 class PenaltyAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -176,5 +182,20 @@ class PenaltyAdminServicer(metaclass=_abc_1.ABCMeta):
         """Everything penaltyd holds about an address and every client behind it, with each
         item's expiry: the exact answer to a data request. actor and note are required.
         """
+
+    @_abc_1.abstractmethod
+    def Reputation(
+        self,
+        request: _penalty_pb2.ReputationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_penalty_pb2.ReputationAnswer, _abc.Awaitable[_penalty_pb2.ReputationAnswer]]:
+        """An address's or a network's reputation (issue 15), and the worst neighbourhoods."""
+
+    @_abc_1.abstractmethod
+    def WorstNeighbourhoods(
+        self,
+        request: _penalty_pb2.WorstNeighbourhoodsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_penalty_pb2.WorstNeighbourhoodsResponse, _abc.Awaitable[_penalty_pb2.WorstNeighbourhoodsResponse]]: ...
 
 def add_PenaltyAdminServicer_to_server(servicer: PenaltyAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -741,11 +741,14 @@ class MemoryStore:
     def _bump(
         self, rec: RepRecord | None, events: int, weighted: float, penalties: int, now: int
     ) -> RepRecord:
-        cur = self._decayed(rec, now) or Reputation()
+        """The counters decayed to `now` plus these (one decay factor for all three)."""
+        if rec is None or rec[4] <= now:
+            return (float(events), weighted, float(penalties), now, now + self._rep_ttl_ms)
+        f = 2.0 ** (-max(0, now - rec[3]) / self._half_life_ms)
         return (
-            cur.events + events,
-            cur.weighted_errors + weighted,
-            cur.penalties + penalties,
+            rec[0] * f + events,
+            rec[1] * f + weighted,
+            rec[2] * f + penalties,
             now,
             now + self._rep_ttl_ms,
         )

@@ -164,6 +164,22 @@ class RedisStore:
         self._half_life_ms = reputation_half_life_seconds * 1000
         self._rep_ttl_ms = reputation_ttl_seconds * 1000
         self._worst_keep = worst_keep
+        # record.lua's constant arguments, encoded once (a report pays only for its own).
+        self._record_head = (str(self._bucket_ms).encode(), str(self._nbuckets).encode())
+        self._record_tails = {
+            flag: tuple(
+                str(a).encode()
+                for a in (
+                    self._k,
+                    "1" if flag else "0",
+                    self._shared_ttl_ms,
+                    2 * self._window_ms,
+                    self._half_life_ms,
+                    self._rep_ttl_ms,
+                )
+            )
+            for flag in (False, True)
+        }
         self._scripts = _SCRIPTS
         self._channel = f"{key_prefix}:feed"
         self.clock = StoreClock()
@@ -602,18 +618,14 @@ class RedisStore:
 
     async def record(self, items: Sequence[ReportItem]) -> list[Window]:
         calls = []
+        head, tails = self._record_head, self._record_tails
         for item in items:
+            w = item.weighted
             args: list[Any] = [
-                self._bucket_ms,
-                self._nbuckets,
+                *head,
                 item.fingerprint,
-                self._k,
-                "1" if item.shared_configured else "0",
-                self._shared_ttl_ms,
-                2 * self._window_ms,
-                self._half_life_ms,
-                self._rep_ttl_ms,
-                f"{item.weighted:.6g}",
+                *tails[item.shared_configured],
+                f"{w:.6g}" if w else b"0",
             ]
             for outcome, n in item.counts:
                 args += (outcome, n)

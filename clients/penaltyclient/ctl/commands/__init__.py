@@ -23,7 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from penaltyclient.ctl.commands import allowlist, checks, disclose, explain, penalties, watch
+from penaltyclient.ctl.commands import (
+    allowlist,
+    checks,
+    disclose,
+    explain,
+    penalties,
+    reputation,
+    watch,
+)
 
 COMMANDS: dict[str, Callable[..., None]] = {
     # The MX API: verdicts, fail-open (no token needed).
@@ -38,6 +46,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "list": penalties.list_penalties,
     "stats": penalties.stats,
     "disclose": disclose.disclose,
+    "reputation": reputation.reputation,
+    "worst": reputation.worst,
     # The change feed.
     "watch": watch.watch,
 }
