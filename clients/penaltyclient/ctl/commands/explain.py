@@ -71,6 +71,8 @@ def render_explanation(ex: pb.Explanation) -> Panel:
         head.add_row("last lift", literal(text))
     else:
         head.add_row("last lift", "none in the window")
+    if ex.neighbourhood:
+        head.add_row("reputation", literal(_reputation(ex)))
     parts: list[RenderableType] = [head, Text(""), _numbers(ex)]
     if ex.HasField("sub"):
         parts.append(
@@ -81,6 +83,24 @@ def render_explanation(ex: pb.Explanation) -> Panel:
             )
         )
     return Panel(Group(*parts), title=literal(f"explain {ex.identity}"), title_align="left")
+
+
+def _reputation(ex: pb.Explanation) -> str:
+    """The long memory (issue 15) in two lines: the counters, then what they do."""
+    parts = []
+    if ex.HasField("reputation"):
+        r = ex.reputation
+        parts.append(
+            f"address {r.events:.0f} events, ratio {r.error_ratio:.3f} (bound {r.lower_bound:.3f})"
+        )
+    if ex.HasField("neighbourhood_reputation"):
+        n = ex.neighbourhood_reputation
+        parts.append(
+            f"{ex.neighbourhood} {n.events:.0f} events, ratio {n.error_ratio:.3f} "
+            f"(bound {n.lower_bound:.3f})"
+        )
+    bar = f"bar {ex.reputation_threshold:.3f}: " if ex.reputation_threshold else ""
+    return "; ".join(parts) + ("\n" if parts else "") + bar + ex.reputation_effect
 
 
 def _numbers(ex: pb.Explanation) -> Table:
