@@ -536,6 +536,13 @@ class Engine:
             for plain in (ref.identity, ref.sub_identity) if ref.fingerprint else (ref.identity,):
                 for name in keying.store_names(plain):
                     last_lift = last_lift or await self.store.last_lift(name)
+            if window.penalty is None and keying.rotating:
+                # A penalty started under identity_key_previous still answers checks: so
+                # does Explain (its window, under the new key, starts afresh).
+                for name in keying.store_names(ref.identity)[1:]:
+                    (held,) = await self.store.penalties([name])
+                    if held is not None:
+                        window = dataclasses.replace(window, penalty=held)
         told_apart = window.sub_counts is not None
         standing = None if told_apart else self.standing(ref, window)
         if not told_apart and window.penalty is None and ref.fingerprint:
@@ -650,8 +657,8 @@ class Engine:
         timeout = max(self._admin_timeout, DISCLOSE_TIMEOUT_S)
         with self.metrics.store_call("disclose", timeout):
             async with asyncio.timeout(timeout):
-                for name in keying.store_names(ref.identity):
-                    mark = keying.label(ref.identity) if keying.keyed else name
+                names = keying.store_names(ref.identity)
+                for name, mark in zip(names, keying.store_labels(ref.identity), strict=True):
                     for h in await self.store.held(name, mark):
                         plain = ref.identity + h.identity[len(name) :]
                         reason = h.content

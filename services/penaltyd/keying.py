@@ -82,6 +82,17 @@ class Keying:
         key (of "nb " + the network, so it never equals an identity's token)."""
         return network if self._key is None else self._key.token("nb " + network)
 
+    def store_labels(self, plain: str) -> list[str]:
+        """The shared-mark label of `plain` under each of `store_names`' keys, in order
+        (its seal under that key; the name itself without a key)."""
+        if self._key is None:
+            return [plain]
+        labels = [self.label(plain)]
+        if len(self._siv) > 1:
+            sealed = self._siv[1].encrypt(plain.encode(), _AAD)
+            labels.append("s" + base64.urlsafe_b64encode(sealed).decode().rstrip("="))
+        return labels
+
     def previous_identity(self, identity: str) -> str | None:
         """The store's name for `identity` under the previous key (during a rotation)."""
         return None if self._previous is None else self._tokens(self._previous, identity)

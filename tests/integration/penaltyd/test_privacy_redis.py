@@ -255,3 +255,38 @@ async def test_a_key_rotates_under_load_without_a_check_error_or_a_lost_penalty(
             assert (await pd.service.Check(pb.CheckRequest(client=client(ip)))).tempfail
         listed = await pd.admin.ListPenalties(pb.ListPenaltiesRequest(page_size=100))
         assert {p.identity for p in listed.penalties} == {*attackers, fresh}  # all readable
+
+
+async def test_during_a_rotation_disclose_and_explain_see_what_the_old_key_wrote(
+    serve: ServeFactory, redis_url: str
+) -> None:
+    # A shared mark written under the old key is indexed under the old key's seal of the
+    # address, and a penalty started under it is stored under the old token: Disclose
+    # must find both, and Explain must show the penalty checks still answer with.
+    store: dict[str, Any] = {"shared_min_sub_identities": 3}
+    old = await serve(RedisStore(redis_url, **store), identity_key=KEY2)
+    await wait_store_healthy(old.address)
+    nat = "100.64.9.9"
+    for i in range(6):
+        await old.service.Report(
+            pb.ReportRequest(
+                client=client(nat, helo=f"pc{i}.example"),
+                counts=[pb.OutcomeCount(outcome=pb.OUTCOME_ACCEPTED, n=1)],
+            )
+        )
+    assert (await privacy.attack(old.service, client("203.0.113.60"))).tempfail
+
+    async def held(pd: Any, ip: str) -> set[tuple[str, str, str]]:
+        found = await pd.admin.Disclose(
+            pb.DiscloseRequest(client=client(ip), actor="dpo", note="REQ-3")
+        )
+        return {(h.kind, h.stored_as, h.member) for h in found.items}
+
+    before = await held(old, nat)
+    assert "shared_index" in {kind for kind, _, _ in before}
+    new = await serve(RedisStore(redis_url, **store), identity_key=KEY, identity_key_previous=KEY2)
+    await wait_store_healthy(new.address)
+    assert before <= await held(new, nat)
+    ex = await new.admin.Explain(pb.ExplainRequest(client=client("203.0.113.60")))
+    assert ex.verdict.tempfail
+    assert (await new.service.Check(pb.CheckRequest(client=client("203.0.113.60")))).tempfail

@@ -201,6 +201,7 @@ async def test_a_rotated_key_still_answers_the_old_keys_penalties(clock: Clock) 
     assert answer.identity == "203.0.113.50"
     page, _ = await new.list_penalties(None, 10)
     assert [p.identity for p in page] == ["203.0.113.50"]  # the old seal opens
+    assert (await new.explain(ref("203.0.113.50"))).window.penalty is not None
     assert await new.lift(ref("203.0.113.50"), "ops", "rotation test") == ["203.0.113.50"]
     assert (await new.check(ref("203.0.113.50"))).penalty is None
     without = engine(KEY, None, store)  # once the old key is dropped
