@@ -643,7 +643,23 @@ class Engine:
                 for name in self.keying.store_names(identity):
                     if await self.store.lift(name, record) and identity not in lifted:
                         lifted.append(identity)
+        if not lifted and not ref.fingerprint:
+            lifted = await self._lift_clients(ref, record)
         log.info("penalty_lifted", identity=ref.identity, lifted=lifted, actor=actor, note=note)
+        return lifted
+
+    async def _lift_clients(self, ref: ClientRef, record: LiftRecord) -> list[str]:
+        """Lift by address alone when the penalty is on a client behind it (a cold-start
+        penalty lands on its one known client): found by the scan Disclose uses."""
+        lifted = []
+        timeout = max(self._admin_timeout, DISCLOSE_TIMEOUT_S)
+        with self.metrics.store_call("lift", timeout):
+            async with asyncio.timeout(timeout):
+                for name in self.keying.store_names(ref.identity):
+                    for h in await self.store.held(name, name):
+                        client = h.kind == "penalty" and h.identity.startswith(name + "#")
+                        if client and await self.store.lift(h.identity, record):
+                            lifted.append(ref.identity + h.identity[len(name) :])
         return lifted
 
     async def disclose(self, ref: ClientRef) -> Disclosed:

@@ -135,7 +135,8 @@ class Settings(ServingSettings):
     neighbourhood_worst_keep: int = Field(256, ge=1, le=100_000)  # worst networks indexed per shard
     # A single-client penalty on an address whose client is known (HELO, sender) lands on
     # that client, so later clients of the address are still told apart (cold start).
-    cold_start_sub_identity: bool = True
+    # Off by default: a penalty then binds the client's HELO and sender, not the address.
+    cold_start_sub_identity: bool = False
 
     # --- allowlist
     allow_min_prefix_v4: int = Field(16, ge=0, le=32)  # broader IPv4 CIDRs are refused

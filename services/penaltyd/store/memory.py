@@ -1002,7 +1002,9 @@ class MemoryStore:
             shared = newly = True
             self._emit(FeedEvent(SHARED, item.mark, now + self._shared_ttl_ms))
         if not (shared or distinct >= 2):
-            return Window(counts, penalty, distinct, shared, newly, reputation=reputation)
+            # Not told apart, but the client may hold a penalty of its own (cold start).
+            sub_penalty = self._active(item.sub_identity, now) if self._penalties else None
+            return Window(counts, penalty, distinct, shared, newly, None, sub_penalty, reputation)
         sub = item.sub_identity
         sub_rec = self._write(sub, item.counts, now, None) if writing else self._windows.get(sub)
         return Window(

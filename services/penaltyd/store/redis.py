@@ -119,7 +119,7 @@ def _window(item: ReportItem, r: Sequence[Any]) -> Window:
         shared=bool(r[4]),
         newly_shared=bool(r[5]),
         sub_counts=sub_counts,
-        sub_penalty=_penalty(item.sub_identity, int(r[6]), r[7], now) if kept else None,
+        sub_penalty=_penalty(item.sub_identity, int(r[6]), r[7], now) if item.fingerprint else None,
         reputation=reputation,
     )
 

@@ -86,7 +86,7 @@ async def test_a_keyed_run_leaves_no_address_in_redis_or_the_logs_and_disclose_i
         assert all(v.tempfail for v in ran.penalized.values())
         # Answers still name addresses: the watch stream, listings.
         started = {e.penalty.identity for e in ran.events if e.penalty.identity}
-        assert any(i.split("#")[0] == privacy.ATTACKER_V4 for i in started)  # cold start
+        assert any(i.split("#")[0] == privacy.ATTACKER_V4 for i in started)  # or its client
         assert any(i.startswith(privacy.NAT + "#") for i in started)
         marked = [e.address for e in ran.events if e.kind == pb.PenaltyEvent.KIND_SHARED_MARKED]
         assert marked == [privacy.NAT]

@@ -425,7 +425,7 @@ async def test_once_against_penaltyd_starts_the_penalty(
     verdict = await pd.service.Check(pb.CheckRequest(client=client))
     assert verdict.tempfail
     assert 0 < verdict.seconds_left <= 300
-    # The client's own penalty (cold start: its one client was known): Explain it.
+    # Explain the client as it reported (its penalty may be its own: cold start).
     explained = await pd.admin.Explain(pb.ExplainRequest(client=client))
     assert explained.verdict.tempfail
     assert "unknown_recipient" in explained.verdict.reason

@@ -97,6 +97,12 @@ if fp ~= '' then
     if writing then add(KEYS[5]) end
     sub_totals, sub_pttl, sub_reason = read(KEYS[5])
     kept = 1
+  else
+    -- Not told apart, but the client may hold a penalty of its own (cold start).
+    local sp = redis.call('HMGET', KEYS[5], 'p', 'x')
+    if sp[1] and tonumber(sp[2] or '0') > now_ms then
+      sub_pttl, sub_reason = tonumber(sp[2]) - now_ms, sp[1]
+    end
   end
 end
 
