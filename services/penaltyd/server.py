@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import stat
 from collections.abc import Callable
 
 import structlog
@@ -155,8 +157,39 @@ async def start_server(
         tls=bool(settings.tls_cert_file),
         mtls=bool(settings.tls_client_ca_file),
         admin="token" if settings.admin_token.get_secret_value() else "loopback-only",
+        identity_key=engine.keying.keyed,
     )
+    for path in (settings.identity_key_file, settings.identity_key_previous_file):
+        mode = _mode(path)
+        if mode is not None and mode & 0o077:
+            log.warning(
+                "identity_key_file_readable",
+                path=path,
+                mode=f"{mode:04o}",
+                note="readable beyond its owner: anyone who reads it can open every seal "
+                "in Redis; chmod 0400 (Kubernetes: defaultMode: 0400 on the Secret volume)",
+            )
+    if engine.keying.keyed and settings.service_auth != "all":
+        # Keys and seals keep addresses out of Redis; WatchPenalties still names every
+        # penalized address to whoever reaches this port (the live replicas need them).
+        log.warning(
+            "watch_names_addresses_unauthenticated",
+            service_auth=settings.service_auth,
+            note='with identity_key, set service_auth = "all" (a token per MX) or keep '
+            "the port reachable by the MX nodes only: WatchPenalties and Check answers "
+            "name penalized addresses to any caller",
+        )
     return running
+
+
+def _mode(path: str) -> int | None:
+    """The permission bits of a key file, None when there is none to look at."""
+    if not path:
+        return None
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
 
 
 def _tune_gc() -> None:

@@ -162,6 +162,33 @@ async def test_a_keyed_embedded_store_holds_no_address_helo_or_sender(
     assert marked == [privacy.NAT]
 
 
+@pytest.mark.parametrize(("auth", "warned"), [("none", True), ("reports", True), ("all", False)])
+async def test_a_keyed_replica_says_when_watchers_are_not_authenticated(
+    serve: ServeFactory, auth: str, warned: bool
+) -> None:
+    tokens = {} if auth == "none" else {"service_tokens": {"mx1": "s3cret-token"}}
+    with capture_logs() as logs:
+        await serve(MemoryStore(), identity_key=KEY, service_auth=auth, **tokens)
+    events = [e["event"] for e in logs]
+    assert ("watch_names_addresses_unauthenticated" in events) is warned
+    assert any(e["event"] == "penaltyd_started" and e["identity_key"] for e in logs)
+
+
+async def test_a_key_file_readable_by_others_is_named_at_start(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "identity.key"
+    key_file.write_text(KEY)
+    for mode, warned in ((0o644, True), (0o400, False)):
+        key_file.chmod(mode)
+        with capture_logs() as logs:
+            await serve(MemoryStore(), identity_key_file=str(key_file), service_auth="none")
+        found = [e for e in logs if e["event"] == "identity_key_file_readable"]
+        assert bool(found) is warned, mode
+        if found:
+            assert found[0]["mode"] == "0644"
+
+
 async def test_keyed_checks_lifts_and_explain_work_by_address(serve: ServeFactory) -> None:
     pd = await serve(MemoryStore(), identity_key=KEY)
     assert (await privacy.attack(pd.service, client("203.0.113.9"))).tempfail
