@@ -21,16 +21,16 @@ import tempfile
 import time
 import timeit
 from pathlib import Path
+from statistics import median
 from typing import Any
 
-import grpc
 import redis as redis_py
 
 from bench import h2load
 from bench.cpu import CpuMeter
 from bench.fleet import ip, used_memory
+from bench.workers import PENALIZED, penalize
 from penalty.v1 import penalty_pb2 as pb
-from penalty.v1 import penalty_pb2_grpc as pbg
 from penaltyd.engine import Engine
 from penaltyd.keying import Keying
 from penaltyd.metrics import Metrics
@@ -44,7 +44,6 @@ from tests.harness.redis import RedisServer
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = h2load.Shape(4, 16)
-PENALIZED = "203.0.113.7"
 KEY = "bench-identity-key-0123456789abcdefghijkl"
 TARGET = 1.10  # the bound: keyed within 10 % of plain
 
@@ -74,25 +73,13 @@ def _frames() -> dict[str, tuple[str, bytes]]:
     }
 
 
-def _penalize(address: str) -> None:
-    with grpc.insecure_channel(address) as ch:
-        stub = pbg.PenaltyServiceStub(ch)
-        for _ in range(40):
-            stub.Report(
-                pb.ReportRequest(
-                    client=pb.Client(ip=PENALIZED),
-                    counts=[pb.OutcomeCount(outcome=pb.OUTCOME_UNKNOWN_RECIPIENT, n=1)],
-                )
-            )
-
-
 def one(redis: RedisServer, keyed: bool, seconds: float, workdir: Path) -> dict[str, Any]:
     env = {"PENALTYD_IDENTITY_KEY": KEY} if keyed else {}
     out: dict[str, Any] = {}
     redis_py.Redis.from_url(redis.url).flushall()
     with PenaltydProcess("--redis-url", redis.url, env=env) as pd:
         assert pd.proc is not None
-        _penalize(pd.address)
+        penalize(pd.address)
         for name, (method, body) in _frames().items():
             meter = CpuMeter({"penaltyd": pd.proc.pid})
             before = meter.sample()
@@ -172,8 +159,8 @@ def engine_costs(rounds: int) -> dict[str, dict[str, float]]:
             runs[mode].append(asyncio.run(_engine_round(mode == "keyed")))
     return {
         name: {
-            "plain_us": _median([r[name] for r in runs["plain"]]),
-            "keyed_us": _median([r[name] for r in runs["keyed"]]),
+            "plain_us": median([r[name] for r in runs["plain"]]),
+            "keyed_us": median([r[name] for r in runs["keyed"]]),
         }
         for name in runs["plain"][0]
     }
@@ -214,11 +201,6 @@ def memory() -> dict[str, float]:
     return out
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def run(rounds: int = 3, seconds: float = 4.0) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "keyed": []}
     with RedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
@@ -227,14 +209,14 @@ def run(rounds: int = 3, seconds: float = 4.0) -> dict[str, Any]:
                 runs[mode].append(one(redis, mode == "keyed", seconds, Path(tmp)))
     summary: dict[str, Any] = {}
     for name in _frames():
-        plain = _median([r[name]["cpu_us_per_call"] for r in runs["plain"]])
-        keyed = _median([r[name]["cpu_us_per_call"] for r in runs["keyed"]])
+        plain = median([r[name]["cpu_us_per_call"] for r in runs["plain"]])
+        keyed = median([r[name]["cpu_us_per_call"] for r in runs["keyed"]])
         summary[name] = {
             "plain_cpu_us": plain,
             "keyed_cpu_us": keyed,
             "ratio": keyed / plain if plain else float("nan"),
-            "plain_req_per_s": _median([r[name]["req_per_s"] for r in runs["plain"]]),
-            "keyed_req_per_s": _median([r[name]["req_per_s"] for r in runs["keyed"]]),
+            "plain_req_per_s": median([r[name]["req_per_s"] for r in runs["plain"]]),
+            "keyed_req_per_s": median([r[name]["req_per_s"] for r in runs["keyed"]]),
             "failed": sum(r[name]["failed"] for rs in runs.values() for r in rs),
         }
     engine = engine_costs(max(rounds, 5))

@@ -45,7 +45,8 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def _penalize(address: str) -> None:
+def penalize(address: str) -> None:
+    """Start a penalty for PENALIZED through `address` (40 unknown recipients)."""
     with grpc.insecure_channel(address) as ch:
         stub = pbg.PenaltyServiceStub(ch)
         for _ in range(40):
@@ -69,7 +70,7 @@ def one(redis: RedisServer, workers: int, seconds: float, workdir: Path) -> dict
         pids = {"penaltyd": pd.proc.pid, "redis": redis.proc.pid}
         for i, child in enumerate(_children(pd.proc.pid), 1):
             pids[f"worker{i}"] = child
-        _penalize(pd.address)
+        penalize(pd.address)
         for method, frame in _frames().items():
             meter = CpuMeter(pids)
             before = meter.sample()

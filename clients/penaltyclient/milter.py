@@ -608,22 +608,31 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def shut_reporter(milter: PenaltyMilter, reporter: SessionReporter, within: float) -> None:
-    """Flush the queued reports for up to `within` seconds, stop the reporter, and say
-    what became of every report: the stop line's `reports_pending_dropped` counts those
-    penaltyd had not acknowledged (the process forgets them; one in flight may still have
-    been stored), and a warning names them when there are any."""
+    """Stop the reporter (`flush_at_exit`), then the stop line, whose
+    `reports_pending_dropped` replaces `reports_pending`."""
+    dropped = await flush_at_exit(reporter, within, "milter")
+    fields = milter.stats_fields()
+    fields.pop("reports_pending")
+    log.info("milter_stopped", **fields, reports_pending_dropped=dropped)
+
+
+async def flush_at_exit(reporter: SessionReporter, within: float, program: str) -> int:
+    """Send the queued reports for up to `within` seconds, stop the reporter, and return
+    how many penaltyd had not acknowledged: they are lost with the process (one in flight
+    may still have been stored). A `<program>_reports_dropped_at_exit` warning names them
+    when there are any; the sidecar's stop line counts them (`reports_pending_dropped`).
+    One place for penalty-milter and penalty-policyd."""
     await reporter.flush(within=within)
     await reporter.close(within=0)
-    fields = milter.stats_fields()
-    dropped = fields.pop("reports_pending")
+    dropped = reporter.pending
     if dropped:
         log.warning(
-            "milter_reports_dropped_at_exit",
+            f"{program}_reports_dropped_at_exit",
             reports=dropped,
             flush_seconds=within,
             note="not acknowledged by penaltyd in time; lost with this process",
         )
-    log.info("milter_stopped", **fields, reports_pending_dropped=dropped)
+    return dropped
 
 
 def main(argv: list[str] | None = None) -> int:

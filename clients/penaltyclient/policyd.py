@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import os
 import re
 import resource
@@ -64,9 +63,9 @@ import structlog
 from penalty.identity import InvalidAddress, address_and_identity, bound_count
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter, client_msg
-from penaltyclient.milter import MilterOptions, PenaltyMilter
+from penaltyclient.milter import MilterOptions, PenaltyMilter, flush_at_exit
 from penaltyclient.stdlog import route_stdlib_logs
-from serving.cli import add_log_address_arguments, log_address_options, run_program
+from serving.cli import add_log_address_arguments, log_address_options, run_program, tune_gc
 from serving.logs import RateLimitedLog
 
 log = structlog.get_logger("penalty.policyd")
@@ -781,42 +780,9 @@ async def serve(args: argparse.Namespace) -> None:
         if milter is not None:
             await milter.close(drain=2.0)
         await policy.close()
-        dropped = await _shut_reporter(policy.reporter, args.flush_seconds)
+        dropped = await flush_at_exit(policy.reporter, args.flush_seconds, "policyd")
         await client.close()
         log.info("policyd_stopped", **_stats_fields(policy), reports_pending_dropped=dropped)
-
-
-def tune_gc() -> None:
-    """Garbage collections that do not stall the answers (as penaltyd's `_tune_gc`).
-
-    With CPython's default thresholds, under bench.policyd_bench (measured with
-    `gc.callbacks`), ~200 collections ran per 20 s and a full (generation 2) one, which
-    walks every long-lived object (the identity cache of up to 65,536 addresses, the
-    live replica, the client library), took 36-71 ms: every connection's answer waited
-    for it. Start-up objects are frozen out of the collector and the young generations
-    collected less often; reference counting still frees almost everything at once, and
-    cycles are still collected (young collections)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
-async def _shut_reporter(reporter: SessionReporter, within: float) -> int:
-    """Send the queued reports for up to `within` seconds, stop the reporter, and return
-    how many penaltyd had not acknowledged: they are lost with the process (one in flight
-    may still have been stored). A warning names them when there are any; the stop line
-    counts them (`reports_pending_dropped`)."""
-    await reporter.flush(within=within)
-    await reporter.close(within=0)
-    dropped = reporter.pending
-    if dropped:
-        log.warning(
-            "policyd_reports_dropped_at_exit",
-            reports=dropped,
-            flush_seconds=within,
-            note="not acknowledged by penaltyd in time; lost with this process",
-        )
-    return dropped
 
 
 def _milter(args: argparse.Namespace, reporter: SessionReporter) -> PenaltyMilter:

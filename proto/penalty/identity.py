@@ -272,14 +272,21 @@ def address_of(identity: str) -> str:
 # --- sets of networks (shared-address CIDRs, the allowlist)
 
 
+MAX_CIDR = 64
+
+
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """A CIDR (host bits must be zero) or a bare address; IPv4-mapped IPv6 folds to IPv4."""
-    if not text or text.strip() != text or "%" in text:
+    # The longest CIDR is 49 characters (an IPv6 address with an embedded IPv4 and /128):
+    # anything longer is refused before parsing, and an error never echoes more than 64
+    # characters of what a caller sent (ipaddress's own message quotes it whole).
+    if not text or len(text) > MAX_CIDR or text.strip() != text or "%" in text:
         raise InvalidAddress(f"not a CIDR: {text[:64]!r}")
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
-        raise InvalidAddress(f"not a CIDR: {text[:64]!r} ({exc})") from exc
+        why = "host bits set" if "host bits set" in str(exc) else "not an address or network"
+        raise InvalidAddress(f"not a CIDR: {text!r} ({why})") from exc
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
         mapped = net.network_address.ipv4_mapped
         if mapped is not None:

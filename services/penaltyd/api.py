@@ -470,12 +470,10 @@ class PenaltyAdmin(penalty_pb2_grpc.PenaltyAdminServicer):
         if request.HasField("client") == bool(request.network):
             raise BadField("client", "give a client or a network, not both nor neither")
         ref = self.validator.check(request) if request.HasField("client") else None
-        subject = ref.identity if ref is not None else request.network[:64]
+        network = "" if ref is not None else self.validator.neighbourhood(request.network)
+        subject = ref.identity if ref is not None else network
         with self._audit("Reputation", context, actor, note, identity=subject):
-            try:
-                view = await self.engine.reputation(ref, request.network)
-            except ValueError as exc:
-                raise BadField("network", str(exc)) from exc
+            view = await self.engine.reputation(ref, network)
         return self._answer(view)
 
     @admin

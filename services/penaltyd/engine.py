@@ -592,18 +592,11 @@ class Engine:
         )
 
     async def reputation(self, ref: ClientRef | None, network: str = "") -> ReputationView:
-        """An address's reputation and its neighbourhood's, or one network's (fresh from
-        the store, not the cache). `network` must be a neighbourhood (ValueError)."""
+        """An address's reputation and its neighbourhood's, or one neighbourhood's (fresh
+        from the store, not the cache); `network` as `Validator.neighbourhood` gives it."""
         nbs = self.neighbourhoods
         if ref is not None:
             network = nbs.of(ref.addr)
-        else:
-            net = parse_network(network)
-            if net.prefixlen != nbs.prefix[net.version]:
-                raise ValueError(
-                    f"a neighbourhood is an IPv{net.version} /{nbs.prefix[net.version]}"
-                )
-            network = str(net)
         rep = None
         async with self._admin_call("reputation"):
             if ref is not None:

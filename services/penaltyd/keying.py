@@ -87,11 +87,7 @@ class Keying:
         (its seal under that key; the name itself without a key)."""
         if self._key is None:
             return [plain]
-        labels = [self.label(plain)]
-        if len(self._siv) > 1:
-            sealed = self._siv[1].encrypt(plain.encode(), _AAD)
-            labels.append("s" + base64.urlsafe_b64encode(sealed).decode().rstrip("="))
-        return labels
+        return [self.label(plain), *(self._seal(plain, siv) for siv in self._siv[1:])]
 
     def previous_identity(self, identity: str) -> str | None:
         """The store's name for `identity` under the previous key (during a rotation)."""
@@ -105,8 +101,9 @@ class Keying:
             names.append(old)
         return names
 
-    def _seal(self, plain: str) -> str:
-        sealed = self._siv[0].encrypt(plain.encode(), _AAD)
+    def _seal(self, plain: str, siv: AESSIV | None = None) -> str:
+        """`plain` sealed under the current key (or `siv`): "s" + base64url."""
+        sealed = (siv or self._siv[0]).encrypt(plain.encode(), _AAD)
         return "s" + base64.urlsafe_b64encode(sealed).decode().rstrip("=")
 
     def open(self, sealed: str) -> str | None:

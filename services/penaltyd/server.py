@@ -9,7 +9,6 @@ reflects whether the store answered its last ping, for alerting and dashboards.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import stat
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from penaltyd.store.redis import RedisStore
 from penaltyd.validation import Validator
 from serving import codec, gates
 from serving import server as wiring
+from serving.cli import tune_gc
 
 log = structlog.get_logger("penaltyd.server")
 
@@ -192,19 +192,8 @@ def _mode(path: str) -> int | None:
         return None
 
 
-def _tune_gc() -> None:
-    """Fewer, cheaper garbage collections: a replica holds ~200k long-lived objects (caches,
-    the penalty view) and full collections over them paused every call for 20-70 ms about
-    once a second under Session load (measured). Start-up objects are frozen out of the
-    collector and young generations collected less often; reference counting still frees
-    almost everything at once."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and exit cleanly."""
     running = await start_server(settings)
-    _tune_gc()  # after start-up, so what start-up built is frozen too
+    tune_gc()  # after start-up, so what start-up built is frozen too
     await wiring.serve_until_signalled(running, log, "penaltyd")

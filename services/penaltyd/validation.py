@@ -51,6 +51,10 @@ class Validator:
         self.allow_min_prefix = {4: settings.allow_min_prefix_v4, 6: settings.allow_min_prefix_v6}
         self.allow_default_ttl = settings.allow_default_ttl_seconds
         self.allow_max_ttl = settings.allow_max_ttl_seconds
+        self.neighbourhood_prefix = {
+            4: settings.neighbourhood_ipv4_prefix,
+            6: settings.neighbourhood_ipv6_prefix,
+        }
 
     def client(self, client: penalty_pb2.Client, field: str) -> ClientRef:
         """The client's address is validated strictly; what the SMTP client chose (HELO,
@@ -127,6 +131,18 @@ class Validator:
         self.text(request.note, "note", 1024)
         self.text(request.actor, "actor", 128)
         return str(net), request.ttl_seconds or self.allow_default_ttl
+
+    def neighbourhood(self, text: str, field: str = "network") -> str:
+        """A neighbourhood as the reputation store names it ("203.0.113.0/24"): a
+        network of exactly the configured prefix length."""
+        try:
+            net = parse_network(text)
+        except InvalidAddress as exc:
+            raise BadField(field, str(exc)) from exc
+        want = self.neighbourhood_prefix[net.version]
+        if net.prefixlen != want:
+            raise BadField(field, f"a neighbourhood is an IPv{net.version} /{want}")
+        return str(net)
 
     def cidr(self, text: str, field: str = "cidr") -> str:
         try:

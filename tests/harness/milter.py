@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import Mapping
+from typing import Self
 
 #: What Postfix 3.x offers in its option negotiation (actions, protocol steps).
 POSTFIX_ACTIONS = 0x1FF
@@ -20,19 +21,19 @@ class Mta:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int) -> Mta:
+    async def open(cls, port: int) -> Self:
         return cls(*await asyncio.open_connection("127.0.0.1", port))
 
     def send(self, cmd: bytes, data: bytes = b"") -> None:
         self.writer.write(struct.pack(">I", len(data) + 1) + cmd + data)
 
-    async def reply(self, within: float = 2.0) -> tuple[bytes, bytes]:
+    async def reply(self, within: float = 3.0) -> tuple[bytes, bytes]:
         async with asyncio.timeout(within):
             (n,) = struct.unpack(">I", await self.reader.readexactly(4))
             body = await self.reader.readexactly(n)
         return body[:1], body[1:]
 
-    async def ask(self, cmd: bytes, data: bytes = b"", within: float = 2.0) -> tuple[bytes, bytes]:
+    async def ask(self, cmd: bytes, data: bytes = b"", within: float = 3.0) -> tuple[bytes, bytes]:
         self.send(cmd, data)
         await self.writer.drain()
         return await self.reply(within)

@@ -10,10 +10,9 @@ with LF and a tab, as Postfix passes them), then end of headers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,10 @@ from structlog.testing import capture_logs
 from relaycheck.store.memory import MemoryStore
 from relaycheck.v1 import relaycheck_pb2 as pb
 from relaycheckclient.milter import MilterOptions, RelayMilter, check_reply, main
+from tests.harness import milter as milter_harness
 from tests.harness.inprocess import RelaycheckServed, relaycheck_serving
 from tests.harness.ports import free_port
 
-POSTFIX_ACTIONS = 0x1FF
-POSTFIX_PROTOCOL = 0x1FFFFF
 SMFIP_NOBODY, SMFIP_NR_HDR, SMFIP_NOHDRS, SMFIP_NOEOH = 0x10, 0x80, 0x20, 0x40
 
 SPAM_HEADERS = [
@@ -54,38 +52,8 @@ OWN_HEADERS = [
 ]
 
 
-class Mta:
-    """Postfix's end of one milter connection."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> Mta:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    def send(self, cmd: bytes, data: bytes = b"") -> None:
-        self.writer.write(struct.pack(">I", len(data) + 1) + cmd + data)
-
-    async def reply(self, within: float = 3.0) -> tuple[bytes, bytes]:
-        async with asyncio.timeout(within):
-            (n,) = struct.unpack(">I", await self.reader.readexactly(4))
-            body = await self.reader.readexactly(n)
-        return body[:1], body[1:]
-
-    async def ask(self, cmd: bytes, data: bytes = b"", within: float = 3.0) -> tuple[bytes, bytes]:
-        self.send(cmd, data)
-        await self.writer.drain()
-        return await self.reply(within)
-
-    def macros(self, stage: bytes, values: Mapping[str, str]) -> None:
-        self.send(b"D", stage + b"".join(f"{k}\0{v}\0".encode() for k, v in values.items()))
-
-    async def optneg(self) -> tuple[int, int, int, bytes]:
-        cmd, data = await self.ask(b"O", struct.pack(">III", 6, POSTFIX_ACTIONS, POSTFIX_PROTOCOL))
-        assert cmd == b"O"
-        return (*struct.unpack(">III", data[:12]), data[12:])
+class Mta(milter_harness.Mta):
+    """Postfix's end of one milter connection, with a whole message up to its headers."""
 
     async def message(
         self,
@@ -111,11 +79,6 @@ class Mta:
             if header_replies:
                 assert (await self.reply())[0] == b"c"
         return await self.ask(b"N")
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
 
 
 MilterFactory = Callable[..., Awaitable[RelayMilter]]

@@ -145,3 +145,25 @@ async def test_explain_reputation_rpcs_and_penaltyctl(serve: ServeFactory) -> No
     listed = await ctl(pd.address, "--json", "worst", "--limit", "3")
     assert listed.exit_code == 0, listed.output
     assert "192.0.2.0/24" in listed.stdout
+
+
+@pytest.mark.parametrize(
+    ("network", "says"),
+    [
+        ("203.0.0.0/16", "a neighbourhood is an IPv4 /24"),
+        ("2001:db8::/64", "a neighbourhood is an IPv6 /48"),
+        ("1" * 1_000_000, ""),  # a megabyte of digits from an API caller: refused, linear
+        ("not a network", ""),
+    ],
+)
+async def test_a_reputation_query_for_anything_but_a_neighbourhood_is_refused(
+    serve: ServeFactory, network: str, says: str
+) -> None:
+    pd = await serve(MemoryStore())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await pd.admin.Reputation(pb.ReputationRequest(network=network))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert details.startswith("network")
+    assert says in details
+    assert len(details) < 400  # the error never echoes the megabyte
