@@ -367,6 +367,20 @@ class SessionReporter:
                 self._wakeup.set()
         return True
 
+    def enqueue_accepted(self, requests: list[pb.ReportRequest]) -> int:
+        """Queue reports of accepted outcomes only, in bulk (penalty-policyd's flush): no
+        error to look for (they never need to leave before the interval), one clock read
+        for all. Those beyond `max_queue` are dropped and counted; how many were queued."""
+        room = max(0, self.max_queue - len(self._queue))
+        if len(requests) > room:
+            self.dropped += len(requests) - room
+            requests = requests[:room]
+        now = self._clock()
+        self._queue.extend([(now, r) for r in requests])
+        if len(self._queue) >= self.max_batch:
+            self._wakeup.set()
+        return len(requests)
+
     @property
     def pending(self) -> int:
         """Reports not yet acknowledged: queued, set aside for a resend, or in flight."""

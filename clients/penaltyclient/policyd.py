@@ -60,7 +60,7 @@ from typing import cast
 
 import structlog
 
-from penalty.identity import InvalidAddress, address_and_identity, bound_count
+from penalty.identity import MAX_COUNT, InvalidAddress, address_and_identity
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter, client_msg
 from penaltyclient.milter import MilterOptions, PenaltyMilter, flush_at_exit
@@ -89,8 +89,7 @@ Request = tuple[str, str, str, str]
 
 _STATE_NAMES = {s.encode(): s for s in STATES}
 _KNOWN_STATES = frozenset(STATES)
-_OK = pb.OUTCOME_ACCEPTED
-_ONE_ACCEPTED = [pb.OutcomeCount(outcome=_OK, n=1)]  # copied into each report, never shared
+_ONE_ACCEPTED = [pb.OutcomeCount(outcome=pb.OUTCOME_ACCEPTED, n=1)]  # copied into each report
 _LOGGED_PENALTIES_MAX = 10_000  # identities whose tempfail was logged, before forgetting
 
 
@@ -473,7 +472,9 @@ class PolicyServer:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._logged_penalties: dict[str, int] = {}
-        self._accepted: dict[tuple[str, str, str], int] = {}
+        # (address, HELO, sender) -> its report, built at the first RCPT, counted up after
+        self._accepted: dict[tuple[str, str, str], pb.ReportRequest] = {}
+        self._waiting_recipients = 0
         self._report_timer: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -674,8 +675,11 @@ class PolicyServer:
         if state == "RCPT" and self.report_accepted:
             key = (ip, helo, sender)
             waiting = self._accepted
-            if key in waiting:
-                waiting[key] += 1
+            report = waiting.get(key)
+            if report is not None:
+                count = report.counts[0]
+                if count.n < MAX_COUNT:
+                    count.n += 1
             else:
                 if not waiting:
                     self._report_timer = self.loop.call_later(REPORT_EVERY, self.flush_reports)
@@ -683,7 +687,13 @@ class PolicyServer:
                     self.flush_reports()
                     waiting = self._accepted
                     self._report_timer = self.loop.call_later(REPORT_EVERY, self.flush_reports)
-                waiting[key] = 1
+                # Built here, at the key's first RCPT, not all together in the flush: a
+                # flush that built a few hundred reports at once held every connection's
+                # answer for 1-5 ms, a hundred times a second (issue 11).
+                waiting[key] = pb.ReportRequest(
+                    client=client_msg(ip, helo, sender), counts=_ONE_ACCEPTED
+                )
+            self._waiting_recipients += 1
         return DUNNO
 
     def flush_reports(self) -> None:
@@ -694,11 +704,10 @@ class PolicyServer:
             self._report_timer.cancel()
             self._report_timer = None
         waiting, self._accepted = self._accepted, {}
-        enqueue = self.reporter.enqueue
-        self.stats.accepted += sum(waiting.values())
-        for (ip, helo, sender), n in waiting.items():
-            counts = _ONE_ACCEPTED if n == 1 else [pb.OutcomeCount(outcome=_OK, n=bound_count(n))]
-            enqueue(pb.ReportRequest(client=client_msg(ip, helo, sender), counts=counts))
+        self.stats.accepted += self._waiting_recipients
+        self._waiting_recipients = 0
+        if waiting:
+            self.reporter.enqueue_accepted(list(waiting.values()))
 
     async def flush(self, within: float = 5.0) -> bool:
         """Every accepted recipient so far reported and acknowledged (for tests, shutdown)."""

@@ -135,6 +135,34 @@ async def test_session_reporter_batches(serve: ServeFactory) -> None:
         await reporter.close()
 
 
+async def test_accepted_reports_queued_in_bulk_are_delivered_and_bounded(
+    serve: ServeFactory,
+) -> None:
+    """`enqueue_accepted` (penalty-policyd's flush): every report delivered, those past
+    `max_queue` dropped and counted, a full batch sent without waiting for the interval."""
+    pd = await serve(MemoryStore())
+    async with AsyncPenaltyClient(pd.address) as client:
+        reporter = client.reporter(max_batch=50, interval=30.0, max_queue=120)
+        reporter.start()
+        one = [pb.OutcomeCount(outcome=ACCEPTED, n=2)]
+        bulk = [
+            pb.ReportRequest(client=pb.Client(ip=f"198.51.100.{i}"), counts=one)
+            for i in range(1, 151)
+        ]
+        assert reporter.enqueue_accepted(bulk) == 120
+        assert reporter.dropped == 30
+
+        async def acked() -> int:
+            return reporter.acked
+
+        await eventually(acked, lambda n: n >= 100, within=2.0)  # full batches: no interval
+        assert await reporter.flush(5)
+        assert reporter.acked == 120
+        ex = await client.explain("198.51.100.7")
+        assert [(t.outcome, t.n) for t in ex.window] == [(ACCEPTED, 2)]
+        await reporter.close()
+
+
 async def test_an_error_report_leaves_at_once_accepted_ones_wait_for_the_interval(
     serve: ServeFactory,
 ) -> None:

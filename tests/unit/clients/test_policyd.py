@@ -66,6 +66,23 @@ async def test_accepted_recipients_are_reported(policy: Policy) -> None:
     assert policy.policy.stats.accepted == 5
 
 
+async def test_one_report_per_client_and_flush_with_its_count(policy: Policy) -> None:
+    """A client's RCPTs between two flushes are one report counted up (built at the first
+    RCPT); another HELO is another client of the address, so another report."""
+    conn = await policy.connect()
+    for _ in range(3):
+        assert await policy.ask(conn, request(ip="198.51.100.34", helo_name="a.example")) == DUNNO
+    assert await policy.ask(conn, request(ip="198.51.100.34", helo_name="b.example")) == DUNNO
+    waiting = policy.policy._accepted  # since the last flush (every 10 ms): counted up
+    assert sum(r.counts[0].n for r in waiting.values()) == policy.policy._waiting_recipients
+    assert len(waiting) <= 2
+    assert await policy.policy.flush(5)
+    assert policy.policy.stats.accepted == 4
+    assert not policy.policy._accepted
+    ex = await policy.policy.client.explain("198.51.100.34")
+    assert sum(t.n for t in ex.window if t.outcome == pb.OUTCOME_ACCEPTED) == 4
+
+
 async def test_pipelined_requests_in_one_write_are_answered_in_order(policy: Policy) -> None:
     await penalize(policy.policy.client)
     conn = await policy.connect()
