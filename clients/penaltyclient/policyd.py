@@ -667,7 +667,10 @@ class PolicyServer:
             reply = verdict.smtp_reply
             if reply[:1] == "4":
                 stats.tempfails += 1
-                self._log_tempfail(verdict, ip)
+                if self._logged_penalties.get(verdict.identity) != verdict.expires_at_unix_ms:
+                    # Logged once the answer is written: the first 450 of a penalty is the
+                    # one that must not wait for a JSON line (~50 µs, more on a busy box).
+                    self.loop.call_soon(self._log_tempfail, verdict, ip)
                 if "\n" in reply:  # one line, or the stream would be out of step
                     reply = reply.replace("\r", " ").replace("\n", " ")
                 return f"action={reply}\n\n".encode()

@@ -12,15 +12,16 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from structlog.testing import capture_logs
 
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient
-from penaltyclient.policyd import MAX_REQUEST
+from penaltyclient.policyd import MAX_REQUEST, PolicyConnection
 from penaltyd.store.memory import MemoryStore
 from tests.harness.builders import eventually
 from tests.harness.inprocess import ServeFactory
@@ -182,6 +183,33 @@ async def test_tempfails_are_logged_once_per_penalty_and_all_counted(policy: Pol
             assert (await policy.ask(conn, request())).startswith("action=450 ")
     assert [e["event"] for e in logs if e["event"] == "policy_tempfail"] == []  # logged before
     assert policy.policy.stats.tempfails == before + 20
+
+
+async def test_a_penaltys_first_450_is_logged_after_its_answer(policy: Policy) -> None:
+    """The log line waits for the answer, never the answer for the line: `answer()`
+    returns the 450 with nothing logged yet, and the line follows on the next turn."""
+    await penalize(policy.policy.client)
+    conn = await policy.connect()
+    await eventually(lambda: policy.ask(conn, request()), lambda a: a != DUNNO, within=2)
+    server = policy.policy
+    server._logged_penalties.clear()  # as if a new penalty: its first 450 again
+    line = request()
+    with capture_logs() as logs:
+        answer = server.answer(line, 0, len(line) - 1, cast(PolicyConnection, None))
+        assert answer is not None
+        assert answer.startswith(b"action=450 ")
+        assert not [e for e in logs if e["event"] == "policy_tempfail"]
+
+        async def logged() -> list[MutableMapping[str, Any]]:
+            return [e for e in logs if e["event"] == "policy_tempfail"]
+
+        lines = await eventually(logged, lambda found: len(found) == 1, within=2)
+        assert lines[0]["client_address"] == "203.0.113.7"
+        assert lines[0]["seconds"] > 0
+        again = server.answer(line, 0, len(line) - 1, cast(PolicyConnection, None))
+        assert again is not None
+        assert again.startswith(b"action=450 ")
+    assert len([e for e in logs if e["event"] == "policy_tempfail"]) == 1  # once per penalty
 
 
 async def test_idle_connections_are_closed_by_the_sweep(serve: ServeFactory) -> None:
