@@ -36,6 +36,17 @@ penalty-policyd that is policyd alone; penaltyd's share is shown beside it.
     .venv/bin/python -m bench.peers                 # 3 interleaved rounds of 10 s
     .venv/bin/python -m bench.peers --quick         # 1 round of 2 s: a smoke run
     .venv/bin/python -m bench.peers --only penalty-policyd,postfwd2 --rounds 5
+    .venv/bin/python -m bench.peers --only penalty-policyd,policyd-rate-limit --fixed-rate 1.2
+
+Saturation is not "at that load": 32 connections that each ask again the moment they
+are answered keep every server at 100 % of what it can do, so a saturated p99 is mostly
+queueing behind the other 31 connections (and whatever the machine does meanwhile).
+`--fixed-rate F` adds, after the saturated rounds, `rounds` more of penalty-policyd at a
+fixed offered rate of F x policyd-rate-limit's median req/s of this run (the load
+generator's `-R`: every connection due to ask every 32/rate s, still one request in
+flight, latency counted from when a request was due, so a stall is not hidden by the
+generator waiting for it), interleaved with the floor (`bench.policy_floor`: a uvloop
+server answering DUNNO with no work) at the same rate: what the machine itself allowed.
 """
 
 from __future__ import annotations
@@ -432,6 +443,29 @@ def penalty_policyd(penalized: int) -> Iterator[Server]:
         )
 
 
+FLOOR = "floor (uvloop, no work)"
+
+
+@contextlib.contextmanager
+def policy_floor() -> Iterator[Server]:
+    """`bench.policy_floor`: DUNNO to everything, no work (the machine's own latency)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="policy-floor-") as work:
+        log = Path(work) / "floor.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.policy_floor", "--listen", f"127.0.0.1:{port}"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        try:
+            wait_port("127.0.0.1", port, timeout=20, proc=proc)
+            yield Server(FLOOR, port, lambda: proc.pid, log=log)
+        finally:
+            _stop(proc)
+
+
 # --- one round ---------------------------------------------------------------------------
 
 
@@ -443,9 +477,11 @@ class Load:
     penalized_pct: float = 10.0
     penalized_addrs: int = 50
     good_addrs: int = GOOD_ADDRS
+    rate: float = 0.0  # a fixed offered rate (requests/s, all connections); 0: saturation
 
     def args(self) -> list[str]:
         return [
+            *(["-R", f"{self.rate:.0f}"] if self.rate else []),
             "-c",
             str(self.connections),
             "-x",
@@ -551,7 +587,16 @@ def measure(binary: Path, server: Server, shape: Load, seed: int) -> dict[str, A
 
 # --- summary, ratios, table --------------------------------------------------------------
 
-MEDIANS = ("req_per_s", "p50_us", "p99_us", "cpu_us_per_request", "backend_us_per_request")
+MEDIANS = (
+    "req_per_s",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "max_us",
+    "cpu_us_per_request",
+    "backend_us_per_request",
+    "foreign_cores",
+)
 
 
 def summarize(rounds: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -636,6 +681,25 @@ def format_table(summary: dict[str, dict[str, Any]], base: str = BASE) -> str:
     return "\n".join(lines)
 
 
+def format_fixed(fixed: dict[str, Any]) -> str:
+    """The fixed-rate rounds: per server the medians, and each round's p99."""
+    lines = [
+        f"fixed offered rate {fixed['rate']:,.0f} req/s ({fixed['factor']:g} x "
+        f"policyd-rate-limit), medians of {len(fixed['rounds']) // 2} round(s):"
+    ]
+    for name, row in fixed["summary"].items():
+        p99s = ", ".join(_ms(r["p99_us"]) for r in fixed["rounds"] if r["server"] == name)
+        cpu = f"{row['cpu_us_per_request']:.1f} µs/req"
+        if row.get("backend_us_per_request") is not None:
+            cpu += f" (+{row['backend_us_per_request']:.1f} penaltyd)"
+        lines.append(
+            f"  {name:<26} {row['req_per_s']:>8,.0f} req/s  p50 {_ms(row['p50_us'])}  "
+            f"p99 {_ms(row['p99_us'])} (rounds {p99s})  p99.9 {_ms(row['p999_us'])}  "
+            f"max {_ms(row['max_us'])}  {cpu}  others used {row['foreign_cores'] or 0:.2f} cores"
+        )
+    return "\n".join(lines)
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -670,9 +734,14 @@ def run(
     servers: Sequence[str] = SERVERS,
     rate_limit_mode: str = "minute",
     postgrey_on_disk: bool = False,
+    fixed_rate: float = 0.0,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Start every server, then `rounds` interleaved rounds; every round and the medians."""
+    """Start every server, then `rounds` interleaved rounds; every round and the medians.
+    With `fixed_rate` F, then `rounds` rounds of penalty-policyd and the floor at F x
+    policyd-rate-limit's median req/s (`out["fixed"]`)."""
+    if fixed_rate and not {BASE, "policyd-rate-limit"} <= set(servers):
+        raise ValueError("--fixed-rate needs penalty-policyd and policyd-rate-limit")
     binary = build()
     starters: dict[str, Callable[[], contextlib.AbstractContextManager[Server]]] = {
         BASE: lambda: penalty_policyd(shape.penalized_addrs),
@@ -704,19 +773,40 @@ def run(
                     ) from exc
                 r["round"] = i + 1
                 out["rounds"].append(r)
-                say(
-                    f"round {i + 1} {server.name:<18} {r['req_per_s']:>9,.0f} req/s  "
-                    f"conn {r['connected_at_start']}/{shape.connections}  "
-                    f"p50 {r['p50_us']:>6} µs  p99 {r['p99_us']:>7} µs  "
-                    f"{r['cpu_us_per_request']:>6.1f} µs CPU/req ({r['processes']} proc, "
-                    f"{r['server_cores']:.2f} cores; load {r['loadgen_cores']:.2f}, "
-                    f"foreign {r['foreign_cores']:.2f})  dunno {r['dunno']} 4xx {r['tempfail']} "
-                    f"other {r['other']} errors {r['errors']}"
-                )
+                _say_round(say, i + 1, server, r, shape)
+        if fixed_rate:
+            base = [r["req_per_s"] for r in out["rounds"] if r["server"] == "policyd-rate-limit"]
+            fixed = Load(**(vars(shape) | {"rate": fixed_rate * statistics.median(base)}))
+            floor = stack_.enter_context(policy_floor())
+            by_name = {s.name: s for s in started}
+            out["fixed"] = {"factor": fixed_rate, "rate": fixed.rate, "rounds": []}
+            say(f"fixed rate: {fixed_rate:g} x policyd-rate-limit = {fixed.rate:,.0f} req/s")
+            for i in range(rounds):
+                for server in (by_name[BASE], floor):
+                    r = measure(binary, server, fixed, seed=i + 1)
+                    r["round"] = i + 1
+                    out["fixed"]["rounds"].append(r)
+                    _say_round(say, i + 1, server, r, fixed)
+            out["fixed"]["summary"] = summarize(out["fixed"]["rounds"])
     out["summary"] = summarize(out["rounds"])
     if BASE in out["summary"]:
         out["ratios"] = ratios(out["summary"])
     return out
+
+
+def _say_round(
+    say: Callable[[str], None], i: int, server: Server, r: dict[str, Any], shape: Load
+) -> None:
+    late = f"  late {r.get('late', 0)}" if shape.rate else ""
+    say(
+        f"round {i} {server.name:<18} {r['req_per_s']:>9,.0f} req/s  "
+        f"conn {r['connected_at_start']}/{shape.connections}  "
+        f"p50 {r['p50_us']:>6} µs  p99 {r['p99_us']:>7} µs  "
+        f"{r['cpu_us_per_request']:>6.1f} µs CPU/req ({r['processes']} proc, "
+        f"{r['server_cores']:.2f} cores; load {r['loadgen_cores']:.2f}, "
+        f"foreign {r['foreign_cores']:.2f})  dunno {r['dunno']} 4xx {r['tempfail']} "
+        f"other {r['other']} errors {r['errors']}{late}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -749,6 +839,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="first wait up to SECONDS for 3 s in a row of an idle machine",
     )
+    p.add_argument(
+        "--fixed-rate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="then penalty-policyd and the floor at F x policyd-rate-limit's req/s",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     servers = [s for s in SERVERS if s in args.only.split(",")]
@@ -768,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
             servers=servers,
             rate_limit_mode=args.rate_limit,
             postgrey_on_disk=args.postgrey_db_on_disk,
+            fixed_rate=args.fixed_rate,
         )
     out["quick"] = args.quick
     print(
@@ -775,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{shape.connections} connections x 1 in flight:"
     )
     print(format_table(out["summary"]))
+    if "fixed" in out:
+        print("\n" + format_fixed(out["fixed"]))
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     paths = [RESULTS / f"peers-{stamp}.json", RESULTS / "peers-latest.json"]
     write_json(out, paths + ([args.json] if args.json else []))

@@ -12,6 +12,15 @@
  * prints one JSON object: requests, req_per_s, p50/p99/p999/max latency in µs (send of a
  * request to the end of its answer), dunno vs tempfail (4xx) vs other answers, errors.
  *
+ * With -R rate it is an open-loop load at a fixed offered rate instead of a closed loop
+ * at saturation: every connection is due to ask every conns/rate seconds (phases
+ * spread evenly), still one request in flight; a request whose slot comes while the
+ * previous answer is still outstanding is sent as soon as that answer arrives, and
+ * every latency is measured from the moment the request was *due* (its slot), not when
+ * it could be sent, so a stalled server is not hidden by the generator waiting for it
+ * (no coordinated omission). `late` counts requests sent more than 100 us after their
+ * slot (because the answer before was late, or the generator itself was).
+ *
  * With depth > 1 it is a pipelining client (writes `depth` requests without waiting),
  * and `-r` makes it never read its answers at all (a client that only writes): both
  * are the attacks of docs/reliability.md, for fairness runs next to a well-behaved one.
@@ -20,6 +29,7 @@
  * Usage: policy_load [-H host] [-p port | -U unix_path] [-c conns] [-t threads]
  *                    [-d seconds] [-w warmup_s] [-n requests] [-x penalized_pct]
  *                    [-P penalized_addrs] [-G good_addrs] [-k depth] [-r] [-s seed]
+ *                    [-R offered_rate_per_s]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -36,6 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -48,7 +59,7 @@
 struct opts {
     const char *host, *unix_path;
     int port, conns, threads, depth, no_read;
-    double seconds, warmup, penalized_pct;
+    double seconds, warmup, penalized_pct, rate;
     long long max_requests;
     int penalized, good;
     unsigned seed;
@@ -59,6 +70,7 @@ struct conn {
     int inflight;
     int head;                      /* ring of send times, oldest first */
     uint64_t sent_ns[MAX_DEPTH];
+    uint64_t due_ns;               /* -R: when the next request is due */
     size_t rlen;
     char rbuf[RBUF];
     uint64_t rng;
@@ -70,7 +82,7 @@ struct worker {
     struct conn *conns;
     uint32_t *lat;
     size_t nlat, caplat;
-    long long requests, dunno, tempfail, other, errors;
+    long long requests, dunno, tempfail, other, errors, late;
 };
 
 static struct opts O;
@@ -78,6 +90,7 @@ static atomic_llong answered_total;  /* counted answers, all workers (for -n) */
 static atomic_int stop_flag;
 static uint64_t t_measure_ns;        /* answers before this instant are warm-up */
 static uint64_t t_end_ns;
+static uint64_t interval_ns;         /* -R: between two requests of one connection */
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -187,14 +200,26 @@ static int write_all(int fd, const char *buf, size_t len) {
     return 0;
 }
 
-static int send_one(struct conn *c) {
+/* One request; its latency counts from `due` (0: now, the closed loop). */
+static int send_at(struct conn *c, uint64_t due) {
     char req[REQ_MAX];
     int len = build_request(c, req);
     int slot = (c->head + c->inflight) % MAX_DEPTH;
-    c->sent_ns[slot] = now_ns();
+    c->sent_ns[slot] = due ? due : now_ns();
     if (write_all(c->fd, req, (size_t)len) < 0) return -1;
     c->inflight++;
     return 0;
+}
+
+static int send_one(struct conn *c) { return send_at(c, 0); }
+
+/* -R: send the request that is due, if it is and none is in flight. */
+static int send_due(struct worker *w, struct conn *c, uint64_t t) {
+    if (c->inflight || t < c->due_ns) return 0;
+    uint64_t due = c->due_ns;
+    c->due_ns += interval_ns;
+    if (t - due > 100000 && due >= t_measure_ns) w->late++;
+    return send_at(c, due);
 }
 
 static void record(struct worker *w, uint64_t sent, uint64_t done, const char *answer) {
@@ -229,6 +254,7 @@ static int open_conn(struct worker *w, struct conn *c) {
     c->rlen = 0;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = c};
     epoll_ctl(w->epfd, EPOLL_CTL_ADD, c->fd, &ev);
+    if (interval_ns) return 0;  /* -R: the schedule sends */
     for (int i = 0; i < O.depth; i++)
         if (send_one(c) < 0) return -1;
     return 0;
@@ -258,7 +284,11 @@ static int on_readable(struct worker *w, struct conn *c) {
         c->head = (c->head + 1) % MAX_DEPTH;
         c->inflight--;
         start = end + 2;
-        if (!atomic_load(&stop_flag) && now_ns() < t_end_ns && send_one(c) < 0) return -1;
+        if (interval_ns) {
+            uint64_t t = now_ns();
+            if (!atomic_load(&stop_flag) && t < t_end_ns && send_due(w, c, t) < 0) return -1;
+        } else if (!atomic_load(&stop_flag) && now_ns() < t_end_ns && send_one(c) < 0)
+            return -1;
     }
     size_t rest = c->rlen - (size_t)(start - c->rbuf);
     if (rest == RBUF - 1) return -1;  /* no answer is this long */
@@ -289,9 +319,13 @@ static void *writer_only(void *arg) {
 static void *run_worker(void *arg) {
     struct worker *w = arg;
     w->epfd = epoll_create1(0);
+    uint64_t first = now_ns() + 1000000;
     for (int i = 0; i < w->nconns; i++) {
         struct conn *c = &w->conns[i];
         c->rng = ((uint64_t)O.seed << 32) ^ (uint64_t)(w->index * 7919 + i + 1) * 0x9E3779B97F4A7C15ull;
+        /* -R: phases spread evenly over the interval, across all connections */
+        c->due_ns = first + interval_ns *
+                   (uint64_t)((c - w->conns) * O.threads + w->index) / (uint64_t)O.conns;
         if (O.no_read) {
             c->fd = dial();
             if (c->fd < 0) w->errors++;
@@ -306,7 +340,19 @@ static void *run_worker(void *arg) {
     while (!atomic_load(&stop_flag)) {
         uint64_t t = now_ns();
         if (t >= t_end_ns) break;
-        int n = epoll_wait(w->epfd, evs, 256, 100);
+        int n;
+        if (interval_ns) {  /* sleep until the next request is due, at most 100 ms */
+            uint64_t next = t + 100000000ull;
+            for (int i = 0; i < w->nconns; i++) {
+                struct conn *c = &w->conns[i];
+                if (c->fd >= 0 && !c->inflight && c->due_ns < next) next = c->due_ns;
+            }
+            uint64_t wait = next > t ? next - t : 0;
+            struct timespec ts = {(time_t)(wait / 1000000000ull), (long)(wait % 1000000000ull)};
+            n = epoll_pwait2(w->epfd, evs, 256, &ts, NULL);
+        } else {
+            n = epoll_wait(w->epfd, evs, 256, 100);
+        }
         for (int i = 0; i < n; i++) {
             struct conn *c = evs[i].data.ptr;
             if (c->fd < 0) continue;
@@ -316,8 +362,16 @@ static void *run_worker(void *arg) {
                     drop_conn(w, c);
             }
         }
-        /* an answer that never comes is an error too (5 s, Postfix gives up after 1 s) */
         t = now_ns();
+        if (interval_ns)
+            for (int i = 0; i < w->nconns; i++) {
+                struct conn *c = &w->conns[i];
+                if (c->fd >= 0 && t < t_end_ns && send_due(w, c, t) < 0) {
+                    drop_conn(w, c);
+                    if (open_conn(w, c) < 0) drop_conn(w, c);
+                }
+            }
+        /* an answer that never comes is an error too (5 s, Postfix gives up after 1 s) */
         for (int i = 0; i < w->nconns; i++) {
             struct conn *c = &w->conns[i];
             if (c->fd >= 0 && c->inflight && t - c->sent_ns[c->head] > 5000000000ull) {
@@ -341,7 +395,8 @@ static void usage(void) {
     fprintf(stderr,
             "usage: policy_load [-H host] [-p port | -U unix_path] [-c conns] [-t threads]\n"
             "                   [-d seconds] [-w warmup] [-n requests] [-x penalized_pct]\n"
-            "                   [-P penalized_addrs] [-G good_addrs] [-k depth] [-r] [-s seed]\n");
+            "                   [-P penalized_addrs] [-G good_addrs] [-k depth] [-r] [-s seed]\n"
+            "                   [-R offered_rate_per_s]\n");
     exit(2);
 }
 
@@ -350,7 +405,7 @@ int main(int argc, char **argv) {
                       .depth = 1, .seconds = 10, .warmup = 1, .penalized_pct = 10,
                       .penalized = 50, .good = 10000, .seed = 1};
     int opt;
-    while ((opt = getopt(argc, argv, "H:p:U:c:t:d:w:n:x:P:G:k:rs:")) != -1) {
+    while ((opt = getopt(argc, argv, "H:p:U:c:t:d:w:n:x:P:G:k:rs:R:")) != -1) {
         switch (opt) {
         case 'H': O.host = optarg; break;
         case 'p': O.port = atoi(optarg); break;
@@ -366,12 +421,18 @@ int main(int argc, char **argv) {
         case 'k': O.depth = atoi(optarg); break;
         case 'r': O.no_read = 1; break;
         case 's': O.seed = (unsigned)strtoul(optarg, NULL, 10); break;
+        case 'R': O.rate = atof(optarg); break;
         default: usage();
         }
     }
     if (O.conns < 1 || O.threads < 1 || O.depth < 1 || O.depth > MAX_DEPTH || O.seconds <= 0 ||
-        O.penalized < 0 || O.good < 1 || O.penalized_pct < 0 || O.penalized_pct > 100)
+        O.penalized < 0 || O.good < 1 || O.penalized_pct < 0 || O.penalized_pct > 100 ||
+        O.rate < 0 || (O.rate > 0 && (O.depth != 1 || O.no_read)))
         usage();
+    if (O.rate > 0) {
+        interval_ns = (uint64_t)(1e9 * O.conns / O.rate);
+        prctl(PR_SET_TIMERSLACK, 1UL);  /* wake-ups on time, not 50 us late */
+    }
     if (O.threads > O.conns) O.threads = O.conns;
     if (O.max_requests > 0) O.seconds = 3600;  /* -n: until R answers (an hour at most) */
     signal(SIGPIPE, SIG_IGN);
@@ -390,7 +451,7 @@ int main(int argc, char **argv) {
         at += ws[i].nconns;
         pthread_create(&ws[i].tid, NULL, run_worker, &ws[i]);
     }
-    long long requests = 0, dunno = 0, tempfail = 0, other = 0, errors = 0;
+    long long requests = 0, dunno = 0, tempfail = 0, other = 0, errors = 0, late = 0;
     size_t nlat = 0;
     for (int i = 0; i < O.threads; i++) {
         pthread_join(ws[i].tid, NULL);
@@ -399,6 +460,7 @@ int main(int argc, char **argv) {
         tempfail += ws[i].tempfail;
         other += ws[i].other;
         errors += ws[i].errors;
+        late += ws[i].late;
         nlat += ws[i].nlat;
     }
     uint64_t t_stop = now_ns();
@@ -417,10 +479,12 @@ int main(int argc, char **argv) {
            "\"req_per_s\": %.1f, \"p50_us\": %u, \"p99_us\": %u, \"p999_us\": %u, "
            "\"max_us\": %u, \"dunno\": %lld, \"tempfail\": %lld, \"other\": %lld, "
            "\"errors\": %lld, \"penalized_pct\": %g, \"penalized_addrs\": %d, "
-           "\"good_addrs\": %d, \"written_only\": %s}\n",
+           "\"good_addrs\": %d, \"written_only\": %s, \"offered_per_s\": %.1f, "
+           "\"late\": %lld}\n",
            O.conns, O.depth, measured, requests, measured > 0 ? (double)requests / measured : 0.0,
            PCT(0.50), PCT(0.99), PCT(0.999), nlat ? all[nlat - 1] : 0, dunno, tempfail, other,
-           errors, O.penalized_pct, O.penalized, O.good, O.no_read ? "true" : "false");
+           errors, O.penalized_pct, O.penalized, O.good, O.no_read ? "true" : "false", O.rate,
+           late);
     free(all);
     free(ws);
     free(cs);

@@ -20,6 +20,7 @@ style client) and returns the well-behaved client's latency.
 
     .venv/bin/python -m bench.policyd_bench            # 3 rounds of 10 s, medians
     .venv/bin/python -m bench.policyd_bench --fairness # plus the pipelining attack
+    .venv/bin/python -m bench.policyd_bench --rate 18000  # a fixed offered rate, not saturation
 """
 
 from __future__ import annotations
@@ -225,8 +226,11 @@ def one_round(
     penalized_pct: float,
     penalized_addrs: int,
     pinned: bool = False,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     mix = ["-x", str(penalized_pct), "-P", str(penalized_addrs), "-c", str(connections)]
+    if rate:  # a fixed offered rate instead of saturation (policy_load.c -R)
+        mix += ["-R", f"{rate:.0f}"]
     if pinned:  # policyd alone on CPU 0; penaltyd and the load generator share CPU 1
         pin(policyd.pid, {0})
         pin(pd.pid, {1})
@@ -269,6 +273,7 @@ def run(
     live_replica: bool = True,
     pinned: bool = False,
     build_dir: Path | None = None,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     """`rounds` measured loads on one penaltyd + policyd; every round and the medians.
     `pinned`: policyd gets CPU 0 to itself (its capacity when nothing else competes)."""
@@ -284,6 +289,7 @@ def run(
         "report_accepted": report_accepted,
         "live_replica": live_replica,
         "pinned": pinned,
+        "offered_rate": rate,
         "rounds": [],
     }
     with stack(
@@ -300,13 +306,13 @@ def run(
                     penalized_pct=penalized_pct,
                     penalized_addrs=penalized_addrs,
                     pinned=pinned,
+                    rate=rate,
                 )
             )
         out["policyd_tracebacks"] = policyd.output().count("Traceback")
     rs = out["rounds"]
-    out["median"] = {
-        k: _median(rs, k) for k in ("req_per_s", "p50_us", "p99_us", "max_us", "cpu_us_per_request")
-    }
+    keys = ("req_per_s", "p50_us", "p99_us", "p999_us", "max_us", "cpu_us_per_request")
+    out["median"] = {k: _median(rs, k) for k in keys}
     out["errors"] = sum(r["errors"] for r in rs)
     out["tempfail_share"] = sum(r["tempfail"] for r in rs) / max(sum(r["requests"] for r in rs), 1)
     return out
@@ -341,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-live-replica", action="store_true")
     p.add_argument("--pin", action="store_true", help="policyd alone on CPU 0, the others on CPU 1")
     p.add_argument("--fairness", action="store_true", help="also run the pipelining attack")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="a fixed offered rate in requests/s (latency from when each was due) "
+        "instead of 32 connections at saturation",
+    )
     p.add_argument("--json", type=Path, default=RESULTS / "policyd-latest.json")
     args = p.parse_args(argv)
     out = run(
@@ -352,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         report_accepted=not args.no_report_accepted,
         live_replica=not args.no_live_replica,
         pinned=args.pin,
+        rate=args.rate,
     )
     for i, r in enumerate(out["rounds"], 1):
         print(
@@ -362,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['policyd_cpu_share']:.2f} penaltyd {r['penaltyd_cpu_share']:.2f} load "
             f"{r['loadgen_cpu_share']:.2f} foreign {r['foreign_cores']:.2f}  "
             f"dunno {r['dunno']} 4xx {r['tempfail']} other {r['other']} errors {r['errors']}"
+            + (f" late {r['late']}" if args.rate else "")
         )
     m = out["median"]
     print(

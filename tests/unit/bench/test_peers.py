@@ -8,6 +8,7 @@ the command lines), and the summary on made-up rounds.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import socket
 import subprocess
@@ -18,8 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
-from bench import peers
+from bench import peers, policyd_bench
 from bench.policyd_bench import penalized_address
+from tests.harness.ports import free_port, wait_port
+
+DUNNO_ANSWER = b"action=DUNNO\n\n"
 
 
 def _rate_limit(mode: str = "minute") -> dict[str, Any]:
@@ -201,3 +205,54 @@ def test_table() -> None:
     alone = peers.format_table(peers.summarize(ROUNDS[1::2])).splitlines()
     assert alone[2].startswith("postgrey")
     assert "x " not in alone[2]
+
+
+def test_fixed_rate_load_args_and_table() -> None:
+    assert peers.Load(rate=18_000.4).args()[:2] == ["-R", "18000"]
+    assert "-R" not in peers.Load().args()
+    rounds = [
+        _round("penalty-policyd", 18_000, 300, 28.0, p99_us=2_500, backend_us_per_request=14.0),
+        _round(peers.FLOOR, 18_000, 80, 12.0, p99_us=900),
+    ]
+    fixed = {"factor": 1.2, "rate": 18_000.0, "rounds": rounds, "summary": peers.summarize(rounds)}
+    text = peers.format_fixed(fixed)
+    assert "fixed offered rate 18,000 req/s (1.2 x policyd-rate-limit)" in text
+    ours = text.splitlines()[1]
+    assert "penalty-policyd" in ours
+    assert "p99 2.50 ms (rounds 2.50 ms)" in ours
+    assert "28.0 µs/req (+14.0 penaltyd)" in ours
+
+
+def test_the_floor_and_the_generators_fixed_rate_mode(tmp_path: Path) -> None:
+    """bench.policy_floor answers DUNNO per request, however the bytes are split; the
+    load generator's -R mode drives it and says what it offered."""
+    binary = policyd_bench.build(tmp_path)
+    port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, "-m", "bench.policy_floor", "--listen", f"127.0.0.1:{port}"]
+    )
+    try:
+        wait_port("127.0.0.1", port, proc=floor)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"request=smtpd_access_policy\nprotocol_state=RCPT\n\nrequest=smtpd_")
+            conn.sendall(b"access_policy\n\n")
+            got = b""
+            while got.count(b"\n\n") < 2:
+                got += conn.recv(4096)
+            assert got == DUNNO_ANSWER * 2
+        out = subprocess.run(
+            [str(binary), "-p", str(port), "-c", "4", "-R", "400", "-d", "0.5", "-w", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        result = json.loads(out.stdout)
+        assert result["offered_per_s"] == 400
+        assert result["requests"] > 0
+        assert result["dunno"] == result["requests"]
+        assert result["errors"] == 0
+        assert "late" in result
+    finally:
+        floor.terminate()
+        floor.wait(10)
