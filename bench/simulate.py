@@ -40,7 +40,7 @@ import pydantic
 
 from bench import scenarios
 from bench.scenarios import ACCEPTED, LOST, Scenario, Sender
-from penalty.identity import address_of
+from penalty.identity import address_of, same_client
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd import reasons
 from penaltyd.engine import Answer, Engine
@@ -112,6 +112,7 @@ class Started:
     identity: str
     rule: str
     reason: str  # rendered
+    bound: str = ""  # marks of the one client of the address it binds (cold start)
 
 
 class Simulation:
@@ -149,6 +150,7 @@ class Simulation:
         self._seq = itertools.count()
         self._refs: dict[tuple[str, str, str], ClientRef] = {}
         self.owners: dict[str, set[str]] = {}  # identity or sub-identity -> sender names
+        self._marks: dict[str, set[str]] = {}  # sender name -> client marks used
         self.started: list[Started] = []
         self.shared_marks: list[tuple[float, str]] = []
         self.thresholds: list[float] = []  # the adaptive threshold at every stats flush
@@ -199,7 +201,8 @@ class Simulation:
         if event.kind == STARTED:
             rule = event.reason.split(";", 1)[0]
             reason = reasons.render(event.reason)
-            self.started.append(Started(self._elapsed_s(), event.identity, rule, reason))
+            bound = reasons.bound(event.reason)
+            self.started.append(Started(self._elapsed_s(), event.identity, rule, reason, bound))
         elif event.kind == SHARED:
             self.shared_marks.append((self._elapsed_s(), event.identity))
 
@@ -215,7 +218,13 @@ class Simulation:
                 self._refs[key] = ref
             for identity in (ref.identity, ref.sub_identity):
                 self.owners.setdefault(identity, set()).add(sender.name)
+            if len(self._marks.setdefault(sender.name, set())) < 64:
+                self._marks[sender.name].add(ref.marks)
         return ref
+
+    def marks(self, sender: Sender) -> set[str]:
+        """The client marks a sender was seen with (the first 64 of a rotator's)."""
+        return self._marks.get(sender.name, set())
 
     def _penalized(self, sender: Sender, tally: Tally, answer: Answer) -> None:
         if tally.first_penalty_s is None:
@@ -439,8 +448,12 @@ def penalties_summary(sim: Simulation) -> dict[str, Any]:
 
     def senders(p: Started) -> list[Sender]:
         # Everyone who ever used the identity in the run, not only before the penalty:
-        # a whole-address penalty defers the clients that come after it too.
-        return [sim.by_name[n] for n in sorted(sim.owners.get(p.identity, ()))]
+        # a whole-address penalty defers the clients that come after it too, unless it
+        # binds one client (cold start): then only those who share a mark with it.
+        who = [sim.by_name[n] for n in sorted(sim.owners.get(p.identity, ()))]
+        if p.bound:
+            who = [s for s in who if any(same_client(p.bound, m) for m in sim.marks(s))]
+        return who
 
     def landed_on(p: Started) -> str:
         who = senders(p)

@@ -22,8 +22,9 @@ from penalty.identity import (
     InvalidAddress,
     NetworkSet,
     address_and_identity,
-    client_fingerprint,
+    client_fingerprint_and_marks,
     parse_network,
+    same_client,
     sub_identity,
 )
 from penalty.replies import DEFAULT_SMTP_REPLY
@@ -42,8 +43,9 @@ class ReplicaState:
         self.events = 0
         self.learned = 0  # penalties taken from our own reports' verdicts
         self._offset_ms = 0.0  # store clock - local monotonic clock
-        self._penalties: dict[str, tuple[int, str]] = {}
-        self._building: dict[str, tuple[int, str]] | None = None
+        # identity -> (expiry, reason, marks of the one client it binds or "")
+        self._penalties: dict[str, tuple[int, str, str]] = {}
+        self._building: dict[str, tuple[int, str, str]] | None = None
         self._allow: NetworkSet[int] = NetworkSet()
         self._building_allow: NetworkSet[int] | None = None
         self.last_event_monotonic = 0.0
@@ -90,6 +92,7 @@ class ReplicaState:
             target[event.penalty.identity] = (
                 event.penalty.expires_at_unix_ms,
                 event.penalty.reason,
+                event.penalty.client,
             )
         elif kind == Kind.KIND_PENALTY_LIFTED:
             target.pop(event.penalty.identity, None)
@@ -99,7 +102,7 @@ class ReplicaState:
             allow.remove(parse_network(event.allow.cidr))
         elif kind == Kind.KIND_SNAPSHOT_CHUNK:
             for p in event.penalties:
-                target[p.identity] = (p.expires_at_unix_ms, p.reason)
+                target[p.identity] = (p.expires_at_unix_ms, p.reason, p.client)
             for entry in event.allow_entries:
                 allow.add(parse_network(entry.cidr), entry.expires_at_unix_ms)
         elif kind == Kind.KIND_SNAPSHOT_DONE:
@@ -126,7 +129,7 @@ class ReplicaState:
         clock, like the feed's, so the remaining time stays exact."""
         if not (verdict.tempfail and verdict.identity and verdict.expires_at_unix_ms):
             return
-        entry = (verdict.expires_at_unix_ms, verdict.reason)
+        entry = (verdict.expires_at_unix_ms, verdict.reason, verdict.client)
         self._penalties[verdict.identity] = entry
         if self._building is not None:
             self._building[verdict.identity] = entry  # survives the snapshot's swap
@@ -149,9 +152,13 @@ class ReplicaState:
                 return pb.Verdict(identity=identity, allowlisted=True)
         found = self._penalties.get(identity)
         key = identity
-        if found is None and (helo or mail_from or fingerprint):
-            key = sub_identity(identity, client_fingerprint(helo, mail_from, fingerprint))
-            found = self._penalties.get(key)
+        if (helo or mail_from or fingerprint) and self._penalties:
+            fp, marks = client_fingerprint_and_marks(helo, mail_from, fingerprint)
+            if found is not None and found[2] and not same_client(found[2], marks):
+                found = None  # bound to another client of the address (cold start)
+            if found is None:
+                key = sub_identity(identity, fp)
+                found = self._penalties.get(key)
         if found is None or found[0] <= now:
             return pb.Verdict(identity=identity)
         seconds = max(1, math.ceil((found[0] - now) / 1000))
@@ -166,5 +173,5 @@ class ReplicaState:
 
     def sweep(self) -> None:
         now = self.now_ms()
-        for identity in [i for i, (exp, _) in self._penalties.items() if exp <= now]:
+        for identity in [i for i, (exp, _, _) in self._penalties.items() if exp <= now]:
             del self._penalties[identity]

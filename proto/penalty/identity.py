@@ -247,16 +247,53 @@ def client_fingerprint(helo: str, mail_from: str, fingerprint: str) -> str:
     The sender is cut to its domain before anything is cached: a full address (a person)
     is never kept, not even in memory.
     """
+    return client_fingerprint_and_marks(helo, mail_from, fingerprint)[0]
+
+
+def client_fingerprint_and_marks(helo: str, mail_from: str, fingerprint: str) -> tuple[str, str]:
+    """(fingerprint, marks): the fingerprint, and the client's *marks*: one hash per
+    component (HELO, sender domain, the MX's fingerprint), ``h.d.f``, each "" when unknown.
+
+    Marks tell whether two sightings may be the same client when their components differ
+    in what is known (a log line knows the HELO, the policy request the sender too): see
+    `same_client`. ("", "") when nothing is known."""
     if not (helo or mail_from or fingerprint):
-        return ""
+        return "", ""
     helo, mail_from, fingerprint = bound_client(helo, mail_from, fingerprint)
     return _fingerprint(helo.strip().lower(), sender_domain(mail_from), fingerprint)
 
 
-@lru_cache(maxsize=65536)
-def _fingerprint(helo: str, domain: str, fingerprint: str) -> str:
-    material = f"{helo}\0{domain}\0{fingerprint}"
+def _hash(material: str) -> str:
     return hashlib.blake2b(material.encode(), digest_size=5).hexdigest()
+
+
+@lru_cache(maxsize=65536)
+def _fingerprint(helo: str, domain: str, fingerprint: str) -> tuple[str, str]:
+    marks = ".".join(
+        _hash(f"{tag}\0{part}") if part else ""
+        for tag, part in (("h", helo), ("d", domain), ("f", fingerprint))
+    )
+    return _hash(f"{helo}\0{domain}\0{fingerprint}"), marks
+
+
+def same_client(bound: str, marks: str) -> bool:
+    """Whether a client with `marks` may be the one a penalty is bound to (`bound`, marks
+    in the same form): yes unless every component known to both differs.
+
+    Deliberately lenient towards the penalty: one shared component (the same HELO under
+    a new sender domain, or the same sender domain under a new HELO) is the same client,
+    and so is a sighting that shares no known component at all (a check without HELO or
+    sender). Only a client that differs in everything both sides know goes free: what
+    the users behind a carrier-grade NAT look like next to the spammer among them."""
+    if not bound or not marks:
+        return True
+    compared = False
+    for a, b in zip(bound.split("."), marks.split("."), strict=False):
+        if a and b:
+            if a == b:
+                return True
+            compared = True
+    return not compared
 
 
 def sub_identity(identity: str, fingerprint: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -52,9 +52,11 @@ class Replies:
     instead of two string renders and a seven-field message (docs/performance.md).
     """
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, client_of: Callable[[str], str] = reasons.bound) -> None:
         self._template = template
         self.render = reasons.render
+        # The plain marks of the one client a bound penalty applies to (`Keying.client_marks`).
+        self._client_of = client_of
         self._tempfail: dict[tuple[str, str, int, int, str, bool], penalty_pb2.Verdict] = {}
 
     def verdict(self, answer: Answer, ip: str) -> penalty_pb2.Verdict:
@@ -80,6 +82,7 @@ class Replies:
             reason=self.render(p.reason),
             smtp_reply=replies.render(self._template, ip, answer.identity, seconds),
             degraded=answer.degraded,
+            client=self._client_of(p.reason),
         )
         return verdict
 

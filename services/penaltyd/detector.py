@@ -33,6 +33,10 @@ at least `reputation_threshold_floor`) with its own Wilson z. It moves the windo
 
 Reputation never applies to a whole address whose clients are told apart (shared rules).
 
+A *newcomer* (a client that appears behind an address whose penalty binds another of its
+clients, `Engine._plan`) needs as little evidence as in a bad neighbourhood (rule
+`newcomer`): what a spammer that changes its HELO and sender to shed its penalty meets.
+
 A *shared* address (NAT, CGNAT) is judged twice: each client behind it by the rules
 above, on its own window; the whole address by the `shared_*` rules, which ask for much
 stronger evidence, so one spammer among hundreds of users never defers its neighbours.
@@ -51,7 +55,7 @@ from penaltyd.store.base import Reputation
 #: Outcome enum numbers index every per-outcome vector (0 is UNSPECIFIED, never stored).
 N_OUTCOMES = outcomes.COUNT
 #: The rules a penalty can start by (metrics create their series from this).
-RULES = ("significance", "burst", "reputation", "neighbourhood")
+RULES = ("significance", "burst", "reputation", "neighbourhood", "newcomer")
 ACCEPTED = outcomes.ACCEPTED
 outcome_name = outcomes.name
 
@@ -254,6 +258,21 @@ class Detector:
         ):
             return Decision(True, "neighbourhood", standing.threshold, ev, standing, n_min, burst)
         return Decision(False, "", threshold, ev, standing, n_min, burst)
+
+    def newcomer(self, counts: Sequence[int], baseline: Baseline | None) -> Decision:
+        """A client new behind an address whose penalty binds another client (cold start)
+        on little evidence of its own: the neighbourhood rule's few errors (rule
+        `newcomer`). A user of a carrier-grade NAT (a few % errors) never gets there; a
+        spammer that changed its HELO and sender to shed the penalty does in a few RCPTs."""
+        ev = self.evidence(counts)
+        n_min, _, burst = self.rules[False]
+        threshold = self.threshold(baseline)
+        fire = (
+            ev.events >= self.nb_n_min
+            and ev.weighted_errors >= self.nb_min_errors
+            and ev.ratio >= self.nb_min_ratio
+        )
+        return Decision(fire, "newcomer" if fire else "", threshold, ev, None, n_min, burst)
 
     def weighted(self, counts: Sequence[tuple[int, int]]) -> float:
         """Weighted errors of (outcome, n) pairs: what a report adds to the baseline."""

@@ -64,6 +64,10 @@ log = structlog.get_logger("penaltyd.engine")
 #: A report on its way to the store: what the store is told, and who it is about.
 Pending = tuple[ReportItem, ClientRef]
 
+#: Where a penalty starts (`Engine._plan`): on the address; on the client behind it; on
+#: the address but bound to its one known client (cold start, docs/detection.md).
+ADDRESS, CLIENT, BOUND = "address", "client", "bound"
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -197,7 +201,6 @@ class Engine:
         self.neighbourhoods = Neighbourhoods(
             settings, self.keying, store.now_ms, self._admin_timeout
         )
-        self._cold_start = settings.cold_start_sub_identity
         self.distribution = FleetDistribution()
 
     async def start(self) -> None:
@@ -270,6 +273,8 @@ class Engine:
         known, penalty = self.store.local_penalty(sid(ref.identity))
         if not known:
             return False, None
+        if penalty is not None and not self.keying.binds(penalty.reason, ref.marks):
+            penalty = None  # bound to another client of the address (cold start)
         if penalty is None and ref.fingerprint:
             _, sub = self.store.local_penalty(sid(ref.sub_identity))
             if sub is not None:
@@ -284,7 +289,7 @@ class Engine:
             old = self.keying.previous_identity(plain)
             if old is not None:
                 _, penalty = self.store.local_penalty(old)
-                if penalty is not None:
+                if penalty is not None and self.keying.binds(penalty.reason, ref.marks):
                     return Answer(plain, penalty)
         return Answer(ref.identity, None)
 
@@ -333,12 +338,19 @@ class Engine:
             self.metrics.check_degraded.inc(len(refs))
             return [Answer(r.identity, None, degraded=True) for r in refs]
 
-        def held(identity: str) -> Penalty | None:
-            return next((p for n in names(identity) if (p := found[n]) is not None), None)
+        def held(identity: str, marks: str = "") -> Penalty | None:
+            return next(
+                (
+                    p
+                    for n in names(identity)
+                    if (p := found[n]) is not None and self.keying.binds(p.reason, marks)
+                ),
+                None,
+            )
 
         out = []
         for ref in refs:
-            whole, sub = held(ref.identity), held(ref.sub_identity)
+            whole, sub = held(ref.identity, ref.marks), held(ref.sub_identity)
             if whole is None and sub is not None:
                 out.append(self._count_check(Answer(ref.sub_identity, sub)))
             else:
@@ -420,36 +432,50 @@ class Engine:
             self.distribution.typical,
         )
 
-    def _plan(self, ref: ClientRef, window: Window) -> Answer | tuple[bool, Decision]:
-        """The answer a window gives, or the penalty it starts: (on the client behind the
-        address rather than the address?, decision). Pure: no I/O."""
+    def _plan(self, ref: ClientRef, window: Window) -> Answer | tuple[str, Decision]:
+        """The answer a window gives, or the penalty it starts: (where: ADDRESS, CLIENT
+        behind it, or BOUND to the address's one known client; decision). Pure: no I/O."""
+        other = False  # the address holds a penalty bound to another of its clients
         if window.penalty is not None:
-            return Answer(ref.identity, window.penalty)
+            if self.keying.binds(window.penalty.reason, ref.marks):
+                return Answer(ref.identity, window.penalty)
+            other = True
         if window.sub_penalty is not None:
             return Answer(ref.sub_identity, window.sub_penalty)
         if window.sub_counts is None:
-            # Judged alone, with its history and its neighbourhood's as evidence. A penalty
-            # on an address whose one client is known lands on that client (cold start):
-            # the address's other clients, unseen so far, are still told apart later.
+            if other:
+                return Answer(ref.identity, None)  # a newcomer, not told apart yet
+            # Judged alone, with its history and its neighbourhood's as evidence. When the
+            # address's one client is known (its HELO, sender), the penalty on the address
+            # binds that client (cold start): clients that come later and differ in every
+            # mark are not deferred, so they are reported and the address is told apart.
             if not self.detector.has_errors(window.counts):
                 return Answer(ref.identity, None)  # no rule fires without an error (cheap)
             decision = self.detector.judge(window.counts, self.baseline, self.standing(ref, window))
             if not decision.fire:
                 return Answer(ref.identity, None)
-            on_client = self._cold_start and bool(ref.fingerprint) and not window.shared
-            return on_client, decision
+            bound = bool(ref.marks) and window.distinct <= 1 and not window.shared
+            return (BOUND if bound else ADDRESS), decision
         # Told apart: the client on its own window, the whole address by the shared rules.
+        # A newcomer behind an address penalized for another client is on probation: the
+        # spammer that changes HELO and sender to shed its penalty is deferred again on
+        # a few errors of the new client's, not twenty.
         sub = self.detector.evaluate(window.sub_counts, self.baseline)
+        if not sub.fire and other:
+            sub = self.detector.newcomer(window.sub_counts, self.baseline)
         if sub.fire:
-            return True, sub
+            return CLIENT, sub
+        if other:
+            return Answer(ref.identity, None)  # the address's penalty is another client's
         whole = self.detector.evaluate(window.counts, self.baseline, shared=True)
-        return (False, whole) if whole.fire else Answer(ref.identity, None)
+        return (ADDRESS, whole) if whole.fire else Answer(ref.identity, None)
 
     async def _decide(self, pending: Sequence[Pending], windows: Sequence[Window]) -> list[Answer]:
         """Answers for a batch; every penalty it triggers starts in one store batch."""
-        out: list[Answer | tuple[str, str]] = []
+        out: list[Answer | tuple[str, str, str]] = []  # or (store name, identity, marks)
         firing: dict[str, tuple[str, Decision]] = {}  # store name -> (identity, decision)
         refs: dict[str, ClientRef] = {}
+        binding: dict[str, str] = {}  # store name -> marks of the client a penalty binds
         for (item, ref), window in zip(pending, windows, strict=True):
             if window.newly_shared:
                 log.info("shared_address_marked", identity=ref.identity, rule="detected")
@@ -458,17 +484,26 @@ class Engine:
             if isinstance(plan, Answer):
                 out.append(plan)
                 continue
-            sub, decision = plan
+            where, decision = plan
             name, plain = (
-                (item.sub_identity, ref.sub_identity) if sub else (item.identity, ref.identity)
+                (item.sub_identity, ref.sub_identity)
+                if where == CLIENT
+                else (item.identity, ref.identity)
             )
-            firing.setdefault(name, (plain, decision))
-            refs.setdefault(name, ref)
-            out.append((name, plain))
+            if name not in firing:
+                firing[name] = (plain, decision)
+                refs[name] = ref
+                if where == BOUND:
+                    binding[name] = ref.marks
+            out.append((name, plain, ref.marks))
         if not firing:
             return cast(list[Answer], out)
         starts = [
-            (name, self._penalty_ms, self.keying.stored_reason(reasons.encode(d), plain))
+            (
+                name,
+                self._penalty_ms,
+                self.keying.stored_reason(reasons.encode(d), plain, binding.get(name, "")),
+            )
             for name, (plain, d) in firing.items()
         ]
         started = await self.store.start_penalties(starts, self._escalation)
@@ -493,7 +528,16 @@ class Engine:
                     rule=decision.rule,
                     seconds=penalty.seconds_left,
                 )
-        return [a if isinstance(a, Answer) else Answer(a[1], penalties.get(a[0])) for a in out]
+        return [a if isinstance(a, Answer) else self._answer(a, penalties) for a in out]
+
+    def _answer(self, started: tuple[str, str, str], penalties: dict[str, Penalty]) -> Answer:
+        """A report's answer from the penalties its batch started: one bound to another
+        client of the address (started by an earlier report of the batch) is not its."""
+        name, plain, marks = started
+        penalty = penalties.get(name)
+        if penalty is not None and not self.keying.binds(penalty.reason, marks):
+            penalty = None
+        return Answer(plain, penalty)
 
     async def flush_buffer(self) -> int:
         """Replay buffered reports; returns how many were stored (stops at a failure)."""
@@ -741,9 +785,11 @@ class Engine:
         identity, compact = self.keying.reveal(p.identity, p.reason)
         return Penalty(identity, p.remaining_ms, p.expires_at_ms, compact)
 
-    def reveal(self, stored: str, reason: str) -> tuple[str, str]:
-        """(identity, sentence) of a penalty as the store names it (the watch hub's)."""
-        return self.keying.reveal(stored, reason)[0], reasons.render(reason)
+    def reveal(self, stored: str, reason: str) -> tuple[str, str, str]:
+        """(identity, sentence, marks of the client it binds) of a penalty as the store
+        names it (the watch hub's)."""
+        k = self.keying
+        return k.reveal(stored, reason)[0], reasons.render(reason), k.client_marks(reason)
 
     # --- the watch hub (WatchPenalties)
 

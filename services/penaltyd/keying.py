@@ -33,8 +33,9 @@ from functools import lru_cache
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
+from penalty.identity import same_client
 from penalty.keyed import IdentityKey
-from penaltyd.reasons import SEAL
+from penaltyd.reasons import BIND, SEAL
 
 _AAD = [b"penaltyd identity v1"]
 _CACHE = 131_072  # identities whose tokens and seals are kept (~25 MB at most)
@@ -123,18 +124,53 @@ class Keying:
                 continue
         return None
 
-    def stored_reason(self, compact: str, plain_identity: str) -> str:
-        """The reason a penalty is stored with: its compact reason, plus the sealed identity."""
+    def stored_reason(self, compact: str, plain_identity: str, marks: str = "") -> str:
+        """The reason a penalty is stored with: its compact reason, the marks of the one
+        client it binds (if any, in the store's form), plus the sealed identity (with the
+        plain marks, so the watch feed can name them)."""
         if self._key is None:
-            return compact
-        return f"{compact}{SEAL}{self.label(plain_identity)}"
+            return f"{compact}{BIND}{marks}" if marks else compact
+        if not marks:
+            return f"{compact}{SEAL}{self.label(plain_identity)}"
+        sealed = self.label(f"{plain_identity}{BIND}{marks}")
+        return f"{compact}{BIND}{self.store_marks(marks)}{SEAL}{sealed}"
+
+    def store_marks(self, marks: str) -> str:
+        """A client's marks as the store holds them: each component keyed with a key."""
+        if self._key is None or not marks:
+            return marks
+        return self._marks(self._key, marks)
+
+    @staticmethod
+    @lru_cache(maxsize=_CACHE)
+    def _marks(key: IdentityKey, marks: str) -> str:
+        return ".".join(key.fingerprint(m) if m else "" for m in marks.split("."))
+
+    def binds(self, reason: str, marks: str) -> bool:
+        """Whether a stored penalty applies to a client with (plain) `marks`: always, but
+        for a penalty bound to another client (`penalty.identity.same_client`). During a
+        rotation a penalty bound under the previous key compares under that key."""
+        bound = reason.partition(SEAL)[0].partition(BIND)[2]
+        if not bound or not marks:
+            return True
+        if same_client(bound, self.store_marks(marks)):
+            return True
+        return self._previous is not None and same_client(bound, self._marks(self._previous, marks))
 
     def reveal(self, identity: str, reason: str) -> tuple[str, str]:
-        """(plain identity, compact reason) of a penalty as the store returned it."""
+        """(plain identity, compact reason) of a penalty as the store returned it (the
+        compact reason keeps a binding's marks: `reasons.render` reads them)."""
         compact, sep, sealed = reason.partition(SEAL)
         if not sep:
             return identity, compact
-        return self.open(sealed) or identity, compact
+        return (self.open(sealed) or identity).partition(BIND)[0], compact
+
+    def client_marks(self, reason: str) -> str:
+        """The plain marks of the client a stored penalty binds ("" for the whole address)."""
+        compact, sep, sealed = reason.partition(SEAL)
+        if not sep:
+            return compact.partition(BIND)[2]
+        return (self.open(sealed) or "").partition(BIND)[2]
 
     def reveal_label(self, label: str) -> str:
         """The address a shared mark's label names (the label itself if it is not ours)."""

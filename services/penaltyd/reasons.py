@@ -10,6 +10,12 @@ bound; the neighbourhood's; the long-horizon bar; history b, c or -).
 
 With `identity_key` the stored reason also carries the penalty's sealed identity after
 `SEAL` (`penaltyd.keying`); rendering drops it.
+
+A penalty *bound* to one client of its address (cold start: the address's only known
+client earned it) carries that client's marks after `BIND`, before any seal
+(`penalty.identity.same_client`): checks from clients that differ in every known mark
+pass. In the store the marks are the store's form (keyed tokens with `identity_key`);
+the seal then holds the plain marks too, for the watch feed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,20 @@ from penaltyd.detector import Decision
 
 #: Between a penalty's compact reason and its sealed identity (never inside a reason).
 SEAL = "\x1e"
+#: Between a penalty's compact reason and the marks of the one client it binds.
+BIND = "\x1d"
+
+_BOUND_NOTE = "; binds one client of the address: others (another HELO and sender) pass"
+
+
+def bound(stored: str) -> str:
+    """The marks of the client a stored penalty binds ("": the whole address), as stored."""
+    return stored.partition(SEAL)[0].partition(BIND)[2]
+
+
+def bind(compact: str, marks: str) -> str:
+    """A compact reason bound to the client with `marks` (as the store names them)."""
+    return f"{compact}{BIND}{marks}" if marks else compact
 
 
 def encode(decision: Decision) -> str:
@@ -62,7 +82,8 @@ def render(stored: str) -> str:
 
     Cached on the compact part: every penalty of a kind renders the same sentence, sealed
     identities apart, and a check that hits a penalty must not pay for the formatting."""
-    return _render(stored.partition(SEAL)[0])
+    compact, sep, _ = stored.partition(SEAL)[0].partition(BIND)
+    return _render(compact) + _BOUND_NOTE if sep else _render(compact)
 
 
 @lru_cache(maxsize=4096)
@@ -83,6 +104,7 @@ def _render(compact: str) -> str:
         "burst": "burst of errors",
         "reputation": "fresh errors from an address with a bad history",
         "neighbourhood": "errors from an address in a misbehaving neighbourhood",
+        "newcomer": "errors from a new client behind an address penalized for another",
     }.get(rule, rule or "penalty")
     return (
         f"{head}: {weighted} weighted errors in {events} events, "

@@ -66,7 +66,9 @@ KEY_KINDS: tuple[KeyKind, ...] = (
         rf"{_A}:w",
         "hash",
         "the address's error window: outcome counts per bucket, the bucket a penalty used "
-        "up, and its penalty (reason with the numbers, expiry)",
+        "up, and its penalty (reason with the numbers, expiry; a penalty bound to the "
+        "address's one known client also holds that client's marks: hashes of its HELO, "
+        "sender domain and MX fingerprint, keyed with identity_key)",
         "Report (record.lua), a penalty starting, Lift",
         "max(window_seconds + bucket_seconds, longest penalty) after the last report",
         _window_key,

@@ -118,7 +118,7 @@ async def start_server(
     metrics = metrics or Metrics()
     engine = Engine(settings, store or make_store(settings), metrics)
     validator = Validator(settings)
-    replies = Replies(settings.smtp_reply)
+    replies = Replies(settings.smtp_reply, engine.keying.client_marks)
     server = wiring.grpc_server(settings)
     codec.register_guarded(
         penalty_pb2_grpc.add_PenaltyServiceServicer_to_server,

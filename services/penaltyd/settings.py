@@ -133,10 +133,6 @@ class Settings(ServingSettings):
     neighbourhood_min_ratio: float = Field(0.6, ge=0, le=1)  # ...at at least this raw ratio
     neighbourhood_cache: int = Field(65_536, ge=16, le=10_000_000)  # networks kept per replica
     neighbourhood_worst_keep: int = Field(256, ge=1, le=100_000)  # worst networks indexed per shard
-    # A single-client penalty on an address whose client is known (HELO, sender) lands on
-    # that client, so later clients of the address are still told apart (cold start).
-    # Off by default: a penalty then binds the client's HELO and sender, not the address.
-    cold_start_sub_identity: bool = False
 
     # --- allowlist
     allow_min_prefix_v4: int = Field(16, ge=0, le=32)  # broader IPv4 CIDRs are refused

@@ -17,7 +17,7 @@ from penalty.identity import (
     InvalidAddress,
     IPAddress,
     address_and_identity,
-    client_fingerprint,
+    client_fingerprint_and_marks,
     parse_network,
     sub_identity,
 )
@@ -36,6 +36,9 @@ class ClientRef:
     addr: IPAddress
     identity: str
     fingerprint: str  # "" when the MX sent no HELO, sender or fingerprint
+    # One hash per component (`penalty.identity.same_client`): whether a penalty bound to
+    # one client of the address applies to this one.
+    marks: str = ""
 
     @property
     def sub_identity(self) -> str:
@@ -68,8 +71,8 @@ class Validator:
             addr, identity = address_and_identity(client.ip, self.rules)
         except InvalidAddress as exc:
             raise BadField(f"{field}.ip", str(exc)) from exc
-        fp = client_fingerprint(client.helo, client.mail_from, client.fingerprint)
-        return ClientRef(client.ip, addr, identity, fp)
+        fp, marks = client_fingerprint_and_marks(client.helo, client.mail_from, client.fingerprint)
+        return ClientRef(client.ip, addr, identity, fp, marks)
 
     def check(self, request: Any, field: str = "") -> ClientRef:
         """Any request with a `client` field (Check, Explain, Lift)."""
@@ -83,12 +86,18 @@ class Validator:
         if not request.HasField("client"):
             raise BadField(f"{field}client", "required")
         identity = self.client(request.client, f"{field}client")
-        if not request.counts:
+        counts = request.counts
+        if len(counts) == 1:  # the common case (a unary report of one event): no merging
+            c = counts[0]
+            outcome, n = c.outcome, c.n
+            if outcome in _VALID_OUTCOMES and 1 <= n <= self.max_count:
+                return identity, [(outcome, n)]
+        if not counts:
             raise BadField(f"{field}counts", "at least one outcome count is required")
-        if len(request.counts) > self.max_counts:
+        if len(counts) > self.max_counts:
             raise BadField(f"{field}counts", f"more than {self.max_counts} entries")
         merged: dict[int, int] = {}
-        for i, c in enumerate(request.counts):
+        for i, c in enumerate(counts):
             if c.outcome not in _VALID_OUTCOMES:
                 raise BadField(f"{field}counts[{i}].outcome", f"unknown outcome {c.outcome}")
             if not 1 <= c.n <= self.max_count:

@@ -89,7 +89,7 @@ class WatchHub:
         self,
         snapshot: Callable[[], RawSnapshot],
         now_ms: Callable[[], int],
-        reveal: Callable[[str, str], tuple[str, str]],
+        reveal: Callable[[str, str], tuple[str, str, str]],
         done: pb.PenaltyEvent,
         *,
         log_size: int = 100_000,
@@ -103,7 +103,7 @@ class WatchHub:
     ) -> None:
         self._take_snapshot = snapshot
         self._now_ms = now_ms
-        self._reveal = reveal  # (stored identity, stored reason) -> (identity, sentence)
+        self._reveal = reveal  # (stored identity, reason) -> (identity, sentence, client marks)
         self._address: Callable[[str], str] = address or (lambda a: a)  # shared mark labels
         self._done = done.SerializeToString()  # SNAPSHOT_DONE with template and rules
         self._size = log_size
@@ -167,7 +167,7 @@ class WatchHub:
         kind = event.kind
         if kind == STARTED:
             remaining = max(0, event.expires_at_ms - self._now_ms())
-            identity, reason = self._reveal(event.identity, event.reason)
+            identity, reason, client = self._reveal(event.identity, event.reason)
             msg = pb.PenaltyEvent(
                 kind=Kind.KIND_PENALTY_STARTED,
                 penalty=pb.Penalty(
@@ -175,10 +175,11 @@ class WatchHub:
                     seconds_left=max(1, -(-remaining // 1000)),
                     expires_at_unix_ms=event.expires_at_ms,
                     reason=reason,
+                    client=client,
                 ),
             )
         elif kind == LIFTED:
-            identity, _ = self._reveal(event.identity, event.reason)
+            identity, _, _ = self._reveal(event.identity, event.reason)
             msg = pb.PenaltyEvent(
                 kind=Kind.KIND_PENALTY_LIFTED, penalty=pb.Penalty(identity=identity)
             )
@@ -229,12 +230,13 @@ class WatchHub:
             for stored, (expires, reason) in itertools.islice(entries, self._chunk):
                 if expires <= now:
                     continue
-                identity, sentence = self._reveal(stored, reason)
+                identity, sentence, client = self._reveal(stored, reason)
                 event.penalties.add(
                     identity=identity,
                     seconds_left=max(1, -(-(expires - now) // 1000)),
                     expires_at_unix_ms=expires,
                     reason=sentence,
+                    client=client,
                 )
             chunks.append(event.SerializeToString())
             await asyncio.sleep(0)
@@ -268,7 +270,7 @@ class WatchHub:
         now = self._now_ms()
         for stored, (exp, reason) in penalties.items():
             if exp > now:
-                identity, sentence = self._reveal(stored, reason)
+                identity, sentence, client = self._reveal(stored, reason)
                 yield pb.PenaltyEvent(
                     kind=Kind.KIND_PENALTY_STARTED,
                     penalty=pb.Penalty(
@@ -276,6 +278,7 @@ class WatchHub:
                         seconds_left=max(1, -(-(exp - now) // 1000)),
                         expires_at_unix_ms=exp,
                         reason=sentence,
+                        client=client,
                     ),
                 ).SerializeToString()
         for address, exp in shared.items():

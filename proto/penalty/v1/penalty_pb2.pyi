@@ -178,6 +178,7 @@ class Verdict(_message.Message):
     SMTP_REPLY_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     ALLOWLISTED_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
     tempfail: _builtins.bool
     seconds_left: _builtins.int
     """remaining time rounded up; 0 when not tempfail"""
@@ -193,6 +194,12 @@ class Verdict(_message.Message):
     """the store did not answer in time: fail-open answer"""
     allowlisted: _builtins.bool
     """the client matches an allowlist entry: never penalized"""
+    client: _builtins.str
+    """On a tempfail bound to one client of the address (cold start, docs/detection.md): that
+    client's marks, "h.d.f" (hashes of HELO, sender domain, the MX's fingerprint; "" for
+    an unknown one). A client of the same address that differs in every mark both know is
+    not penalized (penalty.identity.same_client). Empty: the penalty is the identity's.
+    """
     def __init__(
         self,
         *,
@@ -204,10 +211,11 @@ class Verdict(_message.Message):
         smtp_reply: _builtins.str = ...,
         degraded: _builtins.bool = ...,
         allowlisted: _builtins.bool = ...,
+        client: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowlisted", b"allowlisted", "degraded", b"degraded", "expires_at_unix_ms", b"expires_at_unix_ms", "identity", b"identity", "reason", b"reason", "seconds_left", b"seconds_left", "smtp_reply", b"smtp_reply", "tempfail", b"tempfail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowlisted", b"allowlisted", "client", b"client", "degraded", b"degraded", "expires_at_unix_ms", b"expires_at_unix_ms", "identity", b"identity", "reason", b"reason", "seconds_left", b"seconds_left", "smtp_reply", b"smtp_reply", "tempfail", b"tempfail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1132,10 +1140,13 @@ class Penalty(_message.Message):
     SECONDS_LEFT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
     identity: _builtins.str
     seconds_left: _builtins.int
     expires_at_unix_ms: _builtins.int
     reason: _builtins.str
+    client: _builtins.str
+    """as Verdict.client: the one client of the address it binds, if any"""
     def __init__(
         self,
         *,
@@ -1143,10 +1154,11 @@ class Penalty(_message.Message):
         seconds_left: _builtins.int = ...,
         expires_at_unix_ms: _builtins.int = ...,
         reason: _builtins.str = ...,
+        client: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_unix_ms", b"expires_at_unix_ms", "identity", b"identity", "reason", b"reason", "seconds_left", b"seconds_left"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "expires_at_unix_ms", b"expires_at_unix_ms", "identity", b"identity", "reason", b"reason", "seconds_left", b"seconds_left"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -78,6 +78,7 @@ from penaltyd.store.base import (
     ReportItem,
     Reputation,
     StatsDelta,
+    StoreError,
     StoreMisconfigured,
     StoreUnavailable,
     Window,
@@ -90,6 +91,9 @@ from serving.redis.scripts import Scripts
 from serving.redis.topology import connect
 
 log = structlog.get_logger("penaltyd.store.redis")
+
+#: Announcements kept while Redis refuses them (`RedisStore._announce`): about 2 MB at most.
+MAX_UNANNOUNCED = 10_000
 
 _SCRIPT_NAMES = ("record", "peek", "start_penalty", "index_add", "lift", "neighbourhood")
 
@@ -187,6 +191,9 @@ class RedisStore:
         self._use_view = use_view
         self._listener: Listener | None = None
         self._follower: asyncio.Task[None] | None = None
+        # Announcements (index entry + feed event) of penalties that started or ended while
+        # Redis would not take the announcement: retried until it does (`_retry_announce`).
+        self._unannounced: list[tuple[FeedEvent, str | None]] = []
         self._probe_key = f"{key_prefix}:{{rep}}:probe:{uuid.uuid4().hex[:12]}"
 
     # --- keys
@@ -312,16 +319,57 @@ class RedisStore:
         return results
 
     async def _announce(self, events: Sequence[tuple[FeedEvent, str | None]]) -> None:
-        """Enter members in their index shards and publish the events, in one round trip."""
-        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
-        for event, index_key in events:
-            if index_key is not None:
-                calls.append(("index_add", (index_key,), (event.expires_at_ms, event.identity)))
-            calls.append(("PUBLISH", (self._channel,), (event.encode(),)))
-        await self._pipeline(calls)
+        """Enter members in their index shards and publish the events, in one round trip.
+
+        The penalty itself is already in its window when this runs. If Redis refuses the
+        announcement (a connection lost between the two, the first use of a pooled
+        connection after a restart), every other replica's view and the index would miss
+        the penalty for its whole duration: so it is kept and retried (`_retry_announce`),
+        never dropped, and the caller still gets its penalty."""
         if self.view.synced:
             for event, _ in events:
                 self.view.apply(event)  # our own view need not wait for the echo
+        try:
+            await self._pipeline(self._announcement(events))
+        except StoreError as exc:
+            if len(self._unannounced) + len(events) > MAX_UNANNOUNCED:
+                del self._unannounced[: len(events)]
+            self._unannounced.extend(events)
+            log.warning(
+                "penalty_announce_deferred",
+                events=len(events),
+                error=str(exc) or type(exc).__name__,
+            )
+
+    def _announcement(
+        self, events: Sequence[tuple[FeedEvent, str | None]]
+    ) -> list[tuple[str, Sequence[str], Sequence[Any]]]:
+        calls: list[tuple[str, Sequence[str], Sequence[Any]]] = []
+        for event, index_key in events:
+            if index_key is not None:
+                if event.kind == LIFTED:
+                    calls.append(("ZREM", (index_key,), (event.identity,)))
+                else:
+                    calls.append(("index_add", (index_key,), (event.expires_at_ms, event.identity)))
+            calls.append(("PUBLISH", (self._channel,), (event.encode(),)))
+        return calls
+
+    async def _retry_announce(self) -> None:
+        """Send the announcements Redis refused earlier (oldest first); expired ones are
+        dropped (the index and the views forget them anyway)."""
+        now = self.clock.now_ms()
+        pending = [
+            (e, k) for e, k in self._unannounced if e.kind == LIFTED or e.expires_at_ms > now
+        ]
+        self._unannounced = []
+        if not pending:
+            return
+        try:
+            await self._pipeline(self._announcement(pending))
+        except StoreError:
+            self._unannounced = pending + self._unannounced
+            raise
+        log.info("penalty_announce_sent", events=len(pending))
 
     # --- penalties
 
@@ -405,9 +453,8 @@ class RedisStore:
         if removed:
             reason = removed.decode() if isinstance(removed, bytes) else ""
             event = FeedEvent(LIFTED, identity, 0, reason)
-            zrem = ("ZREM", (self._ikey(identity),), (identity,))
-            await self._pipeline([zrem, ("PUBLISH", (self._channel,), (event.encode(),))])
             self.view.apply(event)
+            await self._announce([(event, self._ikey(identity))])
         return bool(removed)
 
     async def held(self, identity: str, mark: str) -> list[Held]:
@@ -875,7 +922,14 @@ class RedisStore:
                     t0 = time.monotonic()
                     now = await self._store_now_ms()
                     self.clock.calibrate(now, (time.monotonic() - t0) * 1000)
+                    if self._unannounced:
+                        # Before the snapshot, so it holds them; a refusal is no reason
+                        # not to sync (they are retried every second, and applied below).
+                        with contextlib.suppress(StoreError):
+                            await self._retry_announce()
                     self.view.replace(*await self._snapshot())
+                    for event, _ in self._unannounced:
+                        self.view.apply(event)  # ours, whatever the feed has not carried
                     self.view.synced = True
                     backoff = 0.05
                     log.info("feed_synced", active_penalties=len(self.view))
@@ -915,5 +969,8 @@ class RedisStore:
                 await pubsub.execute_command("PING")
                 last_ping = now
                 self.view.sweep()
+                if self._unannounced:
+                    with contextlib.suppress(StoreError):
+                        await self._retry_announce()
             if now - last_seen > 3.0:
                 raise StoreUnavailable("feed silent for 3 s")

@@ -132,3 +132,38 @@ class TestRedisStoreWithView(RedisContract):
 
 class TestRedisStoreWithoutView(RedisContract):
     use_view = False
+
+
+async def test_a_penalty_whose_announcement_redis_refused_still_reaches_every_replica() -> None:
+    """Found under load: the first use of a pooled connection after a Redis restart failed
+    the announcement (index entry + feed event) of a penalty already in its window, so no
+    replica's view and no listing held it for its whole duration. It is kept and retried."""
+    server = RedisServer().start()
+    a = b = None
+    raw = aioredis.Redis(port=server.port)
+    try:
+        a = await started_store(server.url, True)
+        b = await started_store(server.url, True)
+        acl = raw.execute_command  # untyped in redis-py
+        await acl("ACL", "SETUSER", "default", "-publish")  # type: ignore[no-untyped-call]
+        ((_, created),) = await a.start_penalties([("203.0.113.50", 300_000, "r")])
+        assert created
+        assert a.view.get("203.0.113.50") is not None  # its own view at once
+        assert b.view.get("203.0.113.50") is None  # the feed did not carry it
+        assert a._unannounced  # kept, not dropped
+        await acl("ACL", "SETUSER", "default", "+publish")  # type: ignore[no-untyped-call]
+
+        async def on_b() -> object:
+            return b.view.get("203.0.113.50") if b else None
+
+        seen = await eventually(on_b, lambda p: p is not None, within=5)
+        assert seen == b.view.get("203.0.113.50")
+        listed, _ = await b.list_penalties(None, 10)
+        assert [p.identity for p in listed] == ["203.0.113.50"]
+        assert not a._unannounced
+    finally:
+        for store in (a, b):
+            if store is not None:
+                await store.close()
+        await raw.aclose()
+        server.stop()

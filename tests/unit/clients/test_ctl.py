@@ -229,6 +229,7 @@ async def test_json_output(serve: ServeFactory) -> None:
         "smtp_reply": "",
         "degraded": False,
         "allowlisted": False,
+        "client": "",
     }
     await penalize(pd, "203.0.113.30")
     verdict = await ctl(pd.address, "check", "203.0.113.30", "--json")

@@ -99,21 +99,6 @@ async def test_a_long_clean_history_needs_more_evidence() -> None:
     assert ex.decision.burst == 200
 
 
-async def test_cold_start_a_penalty_lands_on_the_one_known_client() -> None:
-    e, _, v = engine(cold_start_sub_identity=True)
-    spammer = ref(v, "100.64.1.1", "bot.example")
-    answers = await send(e, spammer, [UNKNOWN] * 25)
-    fired = next(a for a in answers if a.penalty)
-    assert fired.identity == spammer.sub_identity
-    assert answers[-1].penalty is not None  # later reports answer with it too
-    user = ref(v, "100.64.1.1", "pc-1.home.example")
-    assert (await e.check(user)).penalty is None  # told apart later: never deferred
-    assert (await e.check(spammer)).penalty is not None
-    # An operator lifting by address alone still ends it.
-    assert await e.lift(ref(v, "100.64.1.1"), "desk", "T-1") == [spammer.sub_identity]
-    assert (await e.check(spammer)).penalty is None
-
-
 async def test_explain_reputation_rpcs_and_penaltyctl(serve: ServeFactory) -> None:
     pd = await serve(MemoryStore(), stats_flush_seconds=0.1)
     for i in range(1, 21):
