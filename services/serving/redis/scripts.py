@@ -35,7 +35,7 @@ class Scripts:
     async def run(self, client: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA `name` (EVAL after NOSCRIPT); redis-py errors mapped to the store tree."""
         sha, src = self._by_name[name]
-        async with mapped_errors():
+        with mapped_errors():
             try:
                 return await client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:

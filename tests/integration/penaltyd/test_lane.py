@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -13,7 +14,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from serving.errors import StoreMisconfigured, StoreUnavailable
 from serving.redis.errors import mapped_errors
-from serving.redis.lane import Lane, LaneRedis
+from serving.redis.lane import LANE_PIPELINE_BYTES, LANE_PIPELINE_COMMANDS, Lane, LaneRedis
 from serving.redis.topology import connect
 from tests.harness.redis import RedisServer
 
@@ -145,3 +146,161 @@ async def test_auth_and_database_are_sent_on_connect() -> None:
                     await wrong.execute("EVALSHA", sha, 1, "k", "x")
         finally:
             wrong.close()
+
+
+async def test_calls_made_while_a_batch_is_on_the_wire_leave_together(
+    own_redis: RedisServer,
+) -> None:
+    """Single flight: a call finding nothing on the wire is written at once; calls made
+    while one is on the wire are written together, in one write, when its reply is in."""
+    lane = Lane("127.0.0.1", own_redis.port)
+    try:
+        sha = _sha(own_redis)
+        for i in range(3):  # one at a time: each written at once, alone
+            assert (await lane.execute("EVALSHA", sha, 1, "k", f"alone{i}"))[1] == b"alone%d" % i
+        proto = lane._proto
+        assert proto is not None
+        assert (proto.writes, proto.commands) == (3, 3)
+        replies = await asyncio.gather(
+            *(lane.execute("EVALSHA", sha, 1, "k", i) for i in range(50))
+        )
+        assert [r[1] for r in replies] == [str(i).encode() for i in range(50)]
+        assert [r[2] for r in replies] == list(range(4, 54))  # applied in call order
+        # the first of the 50 alone, the 49 made meanwhile in one write behind it
+        assert (proto.writes, proto.commands) == (5, 53)
+    finally:
+        lane.close()
+
+
+async def test_calls_queued_behind_a_stalled_batch_leave_when_it_returns(
+    own_redis: RedisServer,
+) -> None:
+    """A paused Redis: what queued behind the batch on the wire is sent once that batch
+    is answered; callers that gave up meanwhile get nothing, the others their replies."""
+    lane = Lane("127.0.0.1", own_redis.port)
+    try:
+        sha = _sha(own_redis)
+        await lane.execute("EVALSHA", sha, 1, "k", "warm")
+        own_redis.pause()
+        try:
+            on_wire = asyncio.ensure_future(lane.execute("EVALSHA", sha, 1, "k", "wire"))
+            queued = asyncio.ensure_future(lane.execute("EVALSHA", sha, 1, "k", "queued"))
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await lane.execute("EVALSHA", sha, 1, "k", "gave-up")
+        finally:
+            own_redis.resume()
+        assert (await on_wire)[1] == b"wire"
+        assert (await queued)[1] == b"queued"
+        mine = await lane.execute("EVALSHA", sha, 1, "k", "mine")
+        assert mine[1] == b"mine"
+        assert mine[2] == 5  # warm, wire, queued, gave-up (applied, nobody read it), mine
+    finally:
+        lane.close()
+
+
+async def test_short_pipelines_go_on_the_lane_with_redis_pys_replies(redis_url: str) -> None:
+    """A short non-transactional pipeline is one write on the lane; what it returns is
+    what redis-py's pipeline returns (its reply callbacks, its errors)."""
+    _, client, feed = connect(redis_url, 8)
+    assert isinstance(client, LaneRedis)
+    plain = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        sha = await client.script_load(SCRIPT)
+        await client.delete("lp", "lz")
+
+        def fill(pipe: Any) -> None:
+            pipe.evalsha(sha, 1, "lp", "a")
+            pipe.set("lp:s", "v", px=10_000)
+            pipe.zadd("lz", {"m1": 1.5, "m2": 2})
+            pipe.zrangebyscore("lz", 0, "+inf", withscores=True)
+            pipe.hset("lp:h", mapping={"f": 1})
+            pipe.hgetall("lp:h")
+            pipe.execute_command("PTTL", "lp:s")
+
+        ours = client.pipeline(transaction=False)
+        fill(ours)
+        writes = client.lane._proto.writes if client.lane._proto else 0
+        got = await ours.execute()
+        proto = client.lane._proto
+        assert proto is not None
+        assert proto.writes == writes + 1  # the seven commands in one write
+        await client.delete("lz", "lp:h")
+        theirs = plain.pipeline(transaction=False)
+        fill(theirs)
+        want = await theirs.execute()
+        assert [type(x) for x in got] == [type(x) for x in want]
+        assert got[0][:2] == want[0][:2] == [b"lp", b"a"]
+        assert got[1:4] == want[1:4] == [True, 2, [(b"m1", 1.5), (b"m2", 2.0)]]
+        assert got[5] == want[5] == {b"f": b"1"}
+        assert 0 < got[6] <= 10_000
+        assert len(ours) == 0  # reset after execute, like redis-py's
+    finally:
+        await client.aclose()
+        await feed.aclose()
+        await plain.aclose()
+
+
+async def test_lane_pipeline_errors_are_redis_pys(redis_url: str) -> None:
+    _, client, feed = connect(redis_url, 8)
+    try:
+        ok = await client.script_load("return 7")
+        pipe = client.pipeline(transaction=False)
+        pipe.evalsha(ok, 0)
+        pipe.evalsha("0" * 40, 0)
+        pipe.evalsha(ok, 0)
+        with pytest.raises(NoScriptError, match="Command # 2"):
+            await pipe.execute()
+        pipe.evalsha(ok, 0)
+        pipe.evalsha("0" * 40, 0)
+        got = await pipe.execute(raise_on_error=False)
+        assert got[0] == 7 and isinstance(got[1], NoScriptError)
+        with pytest.raises(StoreMisconfigured):
+            async with mapped_errors():
+                pipe.incr("lp:h")  # a hash: WRONGTYPE
+                pipe.hset("lp:h", "f", 1)
+                await pipe.execute()
+        assert await client.evalsha(ok, 0) == 7  # the stream is still in step
+    finally:
+        await client.aclose()
+        await feed.aclose()
+
+
+async def test_what_the_lane_does_not_carry_keeps_redis_pys_pipeline(redis_url: str) -> None:
+    """Transactions and long pipelines are redis-py's own (and still answer)."""
+    _, client, feed = connect(redis_url, 8)
+    try:
+        await client.execute_command("PING")  # the lane connects on its first use only
+        await client.evalsha(await client.script_load("return 1"), 0)
+        proto = client.lane._proto
+        assert proto is not None
+        before = proto.writes
+        tx = client.pipeline(transaction=True)
+        tx.set("lp:t", 1).incr("lp:t")
+        assert await tx.execute() == [True, 2]
+        long = client.pipeline(transaction=False)
+        for i in range(LANE_PIPELINE_COMMANDS + 1):
+            long.set(f"lp:n{i}", i, px=10_000)
+        assert await long.execute() == [True] * (LANE_PIPELINE_COMMANDS + 1)
+        big = client.pipeline(transaction=False)
+        big.set("lp:big", "x" * (LANE_PIPELINE_BYTES + 1), px=10_000)
+        assert await big.execute() == [True]
+        assert proto.writes == before  # none of them went on the lane
+    finally:
+        await client.aclose()
+        await feed.aclose()
+
+
+def test_mapped_errors_maps_in_a_plain_with_too() -> None:
+    with pytest.raises(StoreUnavailable, match="redis unavailable"):
+        with mapped_errors():
+            raise RedisConnectionError("gone")
+    with pytest.raises(StoreMisconfigured, match="credentials"):
+        with mapped_errors():
+            raise redis.exceptions.AuthenticationError("no")
+    with pytest.raises(StoreUnavailable, match="LOADING"):
+        with mapped_errors():
+            raise ResponseError("LOADING Redis is loading the dataset in memory")
+    with pytest.raises(KeyError):  # not redis's: passes as it is
+        with mapped_errors():
+            raise KeyError("x")
