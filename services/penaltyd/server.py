@@ -68,6 +68,12 @@ def make_store(settings: Settings) -> Store:
 
 Running = wiring.Running[Engine]
 
+#: The methods the MX path calls at high rates get a registered call slot in grpc; the
+#: rest (admin, WatchPenalties, health, reflection) are served by the generic handler:
+#: grpc.aio accepts every call with an `asyncio.wait` over one future per registered
+#: method (18 of them before, plus the generic one; docs/performance.md).
+HOT_METHODS = ("Check", "Report", "Session")
+
 
 def _caller_gate(settings: Settings) -> gates.CallerGate | None:
     """Who may report (and check): service tokens (the admin token counts too) or mTLS."""
@@ -127,6 +133,7 @@ async def start_server(
         settings.max_message_bytes,
         raw_responses=("WatchPenalties",),
         metrics=metrics,
+        registered=HOT_METHODS,
     )
     codec.register_guarded(
         penalty_pb2_grpc.add_PenaltyAdminServicer_to_server,
@@ -134,6 +141,7 @@ async def start_server(
         server,
         settings.max_message_bytes,
         metrics=metrics,
+        registered=(),
     )
     running = await wiring.launch(
         server,

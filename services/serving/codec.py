@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -160,6 +160,7 @@ def register_guarded(
     max_bytes: int,
     raw_responses: Sequence[str] = (),
     metrics: _RpcMetrics | None = None,
+    registered: Collection[str] | None = None,
 ) -> None:
     """Register generated handlers (`add_XServicer_to_server`) with guarded deserializers.
 
@@ -167,6 +168,13 @@ def register_guarded(
     get INVALID_ARGUMENT (DESIGN.md s. 6), so the servicer receives a `BadMessage`.
     Methods named in `raw_responses` may also answer with already serialized bytes. With
     `metrics`, every call is counted by method and status code, and timed.
+
+    `registered` names the methods that get a registered call slot (None: all of them);
+    the others are served by the generic handler alone, which answers them the same way.
+    The distinction is one of cost: grpc.aio's server loop (1.85) accepts each call with
+    an `asyncio.wait` over one pending future per registered method plus the generic
+    one, so every registered method adds to the acceptance of every call
+    (`penaltyd.server.HOT_METHODS`).
     """
     cap = _Capture()
     add(servicer, cap)
@@ -189,4 +197,21 @@ def register_guarded(
     if metrics is not None:
         metrics.methods(f"{service}/{name}" for name in wrapped)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.service, wrapped),))
-    server.add_registered_method_handlers(cap.service, wrapped)
+    hot = wrapped if registered is None else {k: h for k, h in wrapped.items() if k in registered}
+    if hot:
+        server.add_registered_method_handlers(cap.service, hot)
+
+
+class GenericOnly:
+    """Stands in for a server when adding a service whose calls are rare (health,
+    reflection): its generic handlers are added, its registered call slots are not (see
+    `register_guarded`, `registered`)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        return None

@@ -17,13 +17,15 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from serving.codec import GenericOnly
 from serving.errors import StoreError
 from serving.settings import ServingSettings
 
@@ -173,17 +175,21 @@ def check_bindable(listen: str, setting: str = "listen") -> None:
 def add_health_and_reflection(
     server: grpc.aio.Server, service_names: Sequence[str]
 ) -> HealthServicer:
-    """The asyncio health servicer and reflection for `service_names` (plus Health itself)."""
+    """The asyncio health servicer and reflection for `service_names` (plus Health itself).
+
+    Both through the generic handler only (`codec.GenericOnly`): a probe every few
+    seconds does not need a registered call slot, and each slot costs every call."""
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            *service_names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    rare = cast(grpc.aio.Server, GenericOnly(server))
+    health_pb2_grpc.add_HealthServicer_to_server(health, rare)
+    names = (
+        *service_names,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
     )
+    # What `reflection.enable_server_reflection` does for a grpc.aio server (it tells
+    # one by its type, which the stand-in is not).
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(ReflectionServicer(names), rare)
     return health
 
 
