@@ -5,13 +5,17 @@ variant run at once on one Redis (or the embedded store), and each shape is meas
 against every server in interleaved rounds (ABC, CBA, ...), so drift and other people's
 jobs hit all alike. A variant is a name and the git commit whose `services/` tree it
 runs (exported with `git archive` into a temp dir; clients and proto are this tree's),
-or ``.`` for this working tree as it is:
+``.`` for this working tree as it is, or a directory holding a `services/` tree (an
+experiment copied and edited outside the repository):
 
     .venv/bin/python -m bench.ab --variant before=f52b1ac --variant after=HEAD \\
         --shapes report-c64,report-c1,check-c1,check-penalized-c1 --rounds 3
 
-Prints per shape and server the median calls/s and server CPU per call (from /proc),
-and per variant the median of the per-round ratios to echo (by rate and by CPU), with
+Prints what is compared (request bytes, load shape, round order, load average), then
+the size of each server's answer to each shape (one call through a real gRPC client:
+echo and penaltyd answer the same size class), then per shape and server the median
+calls/s, server CPU per call (from /proc) and Redis's CPU per call, and per variant
+the median of the per-round ratios to echo (by rate and by CPU, and each round's), with
 the share of the CPU other processes used. Asserts nothing.
 """
 
@@ -27,6 +31,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from bench import h2load, probe
 from bench.cpu import CpuMeter
@@ -49,6 +54,36 @@ SHAPES = {
     "check-penalized-c64": ("Check", CHECK_PENALIZED, SIXTY_FOUR),
     "check-penalized-c1": ("Check", CHECK_PENALIZED, ONE_IN_FLIGHT),
 }
+
+
+class Row(NamedTuple):
+    """One server's run of one shape in one round."""
+
+    rate: float  # calls/s (h2load)
+    us: float  # the server's CPU per call
+    others: float  # share of the CPU other processes used meanwhile (not Redis, not h2load)
+    redis_us: float  # redis-server's CPU per call
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def _fairness(shapes: list[str], names: list[str], args: argparse.Namespace) -> str:
+    """What is compared, stated: same client, same bytes, same load, interleaved rounds."""
+    lines = [
+        f"load average {_loadavg()}; {args.rounds} rounds of {args.seconds:g} s (+0.5 s warm-up),"
+        f" servers in the order {', '.join(names)} then reversed, round after round;"
+        f" {'embedded memory store' if args.memory else 'one redis-server'} for every penaltyd",
+    ]
+    for shape in shapes:
+        method, body, load = SHAPES[shape]
+        lines.append(
+            f"  {shape}: {method}, the same {len(body)}-byte request to every server, "
+            f"{load} ({load.in_flight} in flight), one h2load process (-t1)"
+        )
+    return "\n".join(lines)
 
 
 def _services_of(commit: str, into: Path) -> Path:
@@ -74,7 +109,10 @@ def variants(
         for name, commit in specs:
             env = None
             if commit != ".":
-                services = _services_of(commit, Path(tempfile.mkdtemp(dir=workdir)))
+                if Path(commit, "services").is_dir():
+                    services = Path(commit, "services").resolve()
+                else:
+                    services = _services_of(commit, Path(tempfile.mkdtemp(dir=workdir)))
                 path = [str(REPO_ROOT), str(REPO_ROOT / "clients"), str(REPO_ROOT / "proto")]
                 env = {"PYTHONPATH": os.pathsep.join([*path, str(services)])}
             args = ("--redis-url", redis_url) if redis_url else ()
@@ -87,7 +125,7 @@ def variants(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n")[0])
-    p.add_argument("--variant", action="append", required=True, metavar="NAME=COMMIT")
+    p.add_argument("--variant", action="append", required=True, metavar="NAME=COMMIT|DIR")
     p.add_argument("--shapes", default="report-c64,check-c1,check-penalized-c1")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0)
@@ -109,9 +147,21 @@ def main(argv: list[str] | None = None) -> int:
             clients = {k: probe.Unary(v.address) for k, v in servers.items()}
             for name in pds:
                 clients[name].call("Report", REPORT_ERRORS)  # the penalized client
-            meter = CpuMeter({k: v.proc.pid for k, v in servers.items() if v.proc})
+            pids = {k: v.proc.pid for k, v in servers.items() if v.proc}
+            if s.redis.proc is not None:
+                pids["redis"] = s.redis.proc.pid  # not "others": it serves the variants
+            meter = CpuMeter(pids)
             names = list(servers)
-            res: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+            print(_fairness(shapes, names, args), flush=True)
+            for shape in shapes:  # the answers compared, as a real gRPC client gets them
+                method, body, _ = SHAPES[shape]
+                sizes = {k: clients[k].call(method, body).ByteSize() for k in names}
+                print(
+                    f"  {shape} answers (bytes): "
+                    + ", ".join(f"{k} {n}" for k, n in sizes.items()),
+                    flush=True,
+                )
+            res: dict[tuple[str, str], list[Row]] = {}
             for r in range(args.rounds):
                 for shape in shapes:
                     method, body, load = SHAPES[shape]
@@ -127,15 +177,19 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         c = meter.since(before)
                         calls = run.req_per_s * (args.seconds + 0.5)
-                        us = c[f"{srv}_cores"] * c["wall_s"] * 1e6 / calls if calls else 0.0
-                        res.setdefault((shape, srv), []).append(
-                            (run.req_per_s, us, c.get("foreign_share", 0.0))
+                        per_call = c["wall_s"] * 1e6 / calls if calls else 0.0
+                        row = Row(
+                            run.req_per_s,
+                            c[f"{srv}_cores"] * per_call,
+                            c.get("foreign_share", 0.0),
+                            c.get("redis_cores", 0.0) * per_call,
                         )
+                        res.setdefault((shape, srv), []).append(row)
                         bad = run.failed + run.errored + run.non_200
                         print(
-                            f"round {r + 1} {shape:<20} {srv:<10} {run.req_per_s:8,.0f}/s "
-                            f"{us:6.0f} µs/call  others {c.get('foreign_share', 0.0):.0%}"
-                            + (f"  {bad} FAILED" if bad else ""),
+                            f"round {r + 1} {shape:<20} {srv:<10} {row.rate:8,.0f}/s "
+                            f"{row.us:6.0f} µs/call  redis {row.redis_us:4.0f} µs/call  "
+                            f"others {row.others:.0%}" + (f"  {bad} FAILED" if bad else ""),
                             file=sys.stderr,
                             flush=True,
                         )
@@ -143,19 +197,25 @@ def main(argv: list[str] | None = None) -> int:
             for shape in shapes:
                 echo = res[(shape, "echo")]
                 print(
-                    f"{shape}: echo {med(x[0] for x in echo):,.0f}/s "
-                    f"{med(x[1] for x in echo):.0f} µs/call"
+                    f"{shape}: echo {med(x.rate for x in echo):,.0f}/s "
+                    f"{med(x.us for x in echo):.0f} µs/call"
                 )
                 for name in pds:
                     rows = res[(shape, name)]
-                    rate = med(a[0] / e[0] for a, e in zip(rows, echo, strict=True))
-                    cpu = med(e[1] / a[1] for a, e in zip(rows, echo, strict=True) if a[1])
-                    print(
-                        f"  {name:<10} {med(x[0] for x in rows):8,.0f}/s "
-                        f"{med(x[1] for x in rows):6.0f} µs/call  x echo {rate:.2f} "
-                        f"(by cpu {cpu:.2f})  others {min(x[2] for x in rows):.0%}-"
-                        f"{max(x[2] for x in rows):.0%} of the CPU"
+                    rate = med(a.rate / e.rate for a, e in zip(rows, echo, strict=True))
+                    cpu = med(e.us / a.us for a, e in zip(rows, echo, strict=True) if a.us)
+                    each = " ".join(
+                        f"{a.rate / e.rate:.2f}" for a, e in zip(rows, echo, strict=True)
                     )
+                    print(
+                        f"  {name:<10} {med(x.rate for x in rows):8,.0f}/s "
+                        f"{med(x.us for x in rows):6.0f} µs/call  x echo {rate:.2f} "
+                        f"(by cpu {cpu:.2f}; per round {each})  "
+                        f"redis {med(x.redis_us for x in rows):.0f} µs/call  others "
+                        f"{min(x.others for x in rows):.0%}-{max(x.others for x in rows):.0%} "
+                        "of the CPU"
+                    )
+            print(f"load average at the end: {_loadavg()}")
     return 0
 
 

@@ -3,8 +3,10 @@
 Every penaltyd figure is judged against what a bare grpc.aio + uvloop servicer does on
 the same machine in the same run, because the per-call cost of grpc.aio itself (~300 µs
 of CPU, DESIGN.md s. 12a) is the ceiling no servicer logic can beat. This one parses the
-same requests with the same generated code and answers a constant `Verdict`: whatever
-penaltyd does on top of that is its own cost.
+same requests with the same generated code and answers a constant `Verdict`, on a server
+built as penaltyd's (`serving.server.grpc_server`: the same options) with the same
+methods registered as penaltyd registers them (Check, Report, Session): whatever penaltyd
+does on top of that is its own cost.
 
 Run as a child process by `bench`: ``python -m bench.echo_server --listen 127.0.0.1:PORT``.
 """
@@ -20,6 +22,8 @@ import grpc
 import uvloop
 
 from penalty.v1 import penalty_pb2
+from penaltyd.settings import Settings
+from serving.server import grpc_server
 
 SERVICE = "penalty.v1.PenaltyService"
 
@@ -100,15 +104,25 @@ def register(echo: EchoService, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
-async def serve(listen: str) -> None:
-    """Serve until SIGTERM/SIGINT; the same channel options penaltyd sets on its server."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
-    )
+def _server(own_options: bool) -> grpc.aio.Server:
+    """The grpc.aio server penaltyd builds (`serving.server.grpc_server` with penaltyd's
+    default settings: the same options, e.g. its write buffer bound and connection age),
+    so that the ceiling differs from penaltyd by the servicer alone; `own_options`: the
+    three options the echo had before it used penaltyd's (for comparison)."""
+    if own_options:
+        return grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+    return grpc_server(Settings())
+
+
+async def serve(listen: str, *, own_options: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, on a server built as penaltyd's is (`_server`)."""
+    server = _server(own_options)
     register(EchoService(), server)
     server.add_insecure_port(listen)
     await server.start()
@@ -124,8 +138,11 @@ async def serve(listen: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.echo_server", description=__doc__)
     parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    parser.add_argument(
+        "--own-options", action="store_true", help="the echo's three options, not penaltyd's"
+    )
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.listen))
+    uvloop.run(serve(args.listen, own_options=args.own_options))
     return 0
 
 
