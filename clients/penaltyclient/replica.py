@@ -151,6 +151,8 @@ class ReplicaState:
             if hit is not None and hit[1] > now:
                 return pb.Verdict(identity=identity, allowlisted=True)
         found = self._penalties.get(identity)
+        if found is not None and found[0] <= now:
+            found = None  # expired (swept later): a client's own penalty may hold it
         key = identity
         if (helo or mail_from or fingerprint) and self._penalties:
             fp, marks = client_fingerprint_and_marks(helo, mail_from, fingerprint)

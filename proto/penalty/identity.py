@@ -276,24 +276,32 @@ def _fingerprint(helo: str, domain: str, fingerprint: str) -> tuple[str, str]:
     return _hash(f"{helo}\0{domain}\0{fingerprint}"), marks
 
 
+def bindable(marks: str) -> bool:
+    """Whether marks say enough to bind a penalty to one client: two components known
+    (HELO and sender domain, or either with the MX's fingerprint). A log line's HELO
+    alone does not: any new HELO would then shed the penalty."""
+    return sum(1 for m in marks.split(".") if m) >= 2
+
+
 def same_client(bound: str, marks: str) -> bool:
     """Whether a client with `marks` may be the one a penalty is bound to (`bound`, marks
-    in the same form): yes unless every component known to both differs.
+    in the same form): yes unless it differs in *every* component the binding knows.
 
     Deliberately lenient towards the penalty: one shared component (the same HELO under
     a new sender domain, or the same sender domain under a new HELO) is the same client,
-    and so is a sighting that shares no known component at all (a check without HELO or
-    sender). Only a client that differs in everything both sides know goes free: what
-    the users behind a carrier-grade NAT look like next to the spammer among them."""
+    and so is a client that does not show a component the binding knows (a check without
+    HELO or sender, the null sender): it cannot prove it differs. Only a client that
+    differs in everything the binding knows goes free: what the users behind a
+    carrier-grade NAT look like next to the spammer among them."""
     if not bound or not marks:
         return True
-    compared = False
-    for a, b in zip(bound.split("."), marks.split("."), strict=False):
-        if a and b:
-            if a == b:
+    theirs = marks.split(".")
+    for i, a in enumerate(bound.split(".")):
+        if a:
+            b = theirs[i] if i < len(theirs) else ""
+            if not b or a == b:
                 return True
-            compared = True
-    return not compared
+    return False
 
 
 def sub_identity(identity: str, fingerprint: str) -> str:

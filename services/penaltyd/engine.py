@@ -28,7 +28,7 @@ from typing import cast
 
 import structlog
 
-from penalty.identity import NetworkSet, parse_network
+from penalty.identity import NetworkSet, bindable, parse_network
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd import reasons
 from penaltyd.batching import Coalescer
@@ -162,6 +162,7 @@ class Engine:
         self._degraded_log = RateLimitedLog(log)
         self._tasks: list[asyncio.Task[None]] = []
         self._reports: Coalescer[tuple[ClientRef, Sequence[tuple[int, int]]], Answer] | None = None
+        self._direct = False  # reports skip the Coalescer (see `start`)
         # The bulk lane: large Session messages are processed one at a time, in slices of
         # `slice_size` items with a yield between, so checks never wait behind a flood.
         self.slice_size = settings.bulk_slice
@@ -207,6 +208,9 @@ class Engine:
         self.store.listen(self._on_event)
         await self.store.start()
         self._reports = Coalescer(self.report_many)
+        # A store whose single calls already share round trips (the Redis lane's single
+        # flight, `serving.redis.lane`) gains nothing from the hand-off (docs/performance.md).
+        self._direct = bool(getattr(getattr(self.store, "topology", None), "lane", False))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="engine-housekeeping"))
         self._tasks.append(asyncio.create_task(self._stats_loop(), name="engine-stats"))
 
@@ -366,6 +370,8 @@ class Engine:
     async def report(self, ref: ClientRef, counts: Sequence[tuple[int, int]]) -> Answer:
         """One report; concurrent callers share a store round trip."""
         assert self._reports is not None, "Engine.start() was not awaited"
+        if self._direct:
+            return (await self.report_many(((ref, counts),)))[0]
         return await self._reports.submit((ref, counts))
 
     async def report_many(
@@ -432,9 +438,13 @@ class Engine:
             self.distribution.typical,
         )
 
-    def _plan(self, ref: ClientRef, window: Window) -> Answer | tuple[str, Decision]:
+    def _plan(
+        self, ref: ClientRef, window: Window, erring: bool = True
+    ) -> Answer | tuple[str, Decision]:
         """The answer a window gives, or the penalty it starts: (where: ADDRESS, CLIENT
-        behind it, or BOUND to the address's one known client; decision). Pure: no I/O."""
+        behind it, or BOUND to the address's one known client; decision). `erring`: the
+        report itself holds an error (only then may the penalty bind its client, so an
+        attacker's anonymous errors never land on the next bystander). Pure: no I/O."""
         other = False  # the address holds a penalty bound to another of its clients
         if window.penalty is not None:
             if self.keying.binds(window.penalty.reason, ref.marks):
@@ -444,7 +454,11 @@ class Engine:
             return Answer(ref.sub_identity, window.sub_penalty)
         if window.sub_counts is None:
             if other:
-                return Answer(ref.identity, None)  # a newcomer, not told apart yet
+                # A newcomer not told apart (the bound client has left the window's
+                # count of clients): the address's fresh evidence since the bound penalty
+                # started is the newcomers' own; on probation, it replaces the binding.
+                nc = self.detector.newcomer(window.counts, self.baseline)
+                return (ADDRESS, nc) if nc.fire else Answer(ref.identity, None)
             # Judged alone, with its history and its neighbourhood's as evidence. When the
             # address's one client is known (its HELO, sender), the penalty on the address
             # binds that client (cold start): clients that come later and differ in every
@@ -454,7 +468,7 @@ class Engine:
             decision = self.detector.judge(window.counts, self.baseline, self.standing(ref, window))
             if not decision.fire:
                 return Answer(ref.identity, None)
-            bound = bool(ref.marks) and window.distinct <= 1 and not window.shared
+            bound = erring and bindable(ref.marks) and window.distinct <= 1 and not window.shared
             return (BOUND if bound else ADDRESS), decision
         # Told apart: the client on its own window, the whole address by the shared rules.
         # A newcomer behind an address penalized for another client is on probation: the
@@ -465,8 +479,10 @@ class Engine:
             sub = self.detector.newcomer(window.sub_counts, self.baseline)
         if sub.fire:
             return CLIENT, sub
-        if other:
-            return Answer(ref.identity, None)  # the address's penalty is another client's
+        # The whole address by the shared rules, also while a penalty binds one of its
+        # clients: its fresh evidence is then the newcomers', and a spammer rotating HELO
+        # and sender (a newcomer each time) meets them after ~30 attempts; the penalty
+        # they start is unbound and replaces the bound one (start_penalty.lua).
         whole = self.detector.evaluate(window.counts, self.baseline, shared=True)
         return (ADDRESS, whole) if whole.fire else Answer(ref.identity, None)
 
@@ -480,7 +496,7 @@ class Engine:
             if window.newly_shared:
                 log.info("shared_address_marked", identity=ref.identity, rule="detected")
             self.distribution.add(item.identity, window.reputation)
-            plan = self._plan(ref, window)
+            plan = self._plan(ref, window, item.weighted > 0)
             if isinstance(plan, Answer):
                 out.append(plan)
                 continue

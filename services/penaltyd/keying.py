@@ -63,6 +63,7 @@ class Keying:
             self.store_identity = lru_cache(maxsize=_CACHE)(lambda i: self._tokens(key, i))
             self.store_fingerprint = key.fingerprint
             self.label = lru_cache(maxsize=_CACHE)(self._seal)
+            self._store_marks = lru_cache(maxsize=_CACHE)(lambda m: self._marks(key, m))
 
     @property
     def keyed(self) -> bool:
@@ -139,10 +140,9 @@ class Keying:
         """A client's marks as the store holds them: each component keyed with a key."""
         if self._key is None or not marks:
             return marks
-        return self._marks(self._key, marks)
+        return self._store_marks(marks)
 
     @staticmethod
-    @lru_cache(maxsize=_CACHE)
     def _marks(key: IdentityKey, marks: str) -> str:
         return ".".join(key.fingerprint(m) if m else "" for m in marks.split("."))
 

@@ -24,11 +24,13 @@ from functools import lru_cache
 
 from penalty.outcomes import name as outcome_name
 from penaltyd.detector import Decision
+from penaltyd.store import base as store_base
 
 #: Between a penalty's compact reason and its sealed identity (never inside a reason).
 SEAL = "\x1e"
-#: Between a penalty's compact reason and the marks of the one client it binds.
-BIND = "\x1d"
+#: Between a penalty's compact reason and the marks of the one client it binds (defined
+#: with the store, which replaces a bound penalty by an unbound one).
+BIND = store_base.BIND
 
 _BOUND_NOTE = "; binds one client of the address: others (another HELO and sender) pass"
 

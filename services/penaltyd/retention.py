@@ -289,7 +289,10 @@ MX_SIDE: tuple[Kept, ...] = (
     ),
     Kept(
         "MX: live replica (client library, policyd, milter)",
-        "active penalties (identity, expiry, reason) and the allowlist",
+        "active penalties (identity, expiry, reason; for a penalty bound to one client of "
+        "its address, that client's marks: unkeyed 40-bit hashes of its HELO, sender "
+        "domain and MX fingerprint, each matchable against a list of names) and the "
+        "allowlist",
         "each until it ends; memory only",
     ),
     Kept(

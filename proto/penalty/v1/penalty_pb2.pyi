@@ -1146,7 +1146,7 @@ class Penalty(_message.Message):
     expires_at_unix_ms: _builtins.int
     reason: _builtins.str
     client: _builtins.str
-    """as Verdict.client: the one client of the address it binds, if any"""
+    """as Verdict.client, on the feed (WatchPenalties); ListPenalties leaves it empty"""
     def __init__(
         self,
         *,

@@ -36,6 +36,11 @@ class Penalty:
         return max(1, math.ceil(self.remaining_ms / 1000))
 
 
+#: In a stored reason, before the marks of the one client a penalty binds
+#: (`penaltyd.reasons`): a start whose reason lacks it replaces a bound penalty.
+BIND = "\x1d"
+
+
 @dataclass(frozen=True, slots=True)
 class ReportItem:
     """One client's outcomes, as validated: the unit of a report batch."""

@@ -64,6 +64,7 @@ from penalty import outcomes
 from penalty.identity import IPAddress, NetworkSet, address_of, parse_network
 from penaltyd.events import ALLOW_ADDED, ALLOW_REMOVED, LIFTED, SHARED, STARTED, FeedEvent
 from penaltyd.store.base import (
+    BIND,
     AllowEntry,
     Escalation,
     FleetStats,
@@ -705,7 +706,11 @@ class MemoryStore:
         now = self._clock()
         existing = self._active(identity, now)
         if existing is not None:
-            return existing, False
+            if not (BIND in existing.reason and BIND not in reason):
+                return existing, False
+            # An unbound penalty replaces one bound to a client (as start_penalty.lua).
+            self._index.remove((existing.expires_at_ms, identity))
+            del self._penalties[identity]
         if not self._room_for_penalty(now):
             self.penalties_refused += 1  # fail open: never evict an active penalty
             return Penalty(identity, 0, now, reason), False

@@ -332,9 +332,8 @@ class RedisStore:
         try:
             await self._pipeline(self._announcement(events))
         except StoreError as exc:
-            if len(self._unannounced) + len(events) > MAX_UNANNOUNCED:
-                del self._unannounced[: len(events)]
             self._unannounced.extend(events)
+            del self._unannounced[:-MAX_UNANNOUNCED]  # the oldest first
             log.warning(
                 "penalty_announce_deferred",
                 events=len(events),
@@ -355,21 +354,42 @@ class RedisStore:
         return calls
 
     async def _retry_announce(self) -> None:
-        """Send the announcements Redis refused earlier (oldest first); expired ones are
-        dropped (the index and the views forget them anyway)."""
-        now = self.clock.now_ms()
-        pending = [
-            (e, k) for e, k in self._unannounced if e.kind == LIFTED or e.expires_at_ms > now
-        ]
-        self._unannounced = []
-        if not pending:
-            return
+        """Send the announcements Redis refused earlier (oldest first). A start is sent
+        only if its penalty is still in its window as started (not lifted, not expired,
+        not replaced since): a late announcement must never bring back a lifted penalty."""
+        pending, self._unannounced = self._unannounced, []
         try:
-            await self._pipeline(self._announcement(pending))
+            starts = [e for e, _ in pending if e.kind == STARTED]
+            peeks = (
+                await self._pipeline([("peek", (self._key(e.identity, "w"),), ()) for e in starts])
+                if starts
+                else []
+            )
+            held = {
+                e.identity: _penalty(e.identity, int(r[0]), r[1], int(r[2]))
+                for e, r in zip(starts, peeks, strict=True)
+            }
+
+            def sent(e: FeedEvent) -> bool:
+                p = held.get(e.identity)
+                return e.kind != STARTED or (p is not None and p.reason == e.reason)
+
+            still = [(e, k) for e, k in pending if sent(e)]
+            for e, _ in pending:
+                if e.kind == STARTED and held[e.identity] is None:
+                    self.view.apply(FeedEvent(LIFTED, e.identity, 0, e.reason))  # gone since
+            if still:
+                await self._pipeline(self._announcement(still))
         except StoreError:
             self._unannounced = pending + self._unannounced
+            del self._unannounced[:-MAX_UNANNOUNCED]
             raise
-        log.info("penalty_announce_sent", events=len(pending))
+        log.info("penalty_announce_sent", events=len(still), dropped=len(pending) - len(still))
+
+    def _forget_unannounced(self, identity: str) -> None:
+        """A lift (ours, or another replica's on the feed): its start must not be sent late."""
+        if self._unannounced:
+            self._unannounced = [(e, k) for e, k in self._unannounced if e.identity != identity]
 
     # --- penalties
 
@@ -453,6 +473,7 @@ class RedisStore:
         if removed:
             reason = removed.decode() if isinstance(removed, bytes) else ""
             event = FeedEvent(LIFTED, identity, 0, reason)
+            self._forget_unannounced(identity)
             self.view.apply(event)
             await self._announce([(event, self._ikey(identity))])
         return bool(removed)
@@ -960,6 +981,8 @@ class RedisStore:
                 kind = msg["type"]
                 if kind == "message":
                     event = FeedEvent.decode(msg["data"])
+                    if event.kind == LIFTED:
+                        self._forget_unannounced(event.identity)
                     self.view.apply(event)
                     if self._listener is not None:
                         self._listener(event)

@@ -14,7 +14,7 @@ USER = pb.Client(ip=CGNAT, helo="pc-1.home.example", mail_from="alice@home.examp
 DISGUISED = pb.Client(ip=CGNAT, helo="mail.innocent.example", mail_from="a@innocent.example")
 
 
-def report(client: pb.Client, outcome: int) -> pb.ReportRequest:
+def report(client: pb.Client, outcome: pb.Outcome.ValueType) -> pb.ReportRequest:
     return pb.ReportRequest(client=client, counts=[pb.OutcomeCount(outcome=outcome, n=1)])
 
 
@@ -27,7 +27,8 @@ async def test_a_bound_penalty_on_redis(serve: ServeFactory, redis_url: str) -> 
     assert "binds one client of the address" in fired.reason
 
     async def check(client: pb.Client) -> pb.Verdict:
-        return await pd.service.Check(pb.CheckRequest(client=client))
+        verdict: pb.Verdict = await pd.service.Check(pb.CheckRequest(client=client))
+        return verdict
 
     assert (await check(BOT)).tempfail
     assert (await check(pb.Client(ip=CGNAT))).tempfail  # by address alone

@@ -167,3 +167,37 @@ async def test_a_penalty_whose_announcement_redis_refused_still_reaches_every_re
                 await store.close()
         await raw.aclose()
         server.stop()
+
+
+async def test_a_late_announcement_never_brings_back_a_lifted_penalty() -> None:
+    """Found in review: the announcement kept above, sent after an operator lifted the
+    penalty on another replica, put it back in every view for its whole duration (no
+    listing showed it and a second lift found nothing to lift)."""
+    server = RedisServer().start()
+    a = b = None
+    raw = aioredis.Redis(port=server.port)
+    try:
+        a = await started_store(server.url, True)
+        b = await started_store(server.url, True)
+        acl = raw.execute_command  # untyped in redis-py
+        await acl("ACL", "SETUSER", "default", "-publish")  # type: ignore[no-untyped-call]
+        ((_, created),) = await a.start_penalties([("203.0.113.51", 300_000, "r")])
+        assert created
+        assert a._unannounced
+        await acl("ACL", "SETUSER", "default", "+publish")  # type: ignore[no-untyped-call]
+        assert await b.lift("203.0.113.51", LiftRecord("desk", "false positive", 0))
+
+        async def settled() -> bool:
+            return a is not None and not a._unannounced
+
+        await eventually(settled, bool, within=5)
+        assert a.view.get("203.0.113.51") is None
+        assert b.view.get("203.0.113.51") is None
+        listed, _ = await a.list_penalties(None, 10)
+        assert listed == []
+    finally:
+        for store in (a, b):
+            if store is not None:
+                await store.close()
+        await raw.aclose()
+        server.stop()

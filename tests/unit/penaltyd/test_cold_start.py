@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from penalty.identity import client_fingerprint_and_marks, same_client
+from penalty.identity import bindable, client_fingerprint_and_marks, same_client
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient
 from penaltyclient.replica import ReplicaState
@@ -49,20 +49,23 @@ async def send(e: Engine, r: ClientRef, outcomes: Sequence[int]) -> list[Answer]
     return [(await e.report_many([(r, [(o, 1)])]))[0] for o in outcomes]
 
 
-def test_same_client_needs_every_known_mark_to_differ() -> None:
+def test_same_client_needs_every_mark_of_the_binding_to_differ() -> None:
     def marks(helo: str, mail_from: str, fp: str = "") -> str:
         return client_fingerprint_and_marks(helo, mail_from, fp)[1]
 
     bot = marks("bot.spam.example", "x@spam.example")
     assert same_client(bot, marks("bot.spam.example", "y@other.example"))  # same HELO
     assert same_client(bot, marks("pc-1.home.example", "z@spam.example"))  # same domain
-    assert same_client(bot, marks("", "", "tls-cert-1"))  # nothing known to both
+    assert same_client(bot, marks("", "", "tls-cert-1"))  # shows neither HELO nor domain
+    assert same_client(bot, marks("pc-1.home.example", "<>"))  # the null sender: can't tell
     assert same_client(bot, "")  # a check by address alone
     assert same_client("", marks("pc-1.home.example", "u@home.example"))  # unbound
     assert not same_client(bot, marks("pc-1.home.example", "u@home.example"))
-    # A log line knows the HELO only: the policy request's sender does not free it.
-    assert same_client(marks("bot.spam.example", ""), marks("bot.spam.example", "a@b.example"))
-    assert not same_client(marks("bot.spam.example", ""), marks("pc-1.example", "a@b.example"))
+    assert not same_client(bot, marks("pc-1.home.example", "u@home.example", "cert"))
+    # What binds: two components known. A log line's HELO alone does not.
+    assert bindable(bot)
+    assert not bindable(marks("bot.spam.example", ""))
+    assert not bindable(marks("", "<>"))
     # Marks are hashes: a crafted HELO holding the separators cannot forge them.
     crafted = marks("bot.spam.example\x1d.\x1e", "x@spam.example")
     assert crafted.count(".") == 2
@@ -229,3 +232,88 @@ def test_the_replica_applies_a_started_event_bound_to_a_client() -> None:
     user = replica.check(CGNAT, "pc-1.home.example", "alice@home.example")
     assert user is not None
     assert not user.tempfail
+
+
+# --- found in review (an attacker's eye on the first version)
+
+
+async def penalize(e: Engine, r: ClientRef) -> Answer:
+    return next(a for a in await send(e, r, [UNKNOWN] * 25) if a.penalty)
+
+
+async def test_a_new_helo_with_the_null_sender_does_not_shed_the_penalty() -> None:
+    e, _, v = engine()
+    await penalize(e, ref(v, CGNAT, "bot.spam.example", "offers@spam.example"))
+    for sender in ("<>", ""):
+        assert (await e.check(ref(v, CGNAT, "bot2.spam.example", sender))).penalty
+
+
+async def test_a_helo_only_or_empty_binding_is_no_binding() -> None:
+    for helo, sender in (("bot.spam.example", ""), ("", "<>")):
+        e, _, v = engine()
+        fired = await penalize(e, ref(v, CGNAT, helo, sender))
+        assert fired.penalty is not None
+        assert not reasons.bound(fired.penalty.reason)
+        assert (await e.check(ref(v, CGNAT, "bot2.example", "offers@spam.example"))).penalty
+
+
+async def test_rotating_disguises_meet_the_shared_rules_then_the_whole_address() -> None:
+    e, clock, v = engine()
+    user = ref(v, CGNAT, "pc-1.home.example", "alice@home.example")
+    await penalize(e, ref(v, CGNAT, "bot.spam.example", "offers@spam.example"))
+    through = 0
+    for i in range(200):
+        disguise = ref(v, CGNAT, f"h{i}.example", f"a@d{i}.example")
+        for _ in range(3):
+            if (await e.check(disguise)).penalty is None:
+                through += 1
+                await send(e, disguise, [UNKNOWN])
+        clock.ms += 1000  # 200 disguises within the 300 s penalty
+    # The shared rules (n_min 30, bound above 0.75) on the newcomers' evidence together
+    # (after the bucket the bound penalty used up: up to bucket_seconds, 60 s): the whole
+    # address is then penalized unbound, as a rotator on any shared address.
+    assert through <= 3 * (60 + 30), through
+    answer = await e.check(user)
+    assert answer.penalty is not None
+    assert not reasons.bound(answer.penalty.reason)
+
+
+async def test_an_anonymous_attacker_cannot_bind_its_penalty_to_a_bystander() -> None:
+    e, _, v = engine()
+    anonymous = ref(v, CGNAT)  # no HELO, no sender: errors from log lines
+    assert not any(a.penalty for a in await send(e, anonymous, [UNKNOWN] * 19))
+    victim = ref(v, CGNAT, "mx.victim.example", "news@victim.example")
+    (answer,) = await send(e, victim, [ACCEPTED])
+    assert answer.penalty is not None  # the address is penalized (as before binding)...
+    assert not reasons.bound(answer.penalty.reason)  # ...but never bound to the victim
+    assert (await e.check(ref(v, CGNAT, "bot.example", "x@bot.example"))).penalty
+
+
+async def test_a_newcomer_is_judged_after_the_bound_client_left_the_window() -> None:
+    e, clock, v = engine(penalty_seconds=3600)
+    await penalize(e, ref(v, CGNAT, "bot.spam.example", "offers@spam.example"))
+    clock.ms += 1_250_000  # two fingerprint generations later, the penalty still holds
+    disguise = ref(v, CGNAT, "mail.innocent.example", "a@innocent.example")
+    answers = await send(e, disguise, [UNKNOWN] * 10)
+    assert sum(1 for a in answers if a.penalty is None) <= 3
+    assert (await e.check(disguise)).penalty is not None
+
+
+def test_the_replica_does_not_let_an_expired_entry_hide_a_client_penalty() -> None:
+    helo, sender = "bot.spam.example", "offers@spam.example"
+    fp, marks = client_fingerprint_and_marks(helo, sender, "")
+    replica = ReplicaState()
+    replica.apply(pb.PenaltyEvent(kind=Kind.KIND_SNAPSHOT_DONE, store_now_unix_ms=T0))
+    whole = pb.Penalty(identity=CGNAT, expires_at_unix_ms=T0 + 300_000, client=marks)
+    replica.apply(
+        pb.PenaltyEvent(kind=Kind.KIND_PENALTY_STARTED, penalty=whole, store_now_unix_ms=T0)
+    )
+    # 310 s later (the bound penalty over, not yet swept) the spammer's own penalty:
+    sub = pb.Penalty(identity=f"{CGNAT}#{fp}", expires_at_unix_ms=T0 + 610_000)
+    replica.apply(
+        pb.PenaltyEvent(kind=Kind.KIND_PENALTY_STARTED, penalty=sub, store_now_unix_ms=T0 + 310_000)
+    )
+    verdict = replica.check(CGNAT, helo, sender)
+    assert verdict is not None
+    assert verdict.tempfail
+    assert verdict.identity == f"{CGNAT}#{fp}"

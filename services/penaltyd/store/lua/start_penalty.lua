@@ -1,4 +1,7 @@
 -- start_penalty.lua: start a penalty unless one is active (NX) and mark its evidence used.
+-- An active penalty bound to one client of the address (its reason holds the BIND mark,
+-- \x1d: penaltyd.reasons) is replaced by an unbound one (the shared rules fired on the
+-- whole address while its newcomers misbehaved together).
 -- A penalty is two fields of the identity's window hash ("p" reason, "x" expiry): no key
 -- of its own, which halves what an active penalty costs in Redis.
 -- KEYS[1] the identity's window hash, KEYS[2] its offence counter (escalation),
@@ -15,7 +18,10 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local current = redis.call('HMGET', KEYS[1], 'p', 'x')
 local offences = tonumber(redis.call('GET', KEYS[2]) or '0')
 if current[1] and tonumber(current[2] or '0') > now_ms then
-  return {0, tonumber(current[2]) - now_ms, current[1], now_ms, offences}
+  local unbinds = string.find(current[1], '\29', 1, true) and not string.find(ARGV[2], '\29', 1, true)
+  if not unbinds then
+    return {0, tonumber(current[2]) - now_ms, current[1], now_ms, offences}
+  end
 end
 local ttl = tonumber(ARGV[1])
 local mult = tonumber(ARGV[4])
