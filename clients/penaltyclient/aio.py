@@ -209,6 +209,26 @@ class AsyncPenaltyClient(ClientBase):
         result: pb.Explanation = await self._admin(self.admin.Explain, req)
         return result
 
+    async def reputation(
+        self, ip: str = "", network: str = "", *, actor: str = "", note: str = ""
+    ) -> pb.ReputationAnswer:
+        """An address's reputation and its neighbourhood's, or one network's (audited)."""
+        req = pb.ReputationRequest(actor=actor, note=note, network=network)
+        if ip:
+            req.client.CopyFrom(pb.Client(ip=ip))
+        result: pb.ReputationAnswer = await self._admin(self.admin.Reputation, req)
+        return result
+
+    async def worst_neighbourhoods(
+        self, limit: int = 20, *, actor: str = "", note: str = ""
+    ) -> pb.WorstNeighbourhoodsResponse:
+        """The neighbourhoods with the most (decayed) weighted errors, worst first."""
+        req = pb.WorstNeighbourhoodsRequest(limit=limit, actor=actor, note=note)
+        result: pb.WorstNeighbourhoodsResponse = await self._admin(
+            self.admin.WorstNeighbourhoods, req
+        )
+        return result
+
     async def disclose(self, ip: str, *, actor: str, note: str) -> pb.Disclosure:
         """Everything penaltyd holds about `ip` and every client behind it (audited)."""
         req = pb.DiscloseRequest(client=pb.Client(ip=ip), actor=actor, note=note)

@@ -6,12 +6,15 @@ it): reports, then the stats flush that carries neighbourhood sums, then decisio
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
 import pytest
 
 from penalty.v1 import penalty_pb2 as pb
+from penaltyclient.aio import AsyncPenaltyClient
+from penaltyclient.sync import PenaltyClient
 from penaltyd.engine import Answer, Engine
 from penaltyd.settings import Settings
 from penaltyd.store.memory import MemoryStore
@@ -152,3 +155,25 @@ async def test_a_reputation_query_for_anything_but_a_neighbourhood_is_refused(
     assert details.startswith("network")
     assert says in details
     assert len(details) < 400  # the error never echoes the megabyte
+
+
+async def test_the_client_libraries_ask_for_reputation(serve: ServeFactory) -> None:
+    pd = await serve(MemoryStore(), stats_flush_seconds=0.1)
+    for i in range(1, 21):
+        await pd.service.Report(report(f"192.0.2.{i}", UNKNOWN, 3))
+    await pd.engine.refresh_stats()
+    async with AsyncPenaltyClient(pd.address) as aio:
+        one = await aio.reputation("192.0.2.5", actor="desk", note="T-2")
+        assert (one.identity, one.network) == ("192.0.2.5", "192.0.2.0/24")
+        net = await aio.reputation(network="192.0.2.0/24")
+        assert net.neighbourhood.weighted_errors == pytest.approx(60, rel=1e-3)
+        worst = await aio.worst_neighbourhoods(5)
+        assert [n.network for n in worst.neighbourhoods] == ["192.0.2.0/24"]
+
+    def sync_calls() -> tuple[pb.ReputationAnswer, pb.WorstNeighbourhoodsResponse]:
+        with PenaltyClient(pd.address) as client:
+            return client.reputation("192.0.2.5"), client.worst_neighbourhoods(5)
+
+    one, worst = await asyncio.to_thread(sync_calls)
+    assert one.network == "192.0.2.0/24"
+    assert [n.network for n in worst.neighbourhoods] == ["192.0.2.0/24"]
