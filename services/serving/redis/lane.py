@@ -132,6 +132,13 @@ class _Protocol(asyncio.Protocol):
                 fut.set_exception(exc)
 
 
+def _words(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A command as Redis reads it: redis-py names some in two words ("SCRIPT LOAD")."""
+    if isinstance(args[0], str) and " " in args[0]:
+        return (*args[0].split(), *args[1:])
+    return args
+
+
 class Lane:
     """One pipelined connection for single commands (see the module docstring)."""
 
@@ -172,7 +179,7 @@ class Lane:
         its exception (as a redis-py pipeline does); a lost connection raises, and a
         connection the server had closed meanwhile is met with one more try, as in
         `execute`."""
-        packed = [hiredis.pack_command(args) for args in commands]
+        packed = [hiredis.pack_command(_words(args)) for args in commands]
         proto = self._proto
         if proto is None or proto.lost:
             proto = await self._connect()
@@ -307,7 +314,9 @@ LANE_PIPELINE_BYTES = 64 * 1024
 
 #: The lane speaks RESP2 (redis-py 8 speaks RESP3 and converts to these same shapes,
 #: `legacy_responses`): its replies take redis-py's RESP2 reply callbacks.
-_RESP2 = CaseInsensitiveDict(get_response_callbacks(user_protocol=2, legacy_responses=True))
+_RESP2: CaseInsensitiveDict = CaseInsensitiveDict(
+    get_response_callbacks(user_protocol=2, legacy_responses=True)  # type: ignore[arg-type]  # redis-py annotates it as str -> str
+)
 
 #: Options that change how redis-py reads a reply: such pipelines keep redis-py.
 _READ_OPTIONS = frozenset({NEVER_DECODE, EMPTY_RESPONSE})

@@ -13,6 +13,7 @@ store of every service connects through here, so each runs on every topology.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -57,6 +58,9 @@ class Topology:
     db: int = 0
     password: str | None = None
     username: str | None = None
+    # Single EVALSHAs and short pipelines go on a `serving.redis.lane.Lane`, whose single
+    # flight lets concurrent calls share round trips by themselves (a plain redis:// node).
+    lane: bool = False
 
 
 def parse(url: str) -> Topology:
@@ -118,6 +122,7 @@ def connect(url: str, max_connections: int) -> tuple[Topology, Any, Any]:
         if plain:  # single script calls (a unary Report) on a lean lane (`serving.redis.lane`)
             client = LaneRedis(connection_pool=pool, retry=command_retry)
             client.attach_lane()
+            topo = dataclasses.replace(topo, lane=True)
         else:
             client = aioredis.Redis(connection_pool=pool, retry=command_retry)
         feed = aioredis.Redis.from_url(url, retry=feed_retry, **COMMON)

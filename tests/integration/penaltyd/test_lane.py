@@ -12,6 +12,13 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from penalty.v1 import penalty_pb2 as pb
+from penaltyd.engine import Engine
+from penaltyd.server import make_store
+from penaltyd.settings import Settings
+from penaltyd.store.base import ReportItem
+from penaltyd.store.redis import RedisStore
+from penaltyd.validation import Validator
 from serving.errors import StoreMisconfigured, StoreUnavailable
 from serving.redis.errors import mapped_errors
 from serving.redis.lane import LANE_PIPELINE_BYTES, LANE_PIPELINE_COMMANDS, Lane, LaneRedis
@@ -254,11 +261,12 @@ async def test_lane_pipeline_errors_are_redis_pys(redis_url: str) -> None:
         pipe.evalsha(ok, 0)
         pipe.evalsha("0" * 40, 0)
         got = await pipe.execute(raise_on_error=False)
-        assert got[0] == 7 and isinstance(got[1], NoScriptError)
+        assert got[0] == 7
+        assert isinstance(got[1], NoScriptError)
+        pipe.hset("lp:h", "f", 1)
+        pipe.incr("lp:h")  # a hash: WRONGTYPE
         with pytest.raises(StoreMisconfigured):
             async with mapped_errors():
-                pipe.incr("lp:h")  # a hash: WRONGTYPE
-                pipe.hset("lp:h", "f", 1)
                 await pipe.execute()
         assert await client.evalsha(ok, 0) == 7  # the stream is still in step
     finally:
@@ -292,15 +300,72 @@ async def test_what_the_lane_does_not_carry_keeps_redis_pys_pipeline(redis_url: 
 
 
 def test_mapped_errors_maps_in_a_plain_with_too() -> None:
-    with pytest.raises(StoreUnavailable, match="redis unavailable"):
-        with mapped_errors():
-            raise RedisConnectionError("gone")
-    with pytest.raises(StoreMisconfigured, match="credentials"):
-        with mapped_errors():
-            raise redis.exceptions.AuthenticationError("no")
-    with pytest.raises(StoreUnavailable, match="LOADING"):
-        with mapped_errors():
-            raise ResponseError("LOADING Redis is loading the dataset in memory")
-    with pytest.raises(KeyError):  # not redis's: passes as it is
-        with mapped_errors():
-            raise KeyError("x")
+    with pytest.raises(StoreUnavailable, match="redis unavailable"), mapped_errors():
+        raise RedisConnectionError("gone")
+    with pytest.raises(StoreMisconfigured, match="credentials"), mapped_errors():
+        raise redis.exceptions.AuthenticationError("no")
+    with pytest.raises(StoreUnavailable, match="LOADING"), mapped_errors():
+        raise ResponseError("LOADING Redis is loading the dataset in memory")
+    with pytest.raises(KeyError), mapped_errors():  # not redis's: passes as it is
+        raise KeyError("x")
+
+
+async def test_unary_reports_on_the_lane_skip_the_coalescer_and_share_writes(
+    redis_url: str,
+) -> None:
+    """On a plain node the engine sends each unary report on its own (no Coalescer
+    hand-off): concurrent ones still share writes, through the lane's single flight, and
+    each gets its own answer; the penalty the 20th error starts answers them all."""
+    settings = Settings(redis_url=redis_url)
+    engine = Engine(settings, make_store(settings))
+    await engine.start()
+    try:
+        assert engine._direct
+        store = engine.store
+        assert isinstance(store, RedisStore)
+        ref = Validator(settings).check(pb.CheckRequest(client=pb.Client(ip="203.0.113.9")))
+        answers = await asyncio.gather(
+            *(engine.report(ref, [(pb.OUTCOME_UNKNOWN_RECIPIENT, 1)]) for _ in range(40))
+        )
+        assert engine._reports is not None
+        assert engine._reports.batches == 0  # nothing went through the Coalescer
+        proto = store._client.lane._proto
+        assert proto is not None
+        assert proto.commands > proto.writes  # the 40 shared writes
+        assert answers[-1].penalty is not None  # the last ones see the penalty
+        assert (await engine.check(ref)).penalty is not None
+    finally:
+        await engine.close()
+
+
+async def test_the_embedded_store_keeps_the_coalescer() -> None:
+    settings = Settings()
+    engine = Engine(settings, make_store(settings))
+    await engine.start()
+    try:
+        assert not engine._direct
+    finally:
+        await engine.close()
+
+
+async def test_a_burst_after_a_script_flush_loads_each_script_once(redis_url: str) -> None:
+    """Concurrent calls that meet NOSCRIPT together share one SCRIPT LOAD per script
+    (not an EVAL of the source each) and are then answered on the lane."""
+    settings = Settings(redis_url=redis_url)
+    store = make_store(settings)
+    assert isinstance(store, RedisStore)
+    await store.start()
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await admin.script_flush()
+        await admin.config_resetstat()
+        items = [ReportItem(f"198.51.100.{i}", [(pb.OUTCOME_ACCEPTED, 1)]) for i in range(40)]
+        windows = await asyncio.gather(*(store.record([item]) for item in items))
+        assert [w.counts[pb.OUTCOME_ACCEPTED] for (w,) in windows] == [1] * 40
+        stats = await admin.info("commandstats")
+        loads = stats.get("cmdstat_script|load", {}).get("calls", 0)
+        assert loads == len(store._scripts._by_name)  # each script once, for all 40 calls
+        assert "cmdstat_eval" not in stats  # no call sent a script's source
+    finally:
+        await admin.aclose()
+        await store.close()
