@@ -316,22 +316,31 @@ async def test_unary_reports_on_the_lane_skip_the_coalescer_and_share_writes(
     """On a plain node the engine sends each unary report on its own (no Coalescer
     hand-off): concurrent ones still share writes, through the lane's single flight, and
     each gets its own answer; the penalty the 20th error starts answers them all."""
-    settings = Settings(redis_url=redis_url)
+    # A deadline no loaded test machine misses: what is tested is the sharing, not speed.
+    settings = Settings(redis_url=redis_url, report_timeout_ms=10_000)
     engine = Engine(settings, make_store(settings))
     await engine.start()
     try:
         assert engine._direct
         store = engine.store
         assert isinstance(store, RedisStore)
-        ref = Validator(settings).check(pb.CheckRequest(client=pb.Client(ip="203.0.113.9")))
+        validator = Validator(settings)
+        warm = validator.check(pb.CheckRequest(client=pb.Client(ip="198.51.100.9")))
+        await engine.report(warm, [(pb.OUTCOME_ACCEPTED, 1)])  # connected, scripts loaded
+        proto = store._client.lane._proto
+        assert proto is not None
+        writes, commands = proto.writes, proto.commands
+        ref = validator.check(pb.CheckRequest(client=pb.Client(ip="203.0.113.9")))
         answers = await asyncio.gather(
             *(engine.report(ref, [(pb.OUTCOME_UNKNOWN_RECIPIENT, 1)]) for _ in range(40))
         )
         assert engine._reports is not None
         assert engine._reports.batches == 0  # nothing went through the Coalescer
-        proto = store._client.lane._proto
-        assert proto is not None
-        assert proto.commands > proto.writes  # the 40 shared writes
+        # the 40 records: the first written alone, the 39 made meanwhile in one write
+        # behind it (then the penalty's start, on the lane too)
+        assert proto.commands - commands >= 40
+        assert proto.writes - writes < 10
+        assert not any(a.degraded for a in answers)
         assert answers[-1].penalty is not None  # the last ones see the penalty
         assert (await engine.check(ref)).penalty is not None
     finally:
