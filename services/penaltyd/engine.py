@@ -804,8 +804,8 @@ class Engine:
     def reveal(self, stored: str, reason: str) -> tuple[str, str, str]:
         """(identity, sentence, marks of the client it binds) of a penalty as the store
         names it (the watch hub's)."""
-        k = self.keying
-        return k.reveal(stored, reason)[0], reasons.render(reason), k.client_marks(reason)
+        identity, _, marks = self.keying.reveal_bound(stored, reason)
+        return identity, reasons.render(reason), marks
 
     # --- the watch hub (WatchPenalties)
 

@@ -165,6 +165,14 @@ class Keying:
             return identity, compact
         return (self.open(sealed) or identity).partition(BIND)[0], compact
 
+    def reveal_bound(self, identity: str, reason: str) -> tuple[str, str, str]:
+        """`reveal` and `client_marks` at once (one seal opened: the watch feed's path)."""
+        compact, sep, sealed = reason.partition(SEAL)
+        if not sep:
+            return identity, compact, compact.partition(BIND)[2]
+        plain, _, marks = (self.open(sealed) or identity).partition(BIND)
+        return plain, compact, marks
+
     def client_marks(self, reason: str) -> str:
         """The plain marks of the client a stored penalty binds ("" for the whole address)."""
         compact, sep, sealed = reason.partition(SEAL)
