@@ -250,12 +250,7 @@ class Detector:
             return Decision(True, "burst", threshold, ev, standing, n_min, burst)
         if standing.history == "bad" and ev.weighted_errors > 0:
             return Decision(True, "reputation", standing.threshold, ev, standing, n_min, burst)
-        if (
-            standing.bad_neighbourhood
-            and ev.events >= self.nb_n_min
-            and ev.weighted_errors >= self.nb_min_errors
-            and ev.ratio >= self.nb_min_ratio
-        ):
+        if standing.bad_neighbourhood and self._few_errors_enough(ev):
             return Decision(True, "neighbourhood", standing.threshold, ev, standing, n_min, burst)
         return Decision(False, "", threshold, ev, standing, n_min, burst)
 
@@ -266,13 +261,18 @@ class Detector:
         spammer that changed its HELO and sender to shed the penalty does in a few RCPTs."""
         ev = self.evidence(counts)
         n_min, _, burst = self.rules[False]
-        threshold = self.threshold(baseline)
-        fire = (
+        fire = self._few_errors_enough(ev)
+        return Decision(
+            fire, "newcomer" if fire else "", self.threshold(baseline), ev, None, n_min, burst
+        )
+
+    def _few_errors_enough(self, ev: Evidence) -> bool:
+        """The little evidence a suspect needs (rules `neighbourhood` and `newcomer`)."""
+        return (
             ev.events >= self.nb_n_min
             and ev.weighted_errors >= self.nb_min_errors
             and ev.ratio >= self.nb_min_ratio
         )
-        return Decision(fire, "newcomer" if fire else "", threshold, ev, None, n_min, burst)
 
     def weighted(self, counts: Sequence[tuple[int, int]]) -> float:
         """Weighted errors of (outcome, n) pairs: what a report adds to the baseline."""

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from penalty.identity import same_client
 from penalty.keyed import IdentityKey
+from penaltyd import reasons
 from penaltyd.reasons import BIND, SEAL
 
 _AAD = [b"penaltyd identity v1"]
@@ -150,35 +151,30 @@ class Keying:
         """Whether a stored penalty applies to a client with (plain) `marks`: always, but
         for a penalty bound to another client (`penalty.identity.same_client`). During a
         rotation a penalty bound under the previous key compares under that key."""
-        bound = reason.partition(SEAL)[0].partition(BIND)[2]
+        bound = reasons.bound(reason)
         if not bound or not marks:
             return True
         if same_client(bound, self.store_marks(marks)):
             return True
         return self._previous is not None and same_client(bound, self._marks(self._previous, marks))
 
-    def reveal(self, identity: str, reason: str) -> tuple[str, str]:
-        """(plain identity, compact reason) of a penalty as the store returned it (the
-        compact reason keeps a binding's marks: `reasons.render` reads them)."""
-        compact, sep, sealed = reason.partition(SEAL)
-        if not sep:
-            return identity, compact
-        return (self.open(sealed) or identity).partition(BIND)[0], compact
-
     def reveal_bound(self, identity: str, reason: str) -> tuple[str, str, str]:
-        """`reveal` and `client_marks` at once (one seal opened: the watch feed's path)."""
+        """(plain identity, compact reason, plain marks of the client it binds or "") of a
+        penalty as the store returned it, opening its seal once. The compact reason keeps
+        a binding's marks (in the store's form): `reasons.render` reads them."""
         compact, sep, sealed = reason.partition(SEAL)
-        if not sep:
+        if not sep:  # unkeyed: the store's marks are the plain ones
             return identity, compact, compact.partition(BIND)[2]
         plain, _, marks = (self.open(sealed) or identity).partition(BIND)
         return plain, compact, marks
 
+    def reveal(self, identity: str, reason: str) -> tuple[str, str]:
+        """(plain identity, compact reason) of a penalty as the store returned it."""
+        return self.reveal_bound(identity, reason)[:2]
+
     def client_marks(self, reason: str) -> str:
         """The plain marks of the client a stored penalty binds ("" for the whole address)."""
-        compact, sep, sealed = reason.partition(SEAL)
-        if not sep:
-            return compact.partition(BIND)[2]
-        return (self.open(sealed) or "").partition(BIND)[2]
+        return self.reveal_bound("", reason)[2]
 
     def reveal_label(self, label: str) -> str:
         """The address a shared mark's label names (the label itself if it is not ours)."""

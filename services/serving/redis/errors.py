@@ -42,8 +42,7 @@ class _Mapped:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is not None:
-            _raise_mapped(exc)
+        self.__exit__(exc_type, exc, tb)
 
 
 _MAPPED = _Mapped()
