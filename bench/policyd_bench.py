@@ -45,6 +45,7 @@ import grpc
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
 from tests.harness.ports import free_port, wait_port
+from tests.harness.processes import terminate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path(__file__).resolve().parent / "policy_load.c"
@@ -120,14 +121,7 @@ class Child:
         return Path(self.log_path).read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc, 15)
 
 
 def pin(pid: int, cpus: set[int]) -> None:

@@ -49,6 +49,7 @@ from bench.procs import REPO_ROOT, child_env
 from tests.harness.milter import Mta
 from tests.harness.policy import request
 from tests.harness.ports import free_port, wait_port
+from tests.harness.processes import terminate
 
 HELO = "bulk.example"
 SENDER = "x@bulk.example"
@@ -132,13 +133,7 @@ class Sidecar:
         return rows
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
         for path in (self.learn_path, self.log_path):
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.harness.ports import free_port, free_ports, wait_port
+from tests.harness.processes import terminate
 
 
 class RedisServer:
@@ -90,13 +91,8 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.send_signal(signal.SIGCONT)  # a paused server must see the SIGTERM
+            terminate(self.proc, 5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:

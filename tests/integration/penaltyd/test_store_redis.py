@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
@@ -134,70 +135,79 @@ class TestRedisStoreWithoutView(RedisContract):
     use_view = False
 
 
-async def test_a_penalty_whose_announcement_redis_refused_still_reaches_every_replica() -> None:
+@dataclass
+class Refused:
+    """Two replicas on a Redis of their own, and a switch that makes it refuse PUBLISH
+    (an ACL): how a penalty's announcement fails after its start succeeded."""
+
+    a: RedisStore
+    b: RedisStore
+    raw: aioredis.Redis
+
+    async def publish(self, allowed: bool) -> None:
+        acl = self.raw.execute_command  # untyped in redis-py
+        rule = "+publish" if allowed else "-publish"
+        await acl("ACL", "SETUSER", "default", rule)  # type: ignore[no-untyped-call]
+
+    async def start_unannounced(self, identity: str) -> None:
+        """Start a penalty on `a` while Redis refuses its announcement, then allow it."""
+        await self.publish(False)
+        ((_, created),) = await self.a.start_penalties([(identity, 300_000, "r")])
+        assert created
+        assert self.a.view.get(identity) is not None  # its own view at once
+        assert self.b.view.get(identity) is None  # the feed did not carry it
+        assert self.a._unannounced  # kept, not dropped
+        await self.publish(True)
+
+
+@pytest.fixture
+async def refused() -> AsyncIterator[Refused]:
+    server = RedisServer().start()
+    raw = aioredis.Redis(port=server.port)
+    stores: list[RedisStore] = []
+    try:
+        for _ in range(2):
+            stores.append(await started_store(server.url, True))
+        yield Refused(stores[0], stores[1], raw)
+    finally:
+        for store in stores:
+            await store.close()
+        await raw.aclose()
+        server.stop()
+
+
+async def test_a_penalty_whose_announcement_redis_refused_still_reaches_every_replica(
+    refused: Refused,
+) -> None:
     """Found under load: the first use of a pooled connection after a Redis restart failed
     the announcement (index entry + feed event) of a penalty already in its window, so no
     replica's view and no listing held it for its whole duration. It is kept and retried."""
-    server = RedisServer().start()
-    a = b = None
-    raw = aioredis.Redis(port=server.port)
-    try:
-        a = await started_store(server.url, True)
-        b = await started_store(server.url, True)
-        acl = raw.execute_command  # untyped in redis-py
-        await acl("ACL", "SETUSER", "default", "-publish")  # type: ignore[no-untyped-call]
-        ((_, created),) = await a.start_penalties([("203.0.113.50", 300_000, "r")])
-        assert created
-        assert a.view.get("203.0.113.50") is not None  # its own view at once
-        assert b.view.get("203.0.113.50") is None  # the feed did not carry it
-        assert a._unannounced  # kept, not dropped
-        await acl("ACL", "SETUSER", "default", "+publish")  # type: ignore[no-untyped-call]
+    a, b = refused.a, refused.b
+    await refused.start_unannounced("203.0.113.50")
 
-        async def on_b() -> object:
-            return b.view.get("203.0.113.50") if b else None
+    async def on_b() -> object:
+        return b.view.get("203.0.113.50")
 
-        seen = await eventually(on_b, lambda p: p is not None, within=5)
-        assert seen == b.view.get("203.0.113.50")
-        listed, _ = await b.list_penalties(None, 10)
-        assert [p.identity for p in listed] == ["203.0.113.50"]
-        assert not a._unannounced
-    finally:
-        for store in (a, b):
-            if store is not None:
-                await store.close()
-        await raw.aclose()
-        server.stop()
+    seen = await eventually(on_b, lambda p: p is not None, within=5)
+    assert seen == b.view.get("203.0.113.50")
+    listed, _ = await b.list_penalties(None, 10)
+    assert [p.identity for p in listed] == ["203.0.113.50"]
+    assert not a._unannounced
 
 
-async def test_a_late_announcement_never_brings_back_a_lifted_penalty() -> None:
+async def test_a_late_announcement_never_brings_back_a_lifted_penalty(refused: Refused) -> None:
     """Found in review: the announcement kept above, sent after an operator lifted the
     penalty on another replica, put it back in every view for its whole duration (no
     listing showed it and a second lift found nothing to lift)."""
-    server = RedisServer().start()
-    a = b = None
-    raw = aioredis.Redis(port=server.port)
-    try:
-        a = await started_store(server.url, True)
-        b = await started_store(server.url, True)
-        acl = raw.execute_command  # untyped in redis-py
-        await acl("ACL", "SETUSER", "default", "-publish")  # type: ignore[no-untyped-call]
-        ((_, created),) = await a.start_penalties([("203.0.113.51", 300_000, "r")])
-        assert created
-        assert a._unannounced
-        await acl("ACL", "SETUSER", "default", "+publish")  # type: ignore[no-untyped-call]
-        assert await b.lift("203.0.113.51", LiftRecord("desk", "false positive", 0))
+    a, b = refused.a, refused.b
+    await refused.start_unannounced("203.0.113.51")
+    assert await b.lift("203.0.113.51", LiftRecord("desk", "false positive", 0))
 
-        async def settled() -> bool:
-            return a is not None and not a._unannounced
+    async def settled() -> bool:
+        return not a._unannounced
 
-        await eventually(settled, bool, within=5)
-        assert a.view.get("203.0.113.51") is None
-        assert b.view.get("203.0.113.51") is None
-        listed, _ = await a.list_penalties(None, 10)
-        assert listed == []
-    finally:
-        for store in (a, b):
-            if store is not None:
-                await store.close()
-        await raw.aclose()
-        server.stop()
+    await eventually(settled, bool, within=5)
+    assert a.view.get("203.0.113.51") is None
+    assert b.view.get("203.0.113.51") is None
+    listed, _ = await a.list_penalties(None, 10)
+    assert listed == []

@@ -1,12 +1,10 @@
 """Cold start (issue 15): a penalty on an address whose one known client earned it binds
 that client, so the users behind a carrier-grade NAT who speak later are not deferred.
 
-The engine runs on the embedded store with an injected clock, as in test_reputation.
+The engine runs on the embedded store with an injected clock (`tests.harness.clocked`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 from penalty.identity import bindable, client_fingerprint_and_marks, same_client
 from penalty.v1 import penalty_pb2 as pb
@@ -14,39 +12,15 @@ from penaltyclient.aio import AsyncPenaltyClient
 from penaltyclient.replica import ReplicaState
 from penaltyd import reasons
 from penaltyd.engine import Answer, Engine
-from penaltyd.settings import Settings
 from penaltyd.store.memory import MemoryStore
-from penaltyd.validation import ClientRef, Validator
+from penaltyd.validation import ClientRef
 from tests.harness.builders import ACCEPTED, UNKNOWN
+from tests.harness.clocked import T0, engine, ref, send
 from tests.harness.inprocess import ServeFactory
 
-T0 = 1_767_225_600_000
 CGNAT = "100.64.1.1"
 KEY = "k" * 32
 Kind = pb.PenaltyEvent.Kind
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.ms = T0
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-def engine(**settings: object) -> tuple[Engine, Clock, Validator]:
-    clock = Clock()
-    s = Settings(**settings)  # type: ignore[arg-type]  # keyword settings, validated
-    store = MemoryStore(clock=clock)
-    return Engine(s, store, clock=lambda: clock.ms / 1000, wall_ms=clock), clock, Validator(s)
-
-
-def ref(v: Validator, ip: str, helo: str = "", mail_from: str = "") -> ClientRef:
-    return v.client(pb.Client(ip=ip, helo=helo, mail_from=mail_from), "client")
-
-
-async def send(e: Engine, r: ClientRef, outcomes: Sequence[int]) -> list[Answer]:
-    return [(await e.report_many([(r, [(o, 1)])]))[0] for o in outcomes]
 
 
 def test_same_client_needs_every_mark_of_the_binding_to_differ() -> None:
@@ -317,3 +291,33 @@ def test_the_replica_does_not_let_an_expired_entry_hide_a_client_penalty() -> No
     assert verdict is not None
     assert verdict.tempfail
     assert verdict.identity == f"{CGNAT}#{fp}"
+
+
+async def test_oversized_helo_and_sender_behind_a_bound_penalty_are_bounded() -> None:
+    """Attack: a megabyte of HELO and sender, per check, at an address whose penalty binds
+    another client. The marks stay three 40-bit hashes; server and replica agree."""
+    e, _, v = engine()
+    await penalize(e, ref(v, CGNAT, "bot.spam.example", "offers@spam.example"))
+    huge_helo, huge_sender = "h" * (1 << 20), "u@" + "d" * (1 << 20) + ".example"
+    for helo, sender in ((huge_helo, huge_sender), ("bot.spam.example" + "x" * (1 << 20), "")):
+        client = ref(v, CGNAT, helo, sender)
+        assert len(client.marks) <= 3 * 10 + 2
+        served = (await e.check(client)).penalty is not None
+        replica = ReplicaState()
+        replica.apply(pb.PenaltyEvent(kind=Kind.KIND_SNAPSHOT_DONE, store_now_unix_ms=T0))
+        stored = e.store.local_penalty(CGNAT)[1]
+        assert stored is not None
+        replica.apply(
+            pb.PenaltyEvent(
+                kind=Kind.KIND_PENALTY_STARTED,
+                penalty=pb.Penalty(
+                    identity=CGNAT,
+                    expires_at_unix_ms=stored.expires_at_ms,
+                    client=e.keying.client_marks(stored.reason),
+                ),
+                store_now_unix_ms=T0,
+            )
+        )
+        local = replica.check(CGNAT, helo, sender)
+        assert local is not None
+        assert local.tempfail is served

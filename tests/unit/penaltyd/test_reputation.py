@@ -7,7 +7,6 @@ it): reports, then the stats flush that carries neighbourhood sums, then decisio
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import grpc
 import pytest
@@ -15,38 +14,12 @@ import pytest
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient
 from penaltyclient.sync import PenaltyClient
-from penaltyd.engine import Answer, Engine
-from penaltyd.settings import Settings
+from penaltyd.engine import Answer
 from penaltyd.store.memory import MemoryStore
-from penaltyd.validation import ClientRef, Validator
 from tests.harness.builders import ACCEPTED, UNKNOWN, report
+from tests.harness.clocked import engine, ref, send
 from tests.harness.inprocess import ServeFactory
 from tests.unit.clients.test_ctl import ctl
-
-T0 = 1_767_225_600_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.ms = T0
-
-    def __call__(self) -> int:
-        return self.ms
-
-
-def engine(**settings: object) -> tuple[Engine, Clock, Validator]:
-    clock = Clock()
-    s = Settings(**settings)  # type: ignore[arg-type]  # keyword settings, validated
-    store = MemoryStore(clock=clock)
-    return Engine(s, store, clock=lambda: clock.ms / 1000, wall_ms=clock), clock, Validator(s)
-
-
-def ref(v: Validator, ip: str, helo: str = "") -> ClientRef:
-    return v.client(pb.Client(ip=ip, helo=helo), "client")
-
-
-async def send(e: Engine, r: ClientRef, outcomes: Sequence[int]) -> list[Answer]:
-    return [(await e.report_many([(r, [(o, 1)])]))[0] for o in outcomes]
 
 
 async def test_a_moderate_spammer_is_deferred_on_its_history() -> None:
