@@ -195,7 +195,11 @@ async def test_a_key_rotates_under_load_without_a_check_error_or_a_lost_penalty(
     serve: ServeFactory, redis_url: str
 ) -> None:
     store: dict[str, Any] = {"shared_min_sub_identities": 3}
-    old = await serve(RedisStore(redis_url, **store), identity_key=KEY2)
+    # What is under test is the key, not the deadline: a replica's checks go to Redis
+    # until its view has synced, and on a loaded CI machine one of them met the 20 ms
+    # check deadline (a degraded answer, as designed). A deadline that load cannot meet.
+    slow_ok = {"check_timeout_ms": 2000}
+    old = await serve(RedisStore(redis_url, **store), identity_key=KEY2, **slow_ok)
     await wait_store_healthy(old.address)
     attackers = [f"203.0.113.{i}" for i in range(100, 110)]
     for ip in attackers:
@@ -234,14 +238,16 @@ async def test_a_key_rotates_under_load_without_a_check_error_or_a_lost_penalty(
     loaders = [asyncio.create_task(load()) for _ in range(4)]
     await checks_answered(50)
     # The roll-out: a replica with the new key (reading the old), then the old one goes.
-    new = await serve(RedisStore(redis_url, **store), identity_key=KEY, identity_key_previous=KEY2)
+    new = await serve(
+        RedisStore(redis_url, **store), identity_key=KEY, identity_key_previous=KEY2, **slow_ok
+    )
     replicas.append(new)
     await checks_answered(200)  # both answer while they disagree on the key
     replicas.remove(old)
     await checks_answered(50)  # no check in flight on the old one any more
     await old.running.stop(grace=1)
     second = await serve(
-        RedisStore(redis_url, **store), identity_key=KEY, identity_key_previous=KEY2
+        RedisStore(redis_url, **store), identity_key=KEY, identity_key_previous=KEY2, **slow_ok
     )
     replicas.append(second)
     fresh = "203.0.113.120"  # a penalty started under the new key, seen by both
