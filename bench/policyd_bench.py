@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,12 @@ def wait_replica(policyd: Child, within: float = 20.0) -> None:
 
 @contextlib.contextmanager
 def stack(
-    *, penalized_addrs: int, report_accepted: bool = True, live_replica: bool = True
+    *,
+    penalized_addrs: int,
+    report_accepted: bool = True,
+    live_replica: bool = True,
+    coalesce_us: int | None = None,
+    policyd_args: Sequence[str] = (),
 ) -> Iterator[tuple[Child, Child]]:
     """penaltyd (embedded store) with `penalized_addrs` penalties, and policyd on it."""
     pd_port, pol_port = free_port(), free_port()
@@ -177,6 +182,9 @@ def stack(
             args.append("--no-report-accepted")
         if not live_replica:
             args.append("--no-live-replica")
+        if coalesce_us is not None:  # None: policyd's own default
+            args += ["--coalesce-us", str(coalesce_us)]
+        args += policyd_args
         policyd = Child("penalty-policyd", *args, port=pol_port)
         if live_replica:
             wait_replica(policyd)
@@ -221,8 +229,11 @@ def one_round(
     penalized_addrs: int,
     pinned: bool = False,
     rate: float = 0.0,
+    good_addrs: int = 0,
 ) -> dict[str, Any]:
     mix = ["-x", str(penalized_pct), "-P", str(penalized_addrs), "-c", str(connections)]
+    if good_addrs:  # 0: the generator's 10,000
+        mix += ["-G", str(good_addrs)]
     if rate:  # a fixed offered rate instead of saturation (policy_load.c -R)
         mix += ["-R", f"{rate:.0f}"]
     if pinned:  # policyd alone on CPU 0; penaltyd and the load generator share CPU 1
@@ -268,6 +279,9 @@ def run(
     pinned: bool = False,
     build_dir: Path | None = None,
     rate: float = 0.0,
+    coalesce_us: int | None = None,
+    good_addrs: int = 0,
+    policyd_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`rounds` measured loads on one penaltyd + policyd; every round and the medians.
     `pinned`: policyd gets CPU 0 to itself (its capacity when nothing else competes)."""
@@ -284,10 +298,17 @@ def run(
         "live_replica": live_replica,
         "pinned": pinned,
         "offered_rate": rate,
+        "coalesce_us": coalesce_us,
+        "good_addrs": good_addrs or 10_000,
+        "policyd_args": list(policyd_args),
         "rounds": [],
     }
     with stack(
-        penalized_addrs=penalized_addrs, report_accepted=report_accepted, live_replica=live_replica
+        penalized_addrs=penalized_addrs,
+        report_accepted=report_accepted,
+        live_replica=live_replica,
+        coalesce_us=coalesce_us,
+        policyd_args=policyd_args,
     ) as (pd, policyd):
         for _ in range(rounds):
             out["rounds"].append(
@@ -301,6 +322,7 @@ def run(
                     penalized_addrs=penalized_addrs,
                     pinned=pinned,
                     rate=rate,
+                    good_addrs=good_addrs,
                 )
             )
         out["policyd_tracebacks"] = policyd.output().count("Traceback")
@@ -348,6 +370,23 @@ def main(argv: list[str] | None = None) -> int:
         help="a fixed offered rate in requests/s (latency from when each was due) "
         "instead of 32 connections at saturation",
     )
+    p.add_argument(
+        "--good-addrs",
+        type=int,
+        default=0,
+        help="distinct well-behaved client addresses (default 10,000; bench.peers uses 255)",
+    )
+    p.add_argument(
+        "--coalesce-us", type=int, default=None, help="policyd's --coalesce-us (its default)"
+    )
+    p.add_argument(
+        "--policyd-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more penalty-policyd argument (repeatable), "
+        "e.g. --policyd-arg=--report-interval-ms=10",
+    )
     p.add_argument("--json", type=Path, default=RESULTS / "policyd-latest.json")
     args = p.parse_args(argv)
     out = run(
@@ -360,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         live_replica=not args.no_live_replica,
         pinned=args.pin,
         rate=args.rate,
+        coalesce_us=args.coalesce_us,
+        good_addrs=args.good_addrs,
+        policyd_args=args.policyd_arg,
     )
     for i, r in enumerate(out["rounds"], 1):
         print(

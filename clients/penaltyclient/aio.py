@@ -355,6 +355,11 @@ class SessionReporter:
         self.reconnects = 0
         self.tempfails: deque[pb.Verdict] = deque(maxlen=1000)
         self._urgent = False  # an error report waits in the queue: send without the interval
+        # Called before an error report is queued: a batching caller (penalty-policyd)
+        # hands over the accepted recipients it holds first, so penaltyd never sees a
+        # client's errors ahead of the accepted mail that came before them (a rate
+        # judged on a short denominator would lean towards a penalty).
+        self.before_error: Callable[[], None] | None = None
 
     def report(
         self, ip: str, counts: Counts, helo: str = "", mail_from: str = "", fingerprint: str = ""
@@ -372,13 +377,16 @@ class SessionReporter:
     def enqueue(self, request: pb.ReportRequest, age: float = 0.0) -> bool:
         """Queue a report as it is (e.g. one kept across a restart, `age` seconds old
         already, which counts towards `max_age`); False if dropped."""
+        error = any(c.outcome != _ACCEPTED for c in request.counts)
+        if error and self.before_error is not None:
+            self.before_error()
         if len(self._queue) >= self.max_queue:
             self.dropped += 1
             return False
         self._queue.append((self._clock() - max(0.0, age), request))
         if len(self._queue) >= self.max_batch:
             self._wakeup.set()
-        elif not self._urgent and any(c.outcome != _ACCEPTED for c in request.counts):
+        elif error and not self._urgent:
             # An error may be the one that starts a penalty: it leaves now, not after the
             # batching interval, when no batch is on its way (single flight: errors that
             # come meanwhile leave together when that batch is answered).

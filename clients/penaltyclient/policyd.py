@@ -27,6 +27,9 @@ How a connection is served (an `asyncio.Protocol`, no task per connection):
   pipelines (writes many requests without waiting) gets the next one answered on the
   next turn, and its socket is not read while its requests wait; one that does not read
   its answers stops being read once `WRITE_HIGH_WATER` bytes of answers are waiting.
+- Wake-ups coalesced: after a loop iteration that answered fewer than `COALESCE_BELOW`
+  requests the loop thread sleeps `--coalesce-us` (200 µs), so requests arriving one by
+  one are read a few at a time (a wake-up costs more than answering on a small VM).
 - One idle clock: a periodic sweep closes connections idle for `idle_timeout` (those
   whose answers are not being read included), instead of a timer per read.
 - Only when the live replica cannot answer (off, or not synced yet) is a check an RPC:
@@ -35,8 +38,10 @@ How a connection is served (an `asyncio.Protocol`, no task per connection):
   asked again with the client address alone: a crafted field must not let a penalized
   address through.
 - Reports in batches: accepted recipients are counted per (address, HELO, sender) and
-  handed to the `SessionReporter` every `REPORT_EVERY` seconds, one report with its
-  count each (a message's RCPTs from one client become one report). On SIGTERM the
+  handed to the `SessionReporter` every `--report-interval-ms` (50 ms), one report with
+  its count each (a message's RCPTs, a busy client's messages, become one report); an
+  error report queued in this process (the milter's) first flushes them, so penaltyd
+  never judges an error against a denominator still waiting here. On SIGTERM the
   open connections are closed (Postfix keeps them open between sessions), the reports
   get `--flush-seconds` to reach penaltyd, and `policyd_stopped` counts those that did
   not (`reports_pending_dropped`, after a `policyd_reports_dropped_at_exit` warning).
@@ -55,6 +60,7 @@ import re
 import resource
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -75,7 +81,9 @@ MAX_LINES = 200  # attribute lines of one request; Postfix sends ~30
 WRITE_HIGH_WATER = 64 * 1024  # answers waiting for a client that does not read: stop reading
 DEFAULT_MAX_CONNECTIONS = 4096  # Postfix holds one per smtpd process (default limit 100)
 FD_RESERVE = 64  # descriptors kept for the listener, gRPC channels, logs
-REPORT_EVERY = 0.01  # seconds: accepted recipients are handed to the reporter in batches
+COALESCE_DEFAULT_US = 200  # after a wake-up that answered few requests, let arrivals gather
+COALESCE_BELOW = 8  # ... only when fewer than this many were answered (busier loops batch)
+REPORT_EVERY_MS = 50  # accepted recipients are counted up this long, then handed over
 REPORT_BATCH = 200  # reports per Session message: short bursts for a penaltyd beside us
 REPORT_KEYS_MAX = 10_000  # distinct (address, HELO, sender) waiting; more flushes at once
 LINGER_SECONDS = 2.0  # after an overflow: our DUNNO and FIN are sent, input discarded
@@ -192,6 +200,7 @@ class Stats:
     refused_connections: int = 0  # over --max-connections: accepted and closed
     idle_closed: int = 0
     write_paused: int = 0  # times a client stopped reading its answers
+    coalesced: int = 0  # wake-ups followed by a --coalesce-us pause
     by_state: dict[str, int] = field(default_factory=dict)
 
 
@@ -241,6 +250,8 @@ class PolicyConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         server = self.server
         self.last = server.now
+        if server.coalesce and not server.coalesce_armed:
+            server.arm_coalesce()
         n = len(data)
         if (  # the common case: one whole request, nothing waiting (what Postfix sends)
             n > 2
@@ -455,15 +466,22 @@ class PolicyServer:
         report_accepted: bool = True,
         idle_timeout: float = 300.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        coalesce: float = COALESCE_DEFAULT_US / 1e6,
+        report_every: float = REPORT_EVERY_MS / 1000,
     ) -> None:
         self.client = client
+        self.coalesce = coalesce  # seconds; 0 answers each wake-up's requests and sleeps
+        self.coalesce_armed = False
+        self._coalesce_mark = 0
         self.stages = frozenset(stages)
         self.report_accepted = report_accepted
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.report_every = report_every
         self.reporter: SessionReporter = client.reporter(
-            max_batch=REPORT_BATCH, interval=REPORT_EVERY
+            max_batch=REPORT_BATCH, interval=report_every
         )
+        self.reporter.before_error = self.flush_reports
         self.stats = Stats()
         self.connections: set[PolicyConnection] = set()
         self.garbage_log = RateLimitedLog(log, interval=1.0)
@@ -529,6 +547,31 @@ class PolicyServer:
         self.stats.open_connections = len(self.connections)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
+
+    # --- wake-up coalescing
+
+    def arm_coalesce(self) -> None:
+        """Called at the first read of a loop iteration: the pause runs once that
+        iteration's reads are answered (a callback queued now runs after them)."""
+        self.coalesce_armed = True
+        self.loop.call_soon(self._coalesce_wakeups)
+
+    def _coalesce_wakeups(self) -> None:
+        """Interrupt moderation in user space. At a moderate, steady rate Postfix's
+        requests arrive one at a time, so each costs a whole wake-up (epoll, a context
+        switch in and out, cold caches): on a 2-core VM that is most of a request's CPU.
+        After a wake-up that answered only a few requests, the loop thread sleeps
+        `coalesce` seconds before polling again, so what arrives meanwhile is read in one
+        wake-up. Every answer is already written before the pause; a request arriving
+        during it waits at most `coalesce` (200 µs by default, far below Postfix's 1 s
+        policy timeout). A busy loop (COALESCE_BELOW or more answers a wake-up) already
+        batches and never pauses, so throughput at saturation is unchanged."""
+        self.coalesce_armed = False
+        stats = self.stats
+        served, self._coalesce_mark = stats.requests - self._coalesce_mark, stats.requests
+        if served < COALESCE_BELOW:
+            stats.coalesced += 1
+            time.sleep(self.coalesce)
 
     def sweep_interval(self) -> float:
         return max(0.01, min(1.0, self.idle_timeout / 4))
@@ -685,11 +728,11 @@ class PolicyServer:
                     count.n += 1
             else:
                 if not waiting:
-                    self._report_timer = self.loop.call_later(REPORT_EVERY, self.flush_reports)
+                    self._report_timer = self.loop.call_later(self.report_every, self.flush_reports)
                 elif len(waiting) >= REPORT_KEYS_MAX:
                     self.flush_reports()
                     waiting = self._accepted
-                    self._report_timer = self.loop.call_later(REPORT_EVERY, self.flush_reports)
+                    self._report_timer = self.loop.call_later(self.report_every, self.flush_reports)
                 # Built here, at the key's first RCPT, not all together in the flush: a
                 # flush that built a few hundred reports at once held every connection's
                 # answer for 1-5 ms, a hundred times a second (issue 11).
@@ -766,6 +809,8 @@ async def serve(args: argparse.Namespace) -> None:
         report_accepted=not args.no_report_accepted,
         idle_timeout=args.idle_timeout,
         max_connections=max_connections,
+        coalesce=args.coalesce_us / 1e6,
+        report_every=args.report_interval_ms / 1000,
     )
     policy.reporter.start()
     milter = _milter(args, policy.reporter) if args.milter_listen else None
@@ -821,6 +866,7 @@ def _stats_fields(policy: PolicyServer) -> dict[str, object]:
         "refused_connections": s.refused_connections,
         "idle_closed": s.idle_closed,
         "write_paused": s.write_paused,
+        "coalesced": s.coalesced,
         "reports_sent": r.acked,
         "reports_dropped": r.dropped,
         "reports_expired": r.expired,
@@ -892,6 +938,25 @@ def parser() -> argparse.ArgumentParser:
         help="seconds before an idle connection is closed (default 300)",
     )
     p.add_argument(
+        "--coalesce-us",
+        type=int,
+        default=COALESCE_DEFAULT_US,
+        metavar="MICROSECONDS",
+        help=f"after a wake-up that answered fewer than {COALESCE_BELOW} requests, pause "
+        "this long so requests arriving meanwhile are read together: a fifth to a third "
+        "less CPU per request at a steady moderate rate, at most this much added latency; "
+        f"0 disables (default {COALESCE_DEFAULT_US}, at most 5000)",
+    )
+    p.add_argument(
+        "--report-interval-ms",
+        type=int,
+        default=REPORT_EVERY_MS,
+        metavar="MS",
+        help="accepted recipients are counted per (client, HELO, sender) this long, then "
+        f"sent as one report each; errors never wait for it (default {REPORT_EVERY_MS}, "
+        "1-1000)",
+    )
+    p.add_argument(
         "--milter-listen",
         metavar="HOST:PORT",
         help="also serve penalty-milter here, in this process (recommended: one client, one "
@@ -924,6 +989,12 @@ def main(argv: list[str] | None = None) -> int:
     stages = {s.strip().upper() for s in args.stage.split(",") if s.strip()}
     if not stages or not stages <= set(STATES):
         print(f"penalty-policyd: --stage must be among {', '.join(STATES)}", file=sys.stderr)
+        return 2
+    if not 1 <= args.report_interval_ms <= 1000:
+        print("penalty-policyd: --report-interval-ms must be between 1 and 1000", file=sys.stderr)
+        return 2
+    if not 0 <= args.coalesce_us <= 5000:
+        print("penalty-policyd: --coalesce-us must be between 0 and 5000", file=sys.stderr)
         return 2
     if args.max_connections < 0 or args.idle_timeout <= 0 or args.flush_seconds < 0:
         print("penalty-policyd: --max-connections, --idle-timeout and --flush-seconds must "

@@ -20,6 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from penalty.v1 import penalty_pb2 as pb
+from penaltyclient import policyd as policyd_module
 from penaltyclient.aio import AsyncPenaltyClient
 from penaltyclient.policyd import MAX_REQUEST, PolicyConnection
 from penaltyd.store.memory import MemoryStore
@@ -74,7 +75,7 @@ async def test_one_report_per_client_and_flush_with_its_count(policy: Policy) ->
     for _ in range(3):
         assert await policy.ask(conn, request(ip="198.51.100.34", helo_name="a.example")) == DUNNO
     assert await policy.ask(conn, request(ip="198.51.100.34", helo_name="b.example")) == DUNNO
-    waiting = policy.policy._accepted  # since the last flush (every 10 ms): counted up
+    waiting = policy.policy._accepted  # since the last flush (--report-interval-ms): counted up
     assert sum(r.counts[0].n for r in waiting.values()) == policy.policy._waiting_recipients
     assert len(waiting) <= 2
     assert await policy.policy.flush(5)
@@ -293,3 +294,92 @@ async def test_sigterm_closes_idle_connections_quietly_and_flushes_reports(
     async with AsyncPenaltyClient(pd.address) as client:
         ex = await client.explain("198.51.100.77")
     assert [(t.outcome, t.n) for t in ex.window] == [(pb.OUTCOME_ACCEPTED, 5)]
+
+
+async def test_a_quiet_wakeup_pauses_to_gather_requests_a_busy_one_does_not(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wake-up coalescing (`--coalesce-us`): after a loop iteration that answered fewer
+    than COALESCE_BELOW requests the loop thread sleeps `coalesce` once; an iteration
+    that answered more never sleeps (a busy loop batches already)."""
+    slept: list[float] = []
+    monkeypatch.setattr("penaltyclient.policyd.time.sleep", slept.append)
+    server = policy.policy
+    assert server.coalesce == policyd_module.COALESCE_DEFAULT_US / 1e6
+    conn = await policy.connect()
+    assert await policy.ask(conn, request(ip="198.51.100.40")) == DUNNO
+    assert slept
+    assert set(slept) == {server.coalesce}
+    assert server.stats.coalesced == len(slept)
+    # What one iteration served is what counts: many requests, no pause.
+    slept.clear()
+    server.coalesce_armed = True
+    server.stats.requests += policyd_module.COALESCE_BELOW
+    server._coalesce_wakeups()
+    assert slept == []
+    assert not server.coalesce_armed
+    server.stats.requests += policyd_module.COALESCE_BELOW - 1
+    server._coalesce_wakeups()
+    assert slept == [server.coalesce]
+    conn[1].close()
+
+
+async def test_coalescing_off_never_pauses(
+    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("penaltyclient.policyd.time.sleep", slept.append)
+    pd = await serve(MemoryStore())
+    async for p in start_policy(pd.address, coalesce=0.0):
+        conn = await p.connect()
+        for _ in range(3):
+            assert await p.ask(conn, request(ip="198.51.100.41")) == DUNNO
+        assert slept == []
+        assert p.policy.stats.coalesced == 0
+        conn[1].close()
+
+
+async def test_an_error_report_in_process_flushes_the_accepted_ones_first(
+    serve: ServeFactory,
+) -> None:
+    """The milter beside policyd reports an error while policyd still counts the same
+    client's accepted recipients (they wait up to --report-interval-ms): they are handed
+    over first, so penaltyd never judges the error against a short denominator."""
+    pd = await serve(MemoryStore())
+    async for p in start_policy(pd.address, report_every=30.0):
+        server, reporter = p.policy, p.policy.reporter
+        conn = await p.connect()
+        for _ in range(3):
+            assert await p.ask(conn, request(ip="198.51.100.42")) == DUNNO
+        assert len(server._accepted) == 1  # counted up here: the interval is 30 s
+        assert reporter.pending == 0
+        assert reporter.report("198.51.100.42", {pb.OUTCOME_UNKNOWN_RECIPIENT: 1})
+        assert not server._accepted
+        # Nothing was awaited since: both wait in the reporter's queue, in this order.
+        assert [(r.counts[0].outcome, r.counts[0].n) for r in reporter.pending_requests()] == [
+            (pb.OUTCOME_ACCEPTED, 3),
+            (pb.OUTCOME_UNKNOWN_RECIPIENT, 1),
+        ]
+        assert await server.flush(5)
+        ex = await server.client.explain("198.51.100.42")
+        assert {(t.outcome, t.n) for t in ex.window} == {
+            (pb.OUTCOME_ACCEPTED, 3),
+            (pb.OUTCOME_UNKNOWN_RECIPIENT, 1),
+        }
+        conn[1].close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--coalesce-us", "-1"],
+        ["--coalesce-us", "5001"],
+        ["--report-interval-ms", "0"],
+        ["--report-interval-ms", "1001"],
+    ],
+)
+def test_out_of_range_timing_options_are_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert policyd_module.main(argv) == 2
+    assert argv[0] in capsys.readouterr().err

@@ -127,8 +127,8 @@ async def test_policyd_sigterm_with_idle_connections_and_penaltyd_down() -> None
         await sidecar.event("policyd_started")
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(2):  # answered DUNNO (penaltyd down), reported as accepted
-            writer.write(policy_request("198.51.100.7"))
+        for ip in ("198.51.100.7", "198.51.100.8"):  # DUNNO (penaltyd down), accepted:
+            writer.write(policy_request(ip))  # two clients, so two reports however timed
             async with asyncio.timeout(5):
                 assert await reader.readuntil(b"\n\n") == b"action=DUNNO\n\n"
         events, err = await sidecar.sigterm()  # Postfix would still hold all four open
