@@ -152,6 +152,9 @@ class Detector:
         for name in outcomes.ERROR_NAMES:
             weights[outcomes.number(name)] = getattr(w, name)
         self.weights: tuple[float, ...] = tuple(weights)
+        # Outcomes that weigh nothing (accepted, and any an operator set to 0): a window
+        # holds an error exactly when it holds more events than these account for.
+        self._weightless: tuple[int, ...] = tuple(i for i, x in enumerate(weights) if not x)
         self.z = settings.z
         self.burst_min_ratio = settings.burst_min_ratio
         self.rules = {
@@ -230,7 +233,11 @@ class Detector:
 
     def has_errors(self, counts: Sequence[int]) -> bool:
         """Whether the counts hold any weighted error: without one no rule can fire."""
-        return any(n and w for n, w in zip(counts, self.weights, strict=False))
+        free, n = 0, len(counts)
+        for i in self._weightless:  # one or two entries: cheaper than a pass over all
+            if i < n:
+                free += counts[i]
+        return sum(counts) > free
 
     def judge(
         self, counts: Sequence[int], baseline: Baseline | None, standing: Standing | None

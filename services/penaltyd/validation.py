@@ -167,11 +167,11 @@ class Validator:
             raise BadField(
                 "checks", f"more than {self.max_batch} checks and reports in one message"
             )
-        reports = []
-        for i, r in enumerate(request.reports):
-            reports.append(self.report(r, f"reports[{i}]."))
-            if i % step == step - 1:
-                await asyncio.sleep(0)
+        reports: list[tuple[ClientRef, list[tuple[int, int]]]] = []
+        items = request.reports
+        for start in range(0, len(items), step):
+            self._reports(items[start : start + step], reports)
+            await asyncio.sleep(0)
         checks = [self.check(c, f"checks[{i}].") for i, c in enumerate(request.checks)]
         return checks, reports
 
@@ -183,6 +183,17 @@ class Validator:
             raise BadField(
                 "checks", f"more than {self.max_batch} checks and reports in one message"
             )
-        reports = [self.report(r, f"reports[{i}].") for i, r in enumerate(request.reports)]
+        reports: list[tuple[ClientRef, list[tuple[int, int]]]] = []
+        self._reports(request.reports, reports)
         checks = [self.check(c, f"checks[{i}].") for i, c in enumerate(request.checks)]
         return checks, reports
+
+    def _reports(self, items: Any, out: list[tuple[ClientRef, list[tuple[int, int]]]]) -> None:
+        """Validate reports onto `out`; a bad one names its index in the whole message
+        (built only then: a field name per good report cost ~0.5 µs of a 20 µs report)."""
+        report = self.report
+        try:
+            for r in items:
+                out.append(report(r))
+        except BadField as err:
+            raise BadField(f"reports[{len(out)}].{err.field}", err.message) from None

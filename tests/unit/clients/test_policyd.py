@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, cast
@@ -296,30 +297,40 @@ async def test_sigterm_closes_idle_connections_quietly_and_flushes_reports(
     assert [(t.outcome, t.n) for t in ex.window] == [(pb.OUTCOME_ACCEPTED, 5)]
 
 
-async def test_a_quiet_wakeup_pauses_to_gather_requests_a_busy_one_does_not(
+async def test_wakeups_are_coalesced_only_while_requests_come_fast_and_few_at_a_time(
     policy: Policy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Wake-up coalescing (`--coalesce-us`): after a loop iteration that answered fewer
-    than COALESCE_BELOW requests the loop thread sleeps `coalesce` once; an iteration
-    that answered more never sleeps (a busy loop batches already)."""
+    """Wake-up coalescing (`--coalesce-us`): the loop thread sleeps `coalesce` after an
+    iteration that answered fewer than COALESCE_BELOW requests, but only while requests
+    come faster than one per `coalesce`; a quiet policyd (one conversation) never waits,
+    nor does a loop busy enough to batch by itself."""
     slept: list[float] = []
     monkeypatch.setattr("penaltyclient.policyd.time.sleep", slept.append)
     server = policy.policy
     assert server.coalesce == policyd_module.COALESCE_DEFAULT_US / 1e6
     conn = await policy.connect()
-    assert await policy.ask(conn, request(ip="198.51.100.40")) == DUNNO
-    assert slept
-    assert set(slept) == {server.coalesce}
-    assert server.stats.coalesced == len(slept)
-    # What one iteration served is what counts: many requests, no pause.
-    slept.clear()
-    server.coalesce_armed = True
-    server.stats.requests += policyd_module.COALESCE_BELOW
-    server._coalesce_wakeups()
+    for _ in range(3):  # one client, one request at a time: far below 10,000/s
+        assert await policy.ask(conn, request(ip="198.51.100.40")) == DUNNO
     assert slept == []
-    assert not server.coalesce_armed
-    server.stats.requests += policyd_module.COALESCE_BELOW - 1
-    server._coalesce_wakeups()
+    assert server.stats.coalesced == 0
+
+    def wake_up(served: int, over: float, *, recent: int) -> None:
+        """One loop iteration that answered `served` requests, `recent` of them and the
+        ones before over the last `over` seconds."""
+        server._rate_since = time.monotonic() - over
+        server._rate_mark = server.stats.requests
+        server.stats.requests += recent
+        server._coalesce_mark = server.stats.requests - served
+        server.coalesce_armed = True
+        server._coalesce_wakeups()
+        assert not server.coalesce_armed
+
+    wake_up(1, 0.02, recent=1000)  # 50,000/s, one request this wake-up: pause
+    assert slept == [server.coalesce]
+    assert server.stats.coalesced == 1
+    wake_up(policyd_module.COALESCE_BELOW, 0.02, recent=1000)  # a batch already: no pause
+    assert slept == [server.coalesce]
+    wake_up(1, 0.02, recent=10)  # 500/s: a pause would gather nothing
     assert slept == [server.coalesce]
     conn[1].close()
 

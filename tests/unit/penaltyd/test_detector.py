@@ -91,3 +91,16 @@ def test_reason_round_trip() -> None:
     assert "threshold 0.500" in text
     assert reasons.render("free text") == "free text"
     assert math.isfinite(decision.evidence.ratio)
+
+
+@given(
+    st.lists(st.sampled_from([0, 0, 0, 0, 1, 1000]), min_size=N_OUTCOMES, max_size=N_OUTCOMES),
+    st.booleans(),
+)
+def test_has_errors_is_any_weighted_outcome_seen(counts: list[int], lost_free: bool) -> None:
+    """The report path's shortcut (events beyond the weightless outcomes) agrees with
+    the definition, also when an operator weighs an error kind at 0."""
+    settings = Settings(weights={"lost_connection": 0.0} if lost_free else {})
+    d = Detector(settings)
+    expected = any(n > 0 and w > 0 for n, w in zip(counts, d.weights, strict=True))
+    assert d.has_errors(counts) is expected

@@ -106,6 +106,22 @@ async def test_session_rejects_a_bad_message_whole_and_keeps_the_stream(pd: Serv
     await call.done_writing()
 
 
+async def test_a_bad_report_deep_in_a_large_message_is_named_by_its_index(pd: Served) -> None:
+    """A message larger than `bulk_slice` (100) is validated slice by slice; the bad
+    report is still named by its index in the whole message, and nothing is stored."""
+    call = pd.service.Session()
+    good = [report(f"198.51.100.{i % 200 + 1}", UNKNOWN) for i in range(250)]
+    good[237] = report("not-an-ip", UNKNOWN)
+    await call.write(pb.SessionRequest(id=3, reports=good))
+    resp = await call.read()
+    assert resp.id == 3
+    assert resp.error.field == "reports[237].client.ip"
+    assert not resp.reports
+    ex = await pd.admin.Explain(pb.ExplainRequest(client=client("198.51.100.1")))
+    assert ex.events == 0
+    await call.done_writing()
+
+
 async def test_session_garbage_bytes_get_an_error_and_the_stream_goes_on(pd: Served) -> None:
     stream = pd.channel.stream_stream(
         "/penalty.v1.PenaltyService/Session",
