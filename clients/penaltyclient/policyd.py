@@ -67,7 +67,7 @@ from typing import cast
 
 import structlog
 
-from penalty.identity import MAX_COUNT, InvalidAddress, address_and_identity
+from penalty.identity import MAX_COUNT, InvalidAddress, address_and_identity, bound_client
 from penalty.v1 import penalty_pb2 as pb
 from penaltyclient.aio import AsyncPenaltyClient, PenaltydError, SessionReporter, client_msg
 from penaltyclient.milter import MilterOptions, PenaltyMilter, flush_at_exit
@@ -731,7 +731,10 @@ class PolicyServer:
                 return f"action={reply}\n\n".encode()
         stats.dunno += 1
         if state == "RCPT" and self.report_accepted:
-            key = (ip, helo, sender)
+            # Keyed by what the report will carry: a 60 KB HELO is not held whole while
+            # it waits (10,000 keys of those would be 600 MB).
+            helo, sender, _ = bound_client(helo, sender)
+            key = (ip[:64], helo, sender)
             waiting = self._accepted
             report = waiting.get(key)
             if report is not None:

@@ -39,6 +39,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from penalty.identity import MAX_HELO, MAX_MAIL_FROM
 from penalty.v1 import penalty_pb2 as pb
 from penalty.v1 import penalty_pb2_grpc as pbg
 from penaltyclient.aio import AsyncPenaltyClient
@@ -539,3 +540,28 @@ def test_any_bytes_get_requests_answered_or_dunno_in_bounded_memory(
     assert peak <= MAX_REQUEST + max(sizes) + 2  # never more than a request and a read
     assert policy.stats.errors == 0
     assert policy.stats.requests == len(out)
+
+
+async def test_huge_helo_and_sender_held_for_a_report_are_bounded(serve: ServeFactory) -> None:
+    """Accepted recipients wait up to --report-interval-ms, keyed by client: a client
+    whose HELO and sender fill a request (60 KB) must not have them held whole, 10,000
+    keys at a time (600 MB); what waits is bounded as the report itself is."""
+    pd = await serve(MemoryStore())
+    async for p in start_policy(pd.address, report_every=30.0):
+        conn = await p.connect()
+        for i in range(3):
+            helo, sender = f"{i}" + "h" * 30_000, f"x@{i}" + "d" * 30_000 + ".example"
+            assert (
+                await p.ask(conn, request(ip="198.51.100.50", helo_name=helo, sender=sender))
+                == DUNNO.decode()
+            )
+        waiting = p.policy._accepted
+        assert len(waiting) == 3
+        for ip, helo, sender in waiting:
+            assert len(ip) <= 64
+            assert len(helo) <= MAX_HELO
+            assert len(sender) <= MAX_MAIL_FROM
+        for r in waiting.values():
+            assert len(r.client.helo) <= MAX_HELO
+            assert len(r.client.mail_from) <= MAX_MAIL_FROM
+        conn[1].close()
