@@ -166,7 +166,6 @@ def stack(
     penalized_addrs: int,
     report_accepted: bool = True,
     live_replica: bool = True,
-    coalesce_us: int | None = None,
     policyd_args: Sequence[str] = (),
 ) -> Iterator[tuple[Child, Child]]:
     """penaltyd (embedded store) with `penalized_addrs` penalties, and policyd on it."""
@@ -182,8 +181,6 @@ def stack(
             args.append("--no-report-accepted")
         if not live_replica:
             args.append("--no-live-replica")
-        if coalesce_us is not None:  # None: policyd's own default
-            args += ["--coalesce-us", str(coalesce_us)]
         args += policyd_args
         policyd = Child("penalty-policyd", *args, port=pol_port)
         if live_replica:
@@ -279,7 +276,6 @@ def run(
     pinned: bool = False,
     build_dir: Path | None = None,
     rate: float = 0.0,
-    coalesce_us: int | None = None,
     good_addrs: int = 0,
     policyd_args: Sequence[str] = (),
 ) -> dict[str, Any]:
@@ -298,7 +294,6 @@ def run(
         "live_replica": live_replica,
         "pinned": pinned,
         "offered_rate": rate,
-        "coalesce_us": coalesce_us,
         "good_addrs": good_addrs or 10_000,
         "policyd_args": list(policyd_args),
         "rounds": [],
@@ -307,7 +302,6 @@ def run(
         penalized_addrs=penalized_addrs,
         report_accepted=report_accepted,
         live_replica=live_replica,
-        coalesce_us=coalesce_us,
         policyd_args=policyd_args,
     ) as (pd, policyd):
         for _ in range(rounds):
@@ -377,15 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         help="distinct well-behaved client addresses (default 10,000; bench.peers uses 255)",
     )
     p.add_argument(
-        "--coalesce-us", type=int, default=None, help="policyd's --coalesce-us (its default)"
-    )
-    p.add_argument(
         "--policyd-arg",
         action="append",
         default=[],
         metavar="ARG",
-        help="one more penalty-policyd argument (repeatable), "
-        "e.g. --policyd-arg=--report-interval-ms=10",
+        help="one more penalty-policyd argument (repeatable), e.g. --policyd-arg=--coalesce-us=0",
     )
     p.add_argument("--json", type=Path, default=RESULTS / "policyd-latest.json")
     args = p.parse_args(argv)
@@ -399,7 +389,6 @@ def main(argv: list[str] | None = None) -> int:
         live_replica=not args.no_live_replica,
         pinned=args.pin,
         rate=args.rate,
-        coalesce_us=args.coalesce_us,
         good_addrs=args.good_addrs,
         policyd_args=args.policyd_arg,
     )

@@ -64,17 +64,10 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a stream transport
 
-    def send(self, packed: bytes) -> None:
-        """Write a command at once when nothing is on the wire; otherwise queue it behind
-        the batch that is, to leave with every command queued meanwhile in one write."""
-        if self._sent:
-            self._out.append(packed)
-        else:
-            self._write([packed])
-
-    def send_many(self, packed: list[bytes]) -> None:
-        """`send` for a pipeline: its commands leave together, now or behind the batch on
-        the wire (never split over two writes)."""
+    def send(self, packed: list[bytes]) -> None:
+        """Write commands at once when nothing is on the wire; otherwise queue them behind
+        the batch that is, to leave with every command queued meanwhile in one write (a
+        pipeline's commands are never split over two writes)."""
         if self._sent:
             self._out.extend(packed)
         else:
@@ -206,27 +199,28 @@ class Lane:
             raise failed
         return out
 
-    def _send_many(self, proto: _Protocol, packed: list[bytes]) -> list[asyncio.Future[Any]]:
+    @staticmethod
+    def _room(proto: _Protocol, n: int) -> None:
+        """Raise unless `n` more commands may go on `proto` (bounded waiters)."""
         if proto.lost or proto.transport is None:
             raise RedisConnectionError("connection to redis lost")
-        if len(proto.waiters) + len(packed) > MAX_WAITERS:
+        if len(proto.waiters) + n > MAX_WAITERS:
             proto.transport.abort()
             raise RedisConnectionError(f"redis has not answered {MAX_WAITERS} commands")
+
+    def _send_many(self, proto: _Protocol, packed: list[bytes]) -> list[asyncio.Future[Any]]:
+        self._room(proto, len(packed))
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in packed]
         proto.waiters.extend(futures)
-        proto.send_many(packed)
+        proto.send(packed)
         return futures
 
     def _send(self, proto: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        if proto.lost or proto.transport is None:
-            raise RedisConnectionError("connection to redis lost")
-        if len(proto.waiters) >= MAX_WAITERS:
-            proto.transport.abort()
-            raise RedisConnectionError(f"redis has not answered {MAX_WAITERS} commands")
+        self._room(proto, 1)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         proto.waiters.append(fut)
-        proto.send(hiredis.pack_command(args))
+        proto.send([hiredis.pack_command(args)])
         return fut
 
     async def _connect(self) -> _Protocol:

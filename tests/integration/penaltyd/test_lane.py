@@ -39,6 +39,17 @@ def _sha(server: RedisServer) -> str:
     return str(redis.Redis(port=server.port).script_load(SCRIPT))
 
 
+@pytest.fixture
+async def lane_and_sha(own_redis: RedisServer) -> AsyncIterator[tuple[Lane, str]]:
+    """A lane on a Redis of the test's own (it may be paused or have its clients killed),
+    with SCRIPT loaded."""
+    lane = Lane("127.0.0.1", own_redis.port)
+    try:
+        yield lane, _sha(own_redis)
+    finally:
+        lane.close()
+
+
 async def test_single_node_clients_send_evalsha_on_the_lane(redis_url: str) -> None:
     _, client, feed = connect(redis_url, 8)
     assert isinstance(client, LaneRedis)
@@ -79,18 +90,16 @@ async def test_errors_are_redis_pys(redis_url: str) -> None:
         await feed.aclose()
 
 
-async def test_a_restarted_redis_is_met_with_one_retry(own_redis: RedisServer) -> None:
-    lane = Lane("127.0.0.1", own_redis.port)
-    try:
-        sha = _sha(own_redis)
-        assert (await lane.execute("EVALSHA", sha, 1, "k", "a"))[2] == 1
-        redis.Redis(port=own_redis.port).client_kill_filter(_type="normal", skipme=True)
-        await asyncio.sleep(0.05)
-        # the killed connection is noticed and the call goes on a new one
-        assert (await lane.execute("EVALSHA", sha, 1, "k", "b"))[2] == 2
-        assert lane.connects == 2
-    finally:
-        lane.close()
+async def test_a_restarted_redis_is_met_with_one_retry(
+    own_redis: RedisServer, lane_and_sha: tuple[Lane, str]
+) -> None:
+    lane, sha = lane_and_sha
+    assert (await lane.execute("EVALSHA", sha, 1, "k", "a"))[2] == 1
+    redis.Redis(port=own_redis.port).client_kill_filter(_type="normal", skipme=True)
+    # the killed connection is noticed (or the write on it fails) and the call goes on a
+    # new one
+    assert (await lane.execute("EVALSHA", sha, 1, "k", "b"))[2] == 2
+    assert lane.connects == 2
 
 
 async def test_a_dead_redis_fails_the_call_and_a_later_one_reconnects() -> None:
@@ -116,24 +125,22 @@ async def test_a_dead_redis_fails_the_call_and_a_later_one_reconnects() -> None:
             again.stop()
 
 
-async def test_callers_that_gave_up_keep_the_stream_in_step(own_redis: RedisServer) -> None:
+async def test_callers_that_gave_up_keep_the_stream_in_step(
+    own_redis: RedisServer, lane_and_sha: tuple[Lane, str]
+) -> None:
     """A paused Redis: calls time out (their deadline); once it answers again, the late
     replies go to nobody and the next call gets its own reply."""
-    lane = Lane("127.0.0.1", own_redis.port)
+    lane, sha = lane_and_sha
+    await lane.execute("EVALSHA", sha, 1, "k", "warm")
+    own_redis.pause()
     try:
-        sha = _sha(own_redis)
-        await lane.execute("EVALSHA", sha, 1, "k", "warm")
-        own_redis.pause()
-        try:
-            for i in range(3):
-                with pytest.raises(TimeoutError):
-                    async with asyncio.timeout(0.05):
-                        await lane.execute("EVALSHA", sha, 1, "k", f"late{i}")
-        finally:
-            own_redis.resume()
-        assert (await lane.execute("EVALSHA", sha, 1, "k", "mine"))[1] == b"mine"
+        for i in range(3):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await lane.execute("EVALSHA", sha, 1, "k", f"late{i}")
     finally:
-        lane.close()
+        own_redis.resume()
+    assert (await lane.execute("EVALSHA", sha, 1, "k", "mine"))[1] == b"mine"
 
 
 async def test_auth_and_database_are_sent_on_connect() -> None:
@@ -156,54 +163,44 @@ async def test_auth_and_database_are_sent_on_connect() -> None:
 
 
 async def test_calls_made_while_a_batch_is_on_the_wire_leave_together(
-    own_redis: RedisServer,
+    lane_and_sha: tuple[Lane, str],
 ) -> None:
     """Single flight: a call finding nothing on the wire is written at once; calls made
     while one is on the wire are written together, in one write, when its reply is in."""
-    lane = Lane("127.0.0.1", own_redis.port)
-    try:
-        sha = _sha(own_redis)
-        for i in range(3):  # one at a time: each written at once, alone
-            assert (await lane.execute("EVALSHA", sha, 1, "k", f"alone{i}"))[1] == b"alone%d" % i
-        proto = lane._proto
-        assert proto is not None
-        assert (proto.writes, proto.commands) == (3, 3)
-        replies = await asyncio.gather(
-            *(lane.execute("EVALSHA", sha, 1, "k", i) for i in range(50))
-        )
-        assert [r[1] for r in replies] == [str(i).encode() for i in range(50)]
-        assert [r[2] for r in replies] == list(range(4, 54))  # applied in call order
-        # the first of the 50 alone, the 49 made meanwhile in one write behind it
-        assert (proto.writes, proto.commands) == (5, 53)
-    finally:
-        lane.close()
+    lane, sha = lane_and_sha
+    for i in range(3):  # one at a time: each written at once, alone
+        assert (await lane.execute("EVALSHA", sha, 1, "k", f"alone{i}"))[1] == b"alone%d" % i
+    proto = lane._proto
+    assert proto is not None
+    assert (proto.writes, proto.commands) == (3, 3)
+    replies = await asyncio.gather(*(lane.execute("EVALSHA", sha, 1, "k", i) for i in range(50)))
+    assert [r[1] for r in replies] == [str(i).encode() for i in range(50)]
+    assert [r[2] for r in replies] == list(range(4, 54))  # applied in call order
+    # the first of the 50 alone, the 49 made meanwhile in one write behind it
+    assert (proto.writes, proto.commands) == (5, 53)
 
 
 async def test_calls_queued_behind_a_stalled_batch_leave_when_it_returns(
-    own_redis: RedisServer,
+    own_redis: RedisServer, lane_and_sha: tuple[Lane, str]
 ) -> None:
     """A paused Redis: what queued behind the batch on the wire is sent once that batch
     is answered; callers that gave up meanwhile get nothing, the others their replies."""
-    lane = Lane("127.0.0.1", own_redis.port)
+    lane, sha = lane_and_sha
+    await lane.execute("EVALSHA", sha, 1, "k", "warm")
+    own_redis.pause()
     try:
-        sha = _sha(own_redis)
-        await lane.execute("EVALSHA", sha, 1, "k", "warm")
-        own_redis.pause()
-        try:
-            on_wire = asyncio.ensure_future(lane.execute("EVALSHA", sha, 1, "k", "wire"))
-            queued = asyncio.ensure_future(lane.execute("EVALSHA", sha, 1, "k", "queued"))
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.05):
-                    await lane.execute("EVALSHA", sha, 1, "k", "gave-up")
-        finally:
-            own_redis.resume()
-        assert (await on_wire)[1] == b"wire"
-        assert (await queued)[1] == b"queued"
-        mine = await lane.execute("EVALSHA", sha, 1, "k", "mine")
-        assert mine[1] == b"mine"
-        assert mine[2] == 5  # warm, wire, queued, gave-up (applied, nobody read it), mine
+        on_wire = asyncio.ensure_future(lane.execute("EVALSHA", sha, 1, "k", "wire"))
+        queued = asyncio.ensure_future(lane.execute("EVALSHA", sha, 1, "k", "queued"))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await lane.execute("EVALSHA", sha, 1, "k", "gave-up")
     finally:
-        lane.close()
+        own_redis.resume()
+    assert (await on_wire)[1] == b"wire"
+    assert (await queued)[1] == b"queued"
+    mine = await lane.execute("EVALSHA", sha, 1, "k", "mine")
+    assert mine[1] == b"mine"
+    assert mine[2] == 5  # warm, wire, queued, gave-up (applied, nobody read it), mine
 
 
 async def test_short_pipelines_go_on_the_lane_with_redis_pys_replies(redis_url: str) -> None:
