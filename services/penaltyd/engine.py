@@ -115,6 +115,9 @@ class Disclosed:
     keyed: bool
 
 
+#: The deadline of a store that never suspends (`Store.in_process`): nothing to time.
+_NO_DEADLINE: contextlib.nullcontext[None] = contextlib.nullcontext()
+
 #: Disclose scans the store's keys: it may take longer than other admin calls.
 DISCLOSE_TIMEOUT_S = 60.0
 
@@ -209,8 +212,12 @@ class Engine:
         await self.store.start()
         self._reports = Coalescer(self.report_many)
         # A store whose single calls already share round trips (the Redis lane's single
-        # flight, `serving.redis.lane`) gains nothing from the hand-off (docs/performance.md).
-        self._direct = bool(getattr(getattr(self.store, "topology", None), "lane", False))
+        # flight, `serving.redis.lane`) gains nothing from the hand-off (docs/performance.md),
+        # nor does one that never suspends (`in_process`): no call is ever on the wire when
+        # the next arrives, so nothing would ever queue behind it.
+        self._direct = self.store.in_process or bool(
+            getattr(getattr(self.store, "topology", None), "lane", False)
+        )
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="engine-housekeeping"))
         self._tasks.append(asyncio.create_task(self._stats_loop(), name="engine-stats"))
 
@@ -414,7 +421,7 @@ class Engine:
         deadline = self._report_timeout + self._per_item_timeout * (len(items) - 1)
         try:
             with self.metrics.store_call("report", deadline):
-                async with asyncio.timeout(deadline):
+                async with _NO_DEADLINE if self.store.in_process else asyncio.timeout(deadline):
                     windows = await self.store.record(items)
                     answers = await self._decide(pending, windows)
         except TimeoutError as exc:

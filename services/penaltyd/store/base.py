@@ -269,6 +269,10 @@ class Store(Protocol):
     """What penaltyd needs from a backend. Async methods may raise `StoreError`."""
 
     kind: str
+    #: True when `record` and `start_penalties` complete without ever suspending (no
+    #: I/O, no lock): the engine then runs them without a deadline timer, which could
+    #: never fire (asyncio cancels only at a suspension) and costs a timer handle per call.
+    in_process: bool
 
     async def start(self) -> None:
         """Connect, load scripts, start background work. Tolerates an absent store."""

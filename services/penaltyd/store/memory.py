@@ -525,6 +525,7 @@ class MemoryStore:
     """
 
     kind = "memory"
+    in_process = True
 
     def __init__(
         self,

@@ -137,6 +137,7 @@ class RedisStore:
     """`Store` on Redis (single node; Sentinel and Cluster come with issue 6)."""
 
     kind = "redis"
+    in_process = False
 
     def __init__(
         self,
