@@ -40,7 +40,9 @@ How a connection is served (an `asyncio.Protocol`, no task per connection):
   address through.
 - Reports in batches: accepted recipients are counted per (address, HELO, sender) and
   handed to the `SessionReporter` every `--report-interval-ms` (50 ms), one report with
-  its count each (a message's RCPTs, a busy client's messages, become one report); an
+  its count each (a message's RCPTs, a busy client's messages, become one report), at
+  most `--report-batch` (32) to a Session message, so that a penaltyd on the same host
+  works on them in short bursts rather than one long one that our answers wait out; an
   error report queued in this process (the milter's) first flushes them, so penaltyd
   never judges an error against a denominator still waiting here. On SIGTERM the
   open connections are closed (Postfix keeps them open between sessions), the reports
@@ -86,7 +88,11 @@ COALESCE_DEFAULT_US = 100  # after a wake-up that answered few requests, let arr
 COALESCE_BELOW = 8  # ... only when fewer than this many were answered (busier loops batch)
 COALESCE_RATE_WINDOW = 0.01  # seconds over which the request rate that enables it is read
 REPORT_EVERY_MS = 50  # accepted recipients are counted up this long, then handed over
-REPORT_BATCH = 200  # reports per Session message: short bursts for a penaltyd beside us
+#: Reports per Session message. Small, for a penaltyd on the same host: the time it spends
+#: on one message is a burst that delays our answers (policyd's p99 at a fixed 18.6k
+#: requests/s: 3.6 ms with 200, 1.7-2.1 ms with 32, docs/performance.md); a remote one
+#: may take more per message for a little less CPU (`--report-batch`).
+REPORT_BATCH = 32
 REPORT_KEYS_MAX = 10_000  # distinct (address, HELO, sender) waiting; more flushes at once
 LINGER_SECONDS = 2.0  # after an overflow: our DUNNO and FIN are sent, input discarded
 LINGER_BYTES = 1 << 20  # ... for at most this long and this much, then the socket is reset
@@ -470,6 +476,7 @@ class PolicyServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         coalesce: float = COALESCE_DEFAULT_US / 1e6,
         report_every: float = REPORT_EVERY_MS / 1000,
+        report_batch: int = REPORT_BATCH,
     ) -> None:
         self.client = client
         self.coalesce = coalesce  # seconds; 0 answers each wake-up's requests and sleeps
@@ -482,7 +489,7 @@ class PolicyServer:
         self.max_connections = max_connections
         self.report_every = report_every
         self.reporter: SessionReporter = client.reporter(
-            max_batch=REPORT_BATCH, interval=report_every
+            max_batch=report_batch, interval=report_every
         )
         self.reporter.before_error = self.flush_reports
         self.stats = Stats()
@@ -826,6 +833,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_connections=max_connections,
         coalesce=args.coalesce_us / 1e6,
         report_every=args.report_interval_ms / 1000,
+        report_batch=args.report_batch,
     )
     policy.reporter.start()
     milter = _milter(args, policy.reporter) if args.milter_listen else None
@@ -973,6 +981,15 @@ def parser() -> argparse.ArgumentParser:
         "1-1000)",
     )
     p.add_argument(
+        "--report-batch",
+        type=int,
+        default=REPORT_BATCH,
+        metavar="N",
+        help="reports per Session message: each is one burst of penaltyd's work, which "
+        "delays this host's answers when penaltyd runs beside it; a remote penaltyd may "
+        f"take more per message for a little less CPU (default {REPORT_BATCH}, 1-1000)",
+    )
+    p.add_argument(
         "--milter-listen",
         metavar="HOST:PORT",
         help="also serve penalty-milter here, in this process (recommended: one client, one "
@@ -1008,6 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 1 <= args.report_interval_ms <= 1000:
         print("penalty-policyd: --report-interval-ms must be between 1 and 1000", file=sys.stderr)
+        return 2
+    if not 1 <= args.report_batch <= 1000:
+        print("penalty-policyd: --report-batch must be between 1 and 1000", file=sys.stderr)
         return 2
     if not 0 <= args.coalesce_us <= 5000:
         print("penalty-policyd: --coalesce-us must be between 0 and 5000", file=sys.stderr)

@@ -380,6 +380,25 @@ async def test_an_error_report_in_process_flushes_the_accepted_ones_first(
         conn[1].close()
 
 
+async def test_reports_leave_in_messages_of_at_most_report_batch(serve: ServeFactory) -> None:
+    """`--report-batch`: a penaltyd that takes at most 4 items a message refuses any
+    larger one; 10 clients' accepted recipients reach it whole, none refused."""
+    pd = await serve(MemoryStore(), max_batch=4)
+    async for p in start_policy(pd.address, report_batch=4, report_every=30.0):
+        conn = await p.connect()
+        for i in range(10):
+            assert await p.ask(conn, request(ip=f"198.51.100.{60 + i}")) == DUNNO
+        assert await p.policy.flush(5)
+        reporter = p.policy.reporter
+        assert (reporter.acked, reporter.rejected, reporter.dropped) == (10, 0, 0)
+        refused = pd.engine.metrics.registry.get_sample_value("penaltyd_invalid_requests_total")
+        assert refused == 0  # no message was too large (a larger one is refused, then split)
+        for i in range(10):
+            ex = await p.policy.client.explain(f"198.51.100.{60 + i}")
+            assert [(t.outcome, t.n) for t in ex.window] == [(pb.OUTCOME_ACCEPTED, 1)]
+        conn[1].close()
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -387,6 +406,8 @@ async def test_an_error_report_in_process_flushes_the_accepted_ones_first(
         ["--coalesce-us", "5001"],
         ["--report-interval-ms", "0"],
         ["--report-interval-ms", "1001"],
+        ["--report-batch", "0"],
+        ["--report-batch", "1001"],
     ],
 )
 def test_out_of_range_timing_options_are_refused(
