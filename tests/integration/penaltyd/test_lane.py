@@ -344,12 +344,25 @@ async def test_unary_reports_on_the_lane_skip_the_coalescer_and_share_writes(
         await engine.close()
 
 
-async def test_the_embedded_store_keeps_the_coalescer() -> None:
+async def test_the_embedded_store_skips_the_coalescer_too() -> None:
+    """The embedded store never suspends (`Store.in_process`): nothing could queue behind
+    a call, so reports go to it directly, each answered; the 20th error's own answer is
+    the penalty it starts."""
     settings = Settings()
     engine = Engine(settings, make_store(settings))
     await engine.start()
     try:
-        assert not engine._direct
+        assert engine.store.in_process
+        assert engine._direct
+        ref = Validator(settings).check(pb.CheckRequest(client=pb.Client(ip="203.0.113.9")))
+        answers = await asyncio.gather(
+            *(engine.report(ref, [(pb.OUTCOME_UNKNOWN_RECIPIENT, 1)]) for _ in range(40))
+        )
+        assert engine._reports is not None
+        assert engine._reports.batches == 0  # nothing went through the Coalescer
+        assert not any(a.degraded for a in answers)
+        assert answers[18].penalty is None
+        assert all(a.penalty is not None for a in answers[19:])  # the 20th already
     finally:
         await engine.close()
 
