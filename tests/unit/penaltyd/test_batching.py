@@ -34,11 +34,17 @@ async def _one_turn() -> None:
     await asyncio.sleep(0)
 
 
-async def test_calls_made_while_one_is_on_the_wire_leave_together() -> None:
+async def _one_on_the_wire() -> tuple[_Store, Coalescer[int, int], asyncio.Task[int]]:
+    """A coalescer whose first call (1) is on the wire, waiting for `store.gate`."""
     store = _Store()
     c: Coalescer[int, int] = Coalescer(store.call)
     first = asyncio.create_task(c.submit(1))
     await store.arrived.wait()
+    return store, c, first
+
+
+async def test_calls_made_while_one_is_on_the_wire_leave_together() -> None:
+    store, c, first = await _one_on_the_wire()
     assert store.batches == [[1]]
     rest = [asyncio.create_task(c.submit(i)) for i in range(2, 6)]
     await _one_turn()
@@ -51,10 +57,7 @@ async def test_calls_made_while_one_is_on_the_wire_leave_together() -> None:
 
 
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_one_goes() -> None:
-    store = _Store()
-    c: Coalescer[int, int] = Coalescer(store.call)
-    first = asyncio.create_task(c.submit(1))
-    await store.arrived.wait()
+    store, c, first = await _one_on_the_wire()
     queued = [asyncio.create_task(c.submit(i)) for i in (2, 3)]
     await _one_turn()
     store.fail = RuntimeError("store down")
@@ -68,10 +71,7 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_one_goes() 
 
 
 async def test_a_caller_that_gave_up_is_not_sent() -> None:
-    store = _Store()
-    c: Coalescer[int, int] = Coalescer(store.call)
-    first = asyncio.create_task(c.submit(1))
-    await store.arrived.wait()
+    store, c, first = await _one_on_the_wire()
     gone = asyncio.create_task(c.submit(2))
     kept = asyncio.create_task(c.submit(3))
     await _one_turn()
