@@ -1023,15 +1023,14 @@ def main(argv: list[str] | None = None) -> int:
     if not stages or not stages <= set(STATES):
         print(f"penalty-policyd: --stage must be among {', '.join(STATES)}", file=sys.stderr)
         return 2
-    if not 1 <= args.report_interval_ms <= 1000:
-        print("penalty-policyd: --report-interval-ms must be between 1 and 1000", file=sys.stderr)
-        return 2
-    if not 1 <= args.report_batch <= 1000:
-        print("penalty-policyd: --report-batch must be between 1 and 1000", file=sys.stderr)
-        return 2
-    if not 0 <= args.coalesce_us <= 5000:
-        print("penalty-policyd: --coalesce-us must be between 0 and 5000", file=sys.stderr)
-        return 2
+    for flag, value, lo, hi in (
+        ("--report-interval-ms", args.report_interval_ms, 1, 1000),
+        ("--report-batch", args.report_batch, 1, 1000),
+        ("--coalesce-us", args.coalesce_us, 0, 5000),
+    ):
+        if not lo <= value <= hi:
+            print(f"penalty-policyd: {flag} must be between {lo} and {hi}", file=sys.stderr)
+            return 2
     if args.max_connections < 0 or args.idle_timeout <= 0 or args.flush_seconds < 0:
         print("penalty-policyd: --max-connections, --idle-timeout and --flush-seconds must "
               "be positive", file=sys.stderr)  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +189,11 @@ class Validator:
         checks = [self.check(c, f"checks[{i}].") for i, c in enumerate(request.checks)]
         return checks, reports
 
-    def _reports(self, items: Any, out: list[tuple[ClientRef, list[tuple[int, int]]]]) -> None:
+    def _reports(
+        self,
+        items: Iterable[penalty_pb2.ReportRequest],
+        out: list[tuple[ClientRef, list[tuple[int, int]]]],
+    ) -> None:
         """Validate reports onto `out`; a bad one names its index in the whole message
         (built only then: a field name per good report cost ~0.5 µs of a 20 µs report)."""
         report = self.report

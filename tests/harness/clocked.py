@@ -3,11 +3,12 @@ reports and checks without gRPC, time moved by hand (unit tests of detection rul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from penalty.v1 import penalty_pb2 as pb
 from penaltyd.engine import Answer, Engine
 from penaltyd.settings import Settings
+from penaltyd.store.base import Store
 from penaltyd.store.memory import MemoryStore
 from penaltyd.validation import ClientRef, Validator
 
@@ -24,11 +25,14 @@ class Clock:
         return self.ms
 
 
-def engine(**settings: object) -> tuple[Engine, Clock, Validator]:
+def engine(
+    store: Callable[[Clock], Store] = lambda clock: MemoryStore(clock=clock), **settings: object
+) -> tuple[Engine, Clock, Validator]:
+    """The engine on `store` (made with the test's clock; the embedded store by default)."""
     clock = Clock()
     s = Settings(**settings)  # type: ignore[arg-type]  # keyword settings, validated
-    store = MemoryStore(clock=clock)
-    return Engine(s, store, clock=lambda: clock.ms / 1000, wall_ms=clock), clock, Validator(s)
+    e = Engine(s, store(clock), clock=lambda: clock.ms / 1000, wall_ms=clock)
+    return e, clock, Validator(s)
 
 
 def ref(v: Validator, ip: str, helo: str = "", mail_from: str = "") -> ClientRef:

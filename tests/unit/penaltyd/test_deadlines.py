@@ -10,11 +10,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from penaltyd.engine import Engine
-from penaltyd.settings import Settings
 from penaltyd.store.base import Escalation, ReportItem, Window
 from penaltyd.store.memory import MemoryStore
-from penaltyd.validation import Validator
 from tests.contracts.penalty_store import counts, item
 from tests.harness.builders import ACCEPTED, UNKNOWN
 from tests.harness.clocked import Clock, engine, ref
@@ -85,11 +82,9 @@ class _Stalling(MemoryStore):
 
 
 async def test_a_store_that_stalls_meets_the_report_deadline_and_fails_open() -> None:
-    clock = Clock()
-    settings = Settings(report_timeout_ms=20)
-    store = _Stalling(clock)
-    e = Engine(settings, store, clock=lambda: clock.ms / 1000, wall_ms=clock)
-    v = Validator(settings)
+    e, _, v = engine(_Stalling, report_timeout_ms=20)
+    store = e.store
+    assert isinstance(store, _Stalling)
     await e.start()
     try:
         answer = (await e.report_many([(ref(v, "192.0.2.1"), [(UNKNOWN, 1)])]))[0]
